@@ -1,0 +1,1 @@
+"""Cost accounting, comparison tables, figures and reports."""

@@ -1,0 +1,1 @@
+"""Network specs, the Inception module, GoogLeNet, and networks built from specs."""
