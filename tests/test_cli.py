@@ -1,0 +1,157 @@
+"""`topo-build` end to end: digits and an ImageFolder tree, resume after a kill, analyze, and user errors."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import builders
+from builders.spec import NetworkSpec
+from topo.cli import main
+
+FAST = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "1", "--batch-size", "64",
+        "--workers", "0", "--no-progress"]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "digits"
+    assert main([*FAST, "--out", str(out)]) == 0
+    return out
+
+
+def test_run_on_digits_writes_every_result(digits_run: Path):
+    out = digits_run
+    for name in ("config.json", "state.json", "topology.json", "comparison.csv", "comparison.md",
+                 "comparison.tex", "report.md", "construction/records.json",
+                 "construction/inception3a_stats.pt", "construction/inception3a_clusters.json",
+                 "training/discovered.ckpt", "training/discovered_metrics.csv",
+                 "training/reference.ckpt", "training/reference_metrics.csv"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
+    config = json.loads((out / "config.json").read_text())
+    assert config["config"]["data"] == "digits" and config["environment"]["torch"] == torch.__version__
+
+    spec = NetworkSpec.from_json((out / "topology.json").read_text())
+    net = builders.build(spec).eval()
+    assert net(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+
+    table = pd.read_csv(out / "comparison.csv")
+    assert len(table) == 2
+    rows = json.loads((out / "state.json").read_text())
+    discovered, reference = rows["train:discovered"], rows["train:reference"]
+    assert abs(discovered["macs"] / reference["macs"] - 1) <= 0.05  # the budget: the reference's cost
+    assert 0.0 <= discovered["top1"] <= 1.0 and discovered["throughput"] > 0
+    report = (out / "report.md").read_text()
+    for link in [part.split(")")[0] for part in report.split("](")[1:]]:
+        assert (out / link).is_file(), link
+    assert list((out / "figures").glob("*.png")) and list((out / "figures").glob("*.pdf"))
+
+
+def test_report_command_rerenders(digits_run: Path, capsys):
+    (digits_run / "report.md").unlink()
+    assert main(["report", str(digits_run)]) == 0
+    assert (digits_run / "report.md").is_file()
+    assert "discovered" in capsys.readouterr().out
+
+
+def test_run_on_an_image_folder_tree(image_tree: Path, tmp_path: Path):
+    out = tmp_path / "tree"
+    args = ["--data", "imagenet", "--data-dir", str(image_tree), "--image-size", "32", "--batch-size", "8",
+            "--skeleton", "1", "--stats-batches", "1", "--epochs", "1", "--width-mult", "0.125",
+            "--workers", "0", "--no-progress", "--out", str(out)]
+    assert main(args) == 0
+    spec = NetworkSpec.from_json((out / "topology.json").read_text())
+    assert spec.in_channels == 3 and spec.head.num_classes == 2
+    assert len(pd.read_csv(out / "comparison.csv")) == 2
+
+
+def test_resume_after_a_kill(tmp_path: Path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "topo.cli", *FAST, "--epochs", "3", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = out / "training" / "discovered.ckpt"
+    deadline = time.time() + 300
+    try:
+        while not checkpoint.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert checkpoint.exists(), "the run made no training checkpoint in time"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    state = json.loads((out / "state.json").read_text())
+    assert "construct" in state and "train:reference" not in state
+    topology_written = os.stat(out / "topology.json").st_mtime_ns
+
+    assert main(["--resume", str(out)]) == 0
+    state = json.loads((out / "state.json").read_text())
+    assert {"construct", "train:discovered", "train:reference"} <= set(state)
+    assert os.stat(out / "topology.json").st_mtime_ns == topology_written  # construction was not redone
+    metrics = pd.read_csv(out / "training" / "discovered_metrics.csv")
+    assert list(metrics["epoch"]) == [1, 2, 3]
+    assert (out / "report.md").is_file()
+
+
+def test_analyze_a_trained_googlenet(image_tree: Path, tmp_path: Path):
+    torch.manual_seed(0)
+    net = builders.googlenet("torchvision", num_classes=2, aux_logits=False, width_mult=0.125, input_size=64)
+    weights = tmp_path / "googlenet.pth"
+    torch.save(net.state_dict(), weights)
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--weights", str(weights), "--width-mult", "0.125", "--num-classes", "2",
+                 "--data", "folder", "--data-dir", str(image_tree), "--image-size", "64", "--batch-size", "8",
+                 "--stats-batches", "2", "--workers", "0", "--no-progress", "--out", str(out)]) == 0
+    records = json.loads((out / "analysis.json").read_text())
+    assert [r["name"] for r in records] == [m.name for m in net.spec.inception_modules()]
+    for rec in records:
+        assert rec["reference"]["name"] == rec["name"]
+        assert rec["macs"] <= rec["budget_macs"] or rec.get("fallback")
+    assert (out / "analysis.md").is_file() and (out / "branch_widths.png").is_file()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--data", "imagenet", "--data-dir", "/no/such/dir"], "/no/such/dir"),
+    (["--resume", "/no/such/run"], "run directory"),
+    (["train", "/no/such/spec.json"], "spec file"),
+    (["--reference", "resnet"], "reference"),
+    (["--skeleton", "2,poll,2"], "skeleton"),
+    (["analyze", "--weights", "/no/such/weights.pth"], "weights file"),
+])
+def test_user_errors_are_one_line(argv, expected, capsys, tmp_path):
+    assert main([*argv, "--out", str(tmp_path / "out")] if argv[0] not in ("--resume",) else argv) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith("topo-build: error:") and expected in line
+
+
+def test_invalid_spec_file_is_one_line(capsys, tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"stem": [{"type": "conv", "name": "c", "out_channels": -3, "kernel_size": 3}]}))
+    assert main(["train", str(bad), "--out", str(tmp_path / "out")]) == 2
+    line = _one_line_error(capsys)
+    assert "out_channels" in line and "-3" in line
+
+
+def test_bad_flags_exit_2(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--epochs", "-1"])
+    assert exit_info.value.code == 2
+    assert "--epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--method", "kmeans"])
+    assert exit_info.value.code == 2

@@ -1,0 +1,184 @@
+"""Correlation clustering on planted structure: recovery, translation, determinism, bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from topo.cluster import Cluster, UnitClustering, adjusted_rand, aligned_jaccard, recovery_scores
+from topo.errors import StatsError, UserError
+from topo.planted import PlantedConfig, generate
+from topo.stats import from_activations
+
+HARD = ("spectral", "agglomerative", "louvain")
+SPATIAL = PlantedConfig(num_channels=64, num_hidden=12, degree=4, num_samples=48, height=10, width=10, seed=3)
+FLAT = PlantedConfig(num_channels=64, num_hidden=16, degree=4, num_samples=1500, spatial=False, disjoint=True,
+                     density=0.08, seed=4)
+
+
+@pytest.fixture(scope="module")
+def spatial():
+    planted = generate(SPATIAL)
+    stats = from_activations(torch.from_numpy(planted.activations), positions=None)
+    return planted, stats
+
+
+@pytest.fixture(scope="module")
+def flat():
+    planted = generate(FLAT)
+    return planted, from_activations(torch.from_numpy(planted.activations))
+
+
+# ---------------------------------------------------------------- Cluster
+
+
+def test_translated_copies_are_one_cluster():
+    members = [(3, 0, 0), (7, 1, 2), (9, -1, 1)]
+    shifted = [(c, dy + 2, dx - 1) for c, dy, dx in members]
+    a, b = Cluster.from_members(members), Cluster.from_members(shifted)
+    assert a == b
+    assert a.kernel_size == 3 and a.channels == (3, 7, 9)
+    assert a.footprint == tuple(sorted((dy, dx) for _, dy, dx in a.members))
+    assert Cluster.from_members([(1, 0, 0), (2, 0, 0)]).kernel_size == 1
+    assert Cluster.from_members([(1, -2, 0), (2, 2, 0)]).kernel_size == 5
+    assert Cluster.from_members([(1, 0, 0), (2, 0, 3)]).kernel_size == 5  # extent 4 needs a 5x5
+    assert Cluster.from_dict(a.to_dict()) == a
+
+
+def test_aligned_jaccard_ignores_translation():
+    a = [(1, 0, 0), (2, 1, 0), (3, 0, 1)]
+    b = [(c, dy - 3, dx + 2) for c, dy, dx in a]
+    assert aligned_jaccard(a, b) == 1.0
+    assert aligned_jaccard(a, b[:2]) == pytest.approx(2 / 3)
+    assert aligned_jaccard(a, [(1, 0, 0), (2, 2, 0)]) == pytest.approx(1 / 4)  # one member lines up at a time
+
+
+# ---------------------------------------------------------------- recovery
+
+
+@pytest.mark.parametrize("method", ("arora",) + HARD)
+def test_recovers_planted_supports_and_kernel_classes(spatial, method):
+    planted, stats = spatial
+    model = UnitClustering(method=method, window=5, random_state=0).fit(stats)
+    score = recovery_scores(planted.truth, model)
+    assert score["jaccard"] >= 0.8, score
+    assert score["max_count_error"] <= 0.10, score
+    assert model.n_clusters_ == len(model.clusters_)
+    assert sum(model.kernel_counts_.values()) == model.n_clusters_
+    for cluster in model.clusters_:
+        assert (0, 0) in {(dy, dx) for _, dy, dx in cluster.members} or cluster.kernel_size > 1
+        assert max(max(abs(dy), abs(dx)) for _, dy, dx in cluster.members) <= 2
+
+
+def test_translated_copies_count_once(spatial):
+    """Every member of a support anchors a translated copy of it; exactly one cluster must remain per support."""
+    planted, stats = spatial
+    model = UnitClustering(method="arora", random_state=0).fit(stats)
+    for support in planted.truth.supports:
+        matches = [c for c in model.clusters_ if aligned_jaccard(support, c.members) >= 0.5]
+        assert len(matches) == 1
+    for i, a in enumerate(model.clusters_):
+        for b in model.clusters_[i + 1:]:
+            assert aligned_jaccard(a.members, b.members) < 0.5
+
+
+@pytest.mark.parametrize("method", HARD)
+def test_non_spatial_partition_ari(flat, method):
+    planted, stats = flat
+    model = UnitClustering(method=method, random_state=0).fit(stats)
+    assert model.labels_.shape == (FLAT.num_channels,)
+    assert adjusted_rand(planted.truth.labels, model.labels_) >= 0.9
+    assert set(model.kernel_counts_) >= {1, 3, 5} and model.kernel_counts_[3] == model.kernel_counts_[5] == 0
+
+
+def test_arora_overlapping_has_no_hard_labels(flat):
+    planted, stats = flat
+    model = UnitClustering(method="arora").fit(stats)
+    assert model.labels_ is None
+    assert adjusted_rand(planted.truth.labels, model.channel_labels_) >= 0.9
+
+
+# ---------------------------------------------------------------- estimator conventions
+
+
+@pytest.mark.parametrize("method", ("spectral", "louvain"))
+def test_same_random_state_same_clusters(spatial, method):
+    _, stats = spatial
+    a = UnitClustering(method=method, random_state=7).fit(stats)
+    b = UnitClustering(method=method, random_state=7).fit(stats)
+    assert a.clusters_ == b.clusters_
+    np.testing.assert_array_equal(a.channel_labels_, b.channel_labels_)
+
+
+def test_n_clusters_and_cap(spatial, flat):
+    _, stats = spatial
+    assert UnitClustering(n_clusters=5).fit(stats).n_clusters_ == 5
+    assert UnitClustering(max_clusters=3).fit(stats).n_clusters_ == 3
+    _, fstats = flat
+    assert UnitClustering(method="spectral", n_clusters=8, min_size=1).fit(fstats).n_clusters_ == 8
+    assert UnitClustering(method="agglomerative", n_clusters=8, min_size=1).fit(fstats).n_clusters_ == 8
+
+
+def test_channel_order_groups_clusters(spatial):
+    _, stats = spatial
+    model = UnitClustering(method="agglomerative").fit(stats)
+    order = model.channel_order_
+    assert sorted(order.tolist()) == list(range(SPATIAL.num_channels))
+    seq = model.channel_labels_[order]
+    assigned = seq[seq >= 0]
+    assert (np.diff(assigned) >= 0).all()  # contiguous blocks, best cluster first
+    assert (seq[len(assigned):] == -1).all()
+
+
+def test_dead_units_are_left_out():
+    planted = generate(SPATIAL)
+    acts = planted.activations.copy()
+    dead = [0, 5, 17]
+    acts[:, dead] = 0.0
+    stats = from_activations(torch.from_numpy(acts), positions=None)
+    for method in ("arora", "agglomerative"):
+        model = UnitClustering(method=method).fit(stats)
+        np.testing.assert_array_equal(np.sort(model.dead_units_), dead)
+        used = {c for cl in model.clusters_ for c in cl.channels}
+        assert not used & set(dead)
+        assert (model.channel_labels_[dead] == -1).all()
+        assert set(model.channel_order_[-3:].tolist()) == set(dead)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _one_line(err) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_too_few_observations():
+    stats = from_activations(torch.rand(20, 8))
+    with pytest.raises(StatsError) as err:
+        UnitClustering().fit(stats)
+    assert "observations" in _one_line(err) and "record at least" in str(err.value)
+
+
+def test_all_units_dead():
+    stats = from_activations(torch.zeros(200, 6))
+    with pytest.raises(StatsError) as err:
+        UnitClustering().fit(stats)
+    assert "dead" in _one_line(err)
+
+
+def test_offsets_too_small_for_window():
+    stats = from_activations(torch.rand(4, 6, 8, 8), max_offset=2, positions=None)
+    with pytest.raises(StatsError) as err:
+        UnitClustering(window=5).fit(stats)
+    assert "max_offset=4" in _one_line(err)
+    UnitClustering(window=3).fit(stats)  # a 3x3 window needs offsets up to 2 only
+
+
+def test_bad_parameters():
+    stats = from_activations(torch.rand(200, 6))
+    with pytest.raises(UserError, match="method"):
+        UnitClustering(method="kmeans").fit(stats)
+    with pytest.raises(UserError, match="window"):
+        UnitClustering(window=4).fit(stats)

@@ -1,0 +1,98 @@
+"""The Inception module: fused and unfused layouts agree, state dicts convert, width-0 branches."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+from builders import Inception, InceptionSpec
+
+SPEC = InceptionSpec(12, 8, 6, 10, 4, 6, 5, name="inc")
+
+
+def _randomise(module: nn.Module, seed: int = 0) -> None:
+    """Weights and BatchNorm statistics far from their initial values, so a mismatch would show."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if t.is_floating_point():
+                low = 0.5 if name.endswith("running_var") else -1.0
+                t.copy_(torch.rand(t.shape, generator=g) * (1.5 - low) + low)
+
+
+def _pair(spec: InceptionSpec, **options) -> tuple[Inception, Inception]:
+    unfused = Inception(spec, fused=False, **options)
+    _randomise(unfused)
+    fused = Inception(spec, fused=True, **options)
+    fused.load_state_dict(unfused.state_dict(), strict=True)
+    return unfused, fused
+
+
+@pytest.mark.parametrize("batchnorm, bias", [(True, False), (False, True)])
+@pytest.mark.parametrize("training", [False, True])
+def test_fused_equals_unfused(batchnorm, bias, training):
+    unfused, fused = _pair(SPEC, batchnorm=batchnorm, bias=bias, kernel5x5=5)
+    unfused.train(training), fused.train(training)
+    x = torch.randn(2, 12, 7, 9, requires_grad=True)
+    out_u, out_f = unfused(x), fused(x)
+    assert out_u.shape == (2, SPEC.out_channels, 7, 9)
+    torch.testing.assert_close(out_f, out_u, rtol=1e-5, atol=1e-5)
+    # gradients agree as well (and in training mode BN running statistics moved alike: compared below)
+    gu = torch.autograd.grad(out_u.square().sum(), x)[0]
+    gf = torch.autograd.grad(out_f.square().sum(), x)[0]
+    torch.testing.assert_close(gf, gu, rtol=1e-4, atol=1e-4)
+    back = Inception(SPEC, fused=False, batchnorm=batchnorm, bias=bias)
+    back.load_state_dict(fused.state_dict(), strict=True)  # fused -> unfused
+    for key, value in unfused.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[key], value)
+
+
+def test_layouts_have_the_expected_keys():
+    unfused, fused = _pair(SPEC)
+    u_keys, f_keys = set(unfused.state_dict()), set(fused.state_dict())
+    assert {"branch1.conv.weight", "branch2.0.conv.weight", "branch3.0.bn.running_var"} <= u_keys
+    assert not any(k.startswith("fused1x1") for k in u_keys)
+    assert fused.state_dict()["fused1x1.conv.weight"].shape == (8 + 6 + 4, 12, 1, 1)
+    assert not any(k.startswith(("branch1.", "branch2.0.", "branch3.0.")) for k in f_keys)
+    assert u_keys - f_keys and {k for k in u_keys if "1." in k[:10]} & f_keys  # 3x3 / 5x5 / pool keys shared
+
+
+@pytest.mark.parametrize(
+    "widths",
+    [
+        (0, 6, 10, 4, 6, 5),  # no 1x1 branch
+        (8, 0, 0, 4, 6, 5),  # no 3x3 branch
+        (8, 6, 10, 0, 0, 0),  # no 5x5 branch and no pool branch
+        (0, 0, 0, 0, 0, 5),  # pool branch only: no fused 1x1 at all
+        (8, 0, 0, 0, 0, 0),  # 1x1 only
+    ],
+)
+def test_width_zero_branches(widths):
+    spec = InceptionSpec(12, *widths)
+    unfused, fused = _pair(spec)
+    unfused.eval(), fused.eval()
+    x = torch.randn(1, 12, 5, 5)
+    out = fused(x)
+    assert out.shape == (1, spec.out_channels, 5, 5)
+    torch.testing.assert_close(out, unfused(x), rtol=1e-5, atol=1e-5)
+    params = sum(p.numel() for p in fused.parameters())
+    assert params == sum(p.numel() for p in unfused.parameters())
+
+
+def test_kernel5x5_sets_the_branch3_kernel():
+    assert Inception(SPEC, kernel5x5=5).branch3[1].conv.kernel_size == (5, 5)
+    assert Inception(SPEC, kernel5x5=3).branch3[1].conv.kernel_size == (3, 3)
+    assert Inception(SPEC, batchnorm=False).branch2[1].bn is None
+
+
+def test_channels_last_and_bf16_autocast():
+    _, fused = _pair(SPEC)
+    fused.eval()
+    x = torch.randn(2, 12, 6, 6)
+    ref = fused(x)
+    cl = fused.to(memory_format=torch.channels_last)(x.to(memory_format=torch.channels_last))
+    torch.testing.assert_close(cl, ref, rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fused(x)
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.1)

@@ -1,0 +1,138 @@
+"""topo.record: forward hooks on real models over real images (sklearn's digits)."""
+from __future__ import annotations
+
+from collections import namedtuple
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import topo
+from topo.errors import StatsError, UserError
+from topo.stats import from_activations
+
+
+@pytest.fixture(scope="module")
+def digits():
+    data = load_digits()
+    images = torch.tensor(data.images[:192] / 16.0, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8)
+    return TensorDataset(images, torch.tensor(data.target[:192]))
+
+
+def small_cnn() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 12, 3, padding=1),
+        nn.BatchNorm2d(12),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(12, 10),
+    )
+
+
+def test_record_matches_statistics_of_the_captured_activations(digits):
+    model = small_cnn()
+    model.train()
+    model[3].eval()  # a submodule in its own mode must be left that way
+    loader = DataLoader(digits, batch_size=50)
+    stats = topo.record(model, loader, ["4", "7:input", "1"], max_offset=2, positions=None, progress=False)
+    assert list(stats) == ["4", "7:input", "1"]
+    assert model.training and not model[3].training and model[0].training
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+    model.eval()
+    with torch.no_grad():
+        images = torch.cat([x for x, _ in loader])
+        after_conv = model[:5](images)
+        pooled = model[:7](images)
+    relu = stats["4"]
+    assert relu.name == "4" and relu.count == 192 * 64 and relu.spatial_shape == (8, 8)
+    reference = from_activations(after_conv, max_offset=2, positions=None)
+    assert relu.offsets == reference.offsets and (-2, 2) in relu.offsets
+    for dy, dx in [(0, 0), (1, -1), (-2, 2)]:
+        np.testing.assert_allclose(relu.cross_corr(dy, dx), reference.cross_corr(dy, dx), atol=1e-10)
+    flat = after_conv.double().permute(0, 2, 3, 1).reshape(-1, 12).numpy()
+    live = np.setdiff1d(np.arange(12), relu.dead_units)
+    np.testing.assert_allclose(relu.corr()[np.ix_(live, live)], np.corrcoef(flat[:, live].T), atol=1e-6)
+    # the head's input: one observation per image
+    head = stats["7:input"]
+    assert not head.spatial and head.count == 192
+    np.testing.assert_allclose(head.mean, pooled.double().mean(0).numpy(), atol=1e-6)
+    # digits have strokes: neighbouring positions of the first ReLU co-activate above chance
+    _, lift = stats["1"].coactivation(0, 1)
+    assert np.nanmax(np.diag(lift)) > 1.0
+
+
+def test_record_default_subsampling_on_googlenet_small(digits):
+    builders = pytest.importorskip("builders")
+    model = builders.googlenet(variant="small", num_classes=10, in_channels=1, width_mult=0.25)
+    loader = DataLoader(digits, batch_size=32)
+    stats = topo.record(model, loader, ["inception3a", "inception5b", "avgpool:input"], max_batches=2, progress=False)
+    c3a = stats["inception3a"]
+    assert c3a.count == 64 * 2 and c3a.positions == 2 and c3a.spatial_shape == (8, 8)
+    assert stats["avgpool:input"].num_channels == stats["inception5b"].num_channels
+    np.testing.assert_allclose(stats["avgpool:input"].cov(), stats["inception5b"].cov())
+    assert np.isfinite(c3a.cross_corr(4, -4)).all()
+
+
+def test_unknown_layer_lists_close_matches():
+    with pytest.raises(StatsError, match=r"'conv_2'.*close matches: conv2") as info:
+        topo.record(_Named(), [torch.zeros(1, 1, 4, 4)], ["conv_2"], progress=False)
+    assert isinstance(info.value, UserError) and "\n" not in str(info.value)
+    with pytest.raises(StatsError, match="suffix"):
+        topo.record(_Named(), [torch.zeros(1, 1, 4, 4)], ["conv2:grad"], progress=False)
+
+
+class _Named(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 3, 3, padding=1)
+        self.conv2 = nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.conv1(x))
+
+
+def test_nan_activation_names_layer_and_batch_and_hooks_are_removed():
+    model = _Named()
+    model.train()
+    batches = [torch.zeros(2, 1, 4, 4), torch.ones(2, 1, 4, 4), torch.full((2, 1, 4, 4), float("nan"))]
+    with pytest.raises(StatsError, match=r"layer 'conv2'.*batch 2"):
+        topo.record(model, batches, ["conv2"], progress=False)
+    assert model.training
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_hooks_removed_after_an_error_in_forward():
+    model = _Named()
+    with pytest.raises(RuntimeError):
+        topo.record(model, [torch.zeros(2, 5, 4, 4)], ["conv1", "conv2:input"], progress=False)
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+Pair = namedtuple("Pair", "features extra")
+
+
+class _TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return Pair(y, y.sum())
+
+
+def test_tuple_outputs_take_the_first_tensor_and_max_batches_stops(digits):
+    model = nn.Sequential(_TupleOut())
+    loader = DataLoader(digits, batch_size=16)
+    stats = topo.record(model, loader, ["0"], max_batches=3, progress=False)
+    assert stats["0"].count == 3 * 16 * 2 and stats["0"].num_channels == 4  # 2 anchors per map
+    exact = topo.record(model, [x for x, _ in loader][:1], ["0"], positions="all", progress=False)["0"]
+    assert exact.count == 16 * 36 and exact.spatial_shape == (6, 6)

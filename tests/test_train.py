@@ -1,0 +1,279 @@
+"""The trainer: configuration, schedules, losses, EMA, evaluation, files, and training on digits."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import builders
+from builders import NetworkOutput
+from topo.data import load
+from topo.errors import UserError
+from topo.train import LRSchedule, TrainConfig, evaluate, split_output, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load("digits")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_cnn(seed: int = 0, classes: int = 10) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, classes)
+    )
+
+
+class WithAuxHeads(nn.Module):
+    """A linear classifier with two auxiliary linear heads, shaped like a built network's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(64, 10)
+        self.aux = nn.ModuleList([nn.Linear(64, 10), nn.Linear(64, 10)])
+
+    def forward(self, x: torch.Tensor):
+        x = x.flatten(1)
+        logits = self.fc(x)
+        if self.training:
+            return NetworkOutput(logits, tuple(head(x) for head in self.aux))
+        return logits
+
+
+def quiet(**options) -> TrainConfig:
+    return TrainConfig(**{"progress": False, "batch_size": 64, "epochs": 1, **options})
+
+
+# ----------------------------------------------------------------------------- configuration
+
+
+def test_config_round_trips_through_json() -> None:
+    config = TrainConfig(epochs=3, schedule="paper", ema_decay=0.99, grad_clip=2.0, workers=2, label_smoothing=0.1)
+    assert TrainConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert TrainConfig().momentum == 0.9 and TrainConfig().aux_weight == 0.3
+
+
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        ({"schedule": "step"}, "unknown schedule 'step'"),
+        ({"ema_decay": 1.5}, "ema_decay"),
+        ({"batch_size": 0}, "batch size"),
+        ({"amp_dtype": "int8"}, "amp_dtype"),
+        ({"workers": "many"}, "workers"),
+    ],
+)
+def test_bad_config_is_a_one_line_user_error(options, fragment) -> None:
+    with pytest.raises(UserError, match=fragment):
+        TrainConfig(**options)
+    with pytest.raises(UserError, match="unknown training settings"):
+        TrainConfig.from_dict({"epochs": 1, "learning_rate": 0.1})
+
+
+# ----------------------------------------------------------------------------- schedules
+
+
+def test_paper_schedule_decays_four_percent_every_eight_epochs() -> None:
+    schedule = LRSchedule("paper", steps_per_epoch=10, epochs=40)
+    assert [schedule(epoch * 10) for epoch in (0, 7, 8, 15, 16, 39)] == pytest.approx(
+        [1.0, 1.0, 0.96, 0.96, 0.96**2, 0.96**4]
+    )
+    assert schedule(79) == 1.0 and schedule(80) == pytest.approx(0.96)
+
+
+def test_cosine_schedule_with_warmup_and_constant() -> None:
+    cosine = LRSchedule("cosine", steps_per_epoch=10, epochs=12, warmup_epochs=2)
+    assert [cosine(s) for s in (0, 9, 19)] == pytest.approx([0.05, 0.5, 1.0])
+    assert cosine(20) == pytest.approx(1.0)
+    assert cosine(70) == pytest.approx(0.5)  # halfway through the 100 steps after warm-up
+    assert cosine(119) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.99)))
+    assert LRSchedule("constant", 10, 5)(37) == 1.0
+
+
+def test_trainer_follows_the_paper_schedule(digits) -> None:
+    config = quiet(epochs=3, schedule="paper", decay_every=1, decay_factor=0.5, lr=0.08)
+    result = train(small_cnn(), digits.train, digits.val, config)
+    assert result.history["lr"].tolist() == pytest.approx([0.08, 0.04, 0.02])
+    assert list(result.history["epoch"]) == [1, 2, 3]
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def _expected_loss(model: nn.Module, data: TensorDataset, aux_weight: float, smoothing: float) -> float:
+    model.train()
+    x, y = data.tensors
+    with torch.no_grad():
+        logits, aux = split_output(model(x))
+        loss = F.cross_entropy(logits, y, label_smoothing=smoothing)
+        loss = loss + sum(aux_weight * F.cross_entropy(a, y, label_smoothing=smoothing) for a in aux)
+    return float(loss)
+
+
+@pytest.mark.parametrize("aux_weight, smoothing", [(0.3, 0.0), (1.0, 0.2)])
+def test_auxiliary_heads_and_label_smoothing_enter_the_training_loss(digits, aux_weight, smoothing) -> None:
+    x, y = digits.train.tensors
+    data = TensorDataset(x[:256], y[:256])  # 4 whole batches: every sample counts once
+    model = WithAuxHeads()
+    expected = _expected_loss(model, data, aux_weight, smoothing)
+    config = quiet(lr=0.0, weight_decay=0.0, aux_weight=aux_weight, label_smoothing=smoothing)
+    result = train(model, data, digits.val, config)
+    assert result.final["train_loss"] == pytest.approx(expected, rel=1e-5)
+    without_aux = _expected_loss(model, data, 0.0, smoothing)
+    assert expected > without_aux + 0.1  # the auxiliary terms really are there
+    # evaluation drops the auxiliary heads and uses plain cross-entropy
+    model.eval()
+    with torch.no_grad():
+        val_loss = F.cross_entropy(model(digits.val.tensors[0]), digits.val.tensors[1])
+    assert result.final["val_loss"] == pytest.approx(float(val_loss), rel=1e-5)
+
+
+def test_torchvision_style_outputs_are_understood() -> None:
+    from collections import namedtuple
+
+    Outputs = namedtuple("GoogLeNetOutputs", ["logits", "aux_logits2", "aux_logits1"])
+    a, b, c = torch.zeros(2, 3), torch.ones(2, 3), torch.full((2, 3), 2.0)
+    logits, aux = split_output(Outputs(a, b, c))
+    assert logits is a and aux == (b, c)
+    logits, aux = split_output(NetworkOutput(a, (b,)))
+    assert logits is a and aux == (b,)
+    with pytest.raises(TypeError):
+        split_output([a])
+
+
+# ----------------------------------------------------------------------------- evaluation, EMA, clipping
+
+
+def test_evaluate_matches_a_direct_computation(digits) -> None:
+    model = small_cnn(seed=3).eval()
+    x, y = digits.val.tensors
+    with torch.no_grad():
+        logits = model(x)
+    metrics = evaluate(model, digits.val, device="cpu", batch_size=50)
+    assert metrics["count"] == 360
+    assert metrics["loss"] == pytest.approx(float(F.cross_entropy(logits, y)), rel=1e-5)
+    assert metrics["top1"] == pytest.approx(float((logits.argmax(1) == y).float().mean()))
+    top5 = (logits.topk(5, dim=1).indices == y[:, None]).any(1).float().mean()
+    assert metrics["top5"] == pytest.approx(float(top5))
+    assert 0 < metrics["top1"] < metrics["top5"] < 1
+
+
+def test_top5_with_fewer_than_five_classes_is_top_k(digits) -> None:
+    x, y = digits.val.tensors
+    keep = y < 3
+    data = TensorDataset(x[keep], y[keep])
+    metrics = evaluate(small_cnn(classes=3), data, device="cpu")
+    assert metrics["top5"] == 1.0 and metrics["top1"] < 1.0
+
+
+def test_ema_tracks_the_weights_at_its_decay(digits) -> None:
+    initial = small_cnn()
+    start = {k: v.clone() for k, v in initial.state_dict().items()}
+    fast = train(small_cnn(), digits.train, digits.val, quiet(ema_decay=1e-9, lr=0.05))
+    for k, v in fast.model.state_dict().items():
+        torch.testing.assert_close(fast.ema_model.state_dict()[k], v)
+    slow = train(small_cnn(), digits.train, digits.val, quiet(ema_decay=1 - 1e-9, lr=0.05))
+    # torch's EMA starts from the weights after the first step and then hardly moves
+    ema_moved = float((slow.ema_model[0].weight.detach() - start["0.weight"]).norm())
+    model_moved = float((slow.model[0].weight.detach() - start["0.weight"]).norm())
+    assert 0 < ema_moved < 0.2 * model_moved
+    assert not math.isnan(slow.final["ema_val_top1"]) and slow.final["ema_val_top1"] < slow.final["val_top1"]
+    plain = train(small_cnn(), digits.train, digits.val, quiet())
+    assert plain.ema_model is None and math.isnan(plain.final["ema_val_top1"])
+
+
+def test_gradient_clipping_bounds_each_step(digits) -> None:
+    model = small_cnn()
+    before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+    config = quiet(lr=0.1, momentum=0.0, weight_decay=0.0, grad_clip=1e-3, schedule="constant")
+    result = train(model, digits.train, digits.val, config)
+    after = torch.cat([p.detach().flatten() for p in result.model.parameters()])
+    steps = len(digits.train) // 64
+    moved = float((after - before).norm())
+    assert 0 < moved <= 0.1 * 1e-3 * steps * (1 + 1e-4)
+
+
+def test_channels_last_trains_like_contiguous_on_cpu(digits) -> None:
+    config = quiet(lr=0.05, weight_decay=0.0)
+    plain = train(small_cnn(), digits.train, digits.val, config)
+    nhwc = train(small_cnn(), digits.train, digits.val, dataclasses.replace(config, channels_last=True))
+    assert nhwc.model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    for key, value in plain.model.state_dict().items():
+        torch.testing.assert_close(nhwc.model.state_dict()[key], value, rtol=1e-3, atol=1e-3)
+    assert nhwc.final["val_top1"] == pytest.approx(plain.final["val_top1"], abs=0.01)
+
+
+# ----------------------------------------------------------------------------- files and errors
+
+
+def test_run_directory_gets_checkpoint_and_metrics(digits, tmp_path) -> None:
+    config = quiet(epochs=2, ema_decay=0.9)
+    result = train(small_cnn(), digits.train, digits.val, config, run_dir=tmp_path, name="cnn")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.ckpt", "cnn_metrics.csv"]
+    csv = pd.read_csv(tmp_path / "cnn_metrics.csv")
+    pd.testing.assert_frame_equal(csv, result.history, check_dtype=False)
+    expected = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+                "ema_val_top1", "ema_val_top5", "epoch_time_s"]
+    assert list(csv.columns[: len(expected)]) == expected
+    state = torch.load(tmp_path / "cnn.ckpt", weights_only=True)
+    assert state["epoch"] == 2 and TrainConfig.from_dict(state["config"]) == config
+    assert {"model", "optimizer", "scheduler", "scaler", "ema", "rng"} <= set(state)
+    assert result.throughput > 0 and result.train_time_s >= csv["train_time_s"].sum()
+    # a finished run resumes to the same result without training again
+    again = train(small_cnn(seed=9), digits.train, digits.val, config, run_dir=tmp_path, name="cnn")
+    pd.testing.assert_frame_equal(again.history, result.history)
+    torch.testing.assert_close(again.model.state_dict(), result.model.state_dict(), rtol=0, atol=0)
+    with pytest.raises(UserError, match="lr=0.05, not 0.2"):
+        train(small_cnn(), digits.train, digits.val, quiet(epochs=2, ema_decay=0.9, lr=0.2), run_dir=tmp_path, name="cnn")
+
+
+def test_torchrun_without_a_process_group_is_a_user_error(digits, monkeypatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="not initialised"):
+        train(small_cnn(), digits.train, digits.val, quiet())
+
+
+def test_batch_size_larger_than_the_data_is_a_user_error(digits) -> None:
+    x, y = digits.train.tensors
+    with pytest.raises(UserError, match="exceeds the 10 training samples"):
+        train(small_cnn(), TensorDataset(x[:10], y[:10]), digits.val, quiet(batch_size=64))
+
+
+# ----------------------------------------------------------------------------- real training
+
+
+def test_small_googlenet_learns_digits(digits) -> None:
+    torch.manual_seed(0)
+    model = builders.googlenet(variant="small", in_channels=1, num_classes=10, width_mult=0.25)
+    config = quiet(epochs=2, batch_size=32, lr=0.05, warmup_epochs=0.3, label_smoothing=0.1, ema_decay=0.9)
+    result = train(model, digits.train, digits.val, config)
+    assert result.final["val_top1"] > 0.6  # chance is 0.1
+    assert result.final["val_top5"] > 0.9
+    assert result.history["train_loss"].iloc[-1] < result.history["train_loss"].iloc[0]
+
+
+@pytest.mark.gpu
+def test_bf16_channels_last_training_on_cuda(digits) -> None:
+    model = builders.googlenet(variant="small", in_channels=1, num_classes=10, width_mult=0.25)
+    config = quiet(epochs=2, device="cuda", amp=True, channels_last=True, lr=0.1, ema_decay=0.9)
+    result = train(model, digits.train, digits.val, config)
+    assert next(result.model.parameters()).is_cuda
+    assert result.final["val_top1"] > 0.3
+    weight = next(p for p in result.model.parameters() if p.ndim == 4)
+    assert weight.is_contiguous(memory_format=torch.channels_last)

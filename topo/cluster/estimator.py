@@ -1,0 +1,216 @@
+"""`UnitClustering`: from layer statistics to clusters with spatial footprints."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import BaseEstimator
+from sklearn.utils import check_random_state
+
+from topo.cluster.arora import anchored_groups
+from topo.cluster.clusters import Cluster
+from topo.cluster.partition import METHODS as PARTITION_METHODS
+from topo.cluster.partition import partition
+from topo.cluster.select import add_candidate, merge_candidates, select_clusters
+from topo.cluster.window import DEFAULT_ALPHA, build_window_graph
+from topo.errors import StatsError, UserError
+
+METHODS = ("arora",) + PARTITION_METHODS
+
+
+class UnitClustering(BaseEstimator):
+    """Group the units of one layer into candidate units of the next.
+
+    Parameters
+    ----------
+    method : "arora" (overlapping, Arora et al. 2014), "spectral", "agglomerative" or "louvain".
+    window : side k of the window a next-layer unit looks at (odd; 5 covers 1x1, 3x3, 5x5).
+        Needs statistics with ``max_offset >= k - 1``. Ignored (treated as 1) for
+        non-spatial statistics of (N, C) activations.
+    n_clusters : "auto" (the documented keep rule, see `topo.cluster.select`) or an int.
+    max_clusters : optional cap on the number of clusters kept (the best by evidence).
+    random_state : seed for the randomised steps (Louvain, spectral); same seed, same clusters.
+    min_lift, alpha, max_degree : the Hebbian edge rule (`topo.cluster.window`).
+    density : Arora's clean-up: each member adjacent to at least this share of the others.
+    min_size : smallest cluster kept (a pair is an edge, not evidence of a shared cause).
+    min_votes : anchors that must recover a cluster for the "auto" rule.
+    merge_jaccard : aligned Jaccard at which two candidates are one unit.
+    merge_containment : share of a cluster a larger one must hold to absorb it as a fragment.
+    min_corr : agglomerative cut (groups whose average |corr| falls below it stay apart).
+    min_observations : fewer recorded observations than this is an error.
+    progress : show a progress bar over the anchors (False to turn it off).
+
+    Fitted attributes
+    -----------------
+    clusters_ : list of `Cluster`, best evidence first.
+    n_clusters_ : len(clusters_).
+    kernel_counts_ : {1: n, 3: n, 5: n} clusters per kernel size.
+    channel_labels_ : (C,) index into ``clusters_`` of each channel's primary cluster
+        (the first, i.e. best-evidenced, cluster containing it), -1 for none or dead.
+    labels_ : hard methods only (None for "arora", whose memberships overlap): per
+        channel, the same as ``channel_labels_``. In the non-spatial mode the hard
+        methods partition the channels, so this is the partition itself.
+    channel_order_ : a permutation of all channels grouping them by primary cluster
+        (unassigned, then dead channels last), for cluster-ordered correlation plots.
+    dead_units_ : channels left out as dead.
+    lift_threshold_ : the lift threshold the Hebbian graph used.
+    """
+
+    def __init__(self, method: str = "arora", window: int = 5, n_clusters: int | str = "auto",
+                 max_clusters: int | None = None, random_state=None, *, min_lift: float | str = "auto",
+                 alpha: float = DEFAULT_ALPHA, max_degree: int = 64, density: float = 0.5,
+                 min_size: int = 3, min_votes: int = 2, merge_jaccard: float = 0.5, merge_containment: float = 0.8,
+                 min_corr: float = 0.1,
+                 min_observations: int = 100, progress: bool = True):
+        self.method = method
+        self.window = window
+        self.n_clusters = n_clusters
+        self.max_clusters = max_clusters
+        self.random_state = random_state
+        self.min_lift = min_lift
+        self.alpha = alpha
+        self.max_degree = max_degree
+        self.density = density
+        self.min_size = min_size
+        self.min_votes = min_votes
+        self.merge_jaccard = merge_jaccard
+        self.merge_containment = merge_containment
+        self.min_corr = min_corr
+        self.min_observations = min_observations
+        self.progress = progress
+
+    # ------------------------------------------------------------------ checks
+    def _check_params(self) -> None:
+        if self.method not in METHODS:
+            raise UserError(f"UnitClustering: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if not isinstance(self.window, (int, np.integer)) or self.window < 1 or self.window % 2 == 0:
+            raise UserError(f"UnitClustering: window must be an odd positive int (1, 3, 5, ...), got {self.window!r}")
+        if self.n_clusters != "auto" and (not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 1):
+            raise UserError(f"UnitClustering: n_clusters must be 'auto' or a positive int, got {self.n_clusters!r}")
+        if self.max_clusters is not None and self.max_clusters < 1:
+            raise UserError(f"UnitClustering: max_clusters must be None or >= 1, got {self.max_clusters!r}")
+
+    def _check_stats(self, stats) -> tuple[bool, np.ndarray]:
+        count = int(stats.count)
+        if count < self.min_observations:
+            raise StatsError(
+                f"UnitClustering: the statistics hold only {count} observations; record at least "
+                f"{self.min_observations} (more images, or all positions of each map) before clustering"
+            )
+        dead = np.asarray(stats.dead_units, dtype=np.int64).reshape(-1)
+        if len(dead) >= stats.num_channels:
+            raise StatsError(
+                f"UnitClustering: all {stats.num_channels} units are dead (constant); record statistics on "
+                "varied inputs, or from a trained (not freshly initialised) layer"
+            )
+        spatial = bool(getattr(stats, "spatial", True)) and self.window > 1
+        if spatial and int(stats.max_offset) < self.window - 1:
+            raise StatsError(
+                f"UnitClustering: window {self.window} needs statistics with max_offset >= {self.window - 1}, "
+                f"these have {stats.max_offset}; record with max_offset={self.window - 1} or use a smaller window"
+            )
+        return spatial, dead
+
+    # -------------------------------------------------------------------- fit
+    def fit(self, stats) -> "UnitClustering":
+        """Cluster the units described by ``stats`` (a `topo.stats.LayerStats`)."""
+        self._check_params()
+        spatial, dead = self._check_stats(stats)
+        seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
+        reach = self.window - 1 if spatial else 0
+        if spatial and getattr(stats, "spatial_shape", None):
+            # a map smaller than the window holds no pairs further apart than its side
+            reach = min(reach, min(stats.spatial_shape) - 1)
+        graph = build_window_graph(stats, reach, min_lift=self.min_lift, alpha=self.alpha,
+                                   max_degree=self.max_degree,
+                                   need_corr=self.method in ("spectral", "agglomerative"), dead=dead)
+        C = stats.num_channels
+        if not spatial and self.method != "arora":
+            clusters = self._global_partition(graph, seed)
+        else:
+            clusters = self._anchored(graph, seed)
+        self._finish(clusters, C, dead, graph)
+        return self
+
+    def fit_predict(self, stats) -> np.ndarray:
+        return self.fit(stats).channel_labels_
+
+    def _global_partition(self, graph, seed: int) -> list[Cluster]:
+        """Non-spatial hard methods: partition all live channels at once."""
+        alive = np.flatnonzero(graph.alive)
+        corr = graph.corr[graph.centre][np.ix_(alive, alive)] if graph.corr is not None else None
+        adj = graph.edges[graph.centre][np.ix_(alive, alive)]
+        n_groups = None if self.n_clusters == "auto" else int(self.n_clusters)
+        k_max = self.max_clusters or max(2, len(alive) // max(self.min_size, 1))
+        labels = partition(self.method, corr=corr, adj=adj, n_groups=n_groups, k_max=k_max,
+                           min_corr=self.min_corr, seed=seed)
+        groups = [alive[labels == g] for g in np.unique(labels)]
+        groups = [g for g in groups if len(g) >= self.min_size]
+        clusters = [Cluster.from_members([(int(c), 0, 0) for c in g], votes=len(g)) for g in groups]
+        clusters.sort(key=lambda c: (-len(c), c.members))
+        if self.max_clusters is not None:
+            clusters = clusters[: self.max_clusters]
+        return clusters
+
+    def _anchored(self, graph, seed: int) -> list[Cluster]:
+        """Anchor every live channel at offset 0, find its clusters locally, merge translated copies."""
+        from tqdm.auto import tqdm
+
+        candidates: dict = {}
+        anchors = np.flatnonzero(graph.alive)
+        for anchor in tqdm(anchors, desc=f"clustering ({self.method})", disable=not self.progress):
+            chans, offs = graph.neighbours(int(anchor))
+            if len(chans) < self.min_size - 1:
+                continue
+            all_chans = np.concatenate([[anchor], chans])
+            all_offs = np.concatenate([np.zeros((1, 2), dtype=np.int64), offs])
+            if self.method == "arora":
+                adj = graph.local(graph.edges, all_chans, all_offs, False)
+                groups = anchored_groups(adj, self.density)
+            else:
+                corr = graph.local(graph.corr, chans, offs, 0.0) if graph.corr is not None else None
+                adj = graph.local(graph.edges, chans, offs, False) if self.method == "louvain" else None
+                labels = partition(self.method, corr=corr, adj=adj, n_groups=None,
+                                   k_max=max(2, len(chans) // 2), min_corr=self.min_corr, seed=seed)
+                groups = [np.concatenate([[0], 1 + np.flatnonzero(labels == g)]) for g in np.unique(labels)]
+            for group in groups:
+                members = _fit_window(all_chans[group], all_offs[group], self.window)
+                if len(members) >= self.min_size:
+                    add_candidate(candidates, members, int(anchor))
+        merged = merge_candidates(candidates, self.merge_jaccard, self.merge_containment)
+        return select_clusters(merged, min_votes=self.min_votes, min_size=self.min_size,
+                               n_clusters=self.n_clusters, max_clusters=self.max_clusters)
+
+    def _finish(self, clusters: list[Cluster], C: int, dead: np.ndarray, graph) -> None:
+        self.clusters_ = clusters
+        self.n_clusters_ = len(clusters)
+        sizes = sorted({1, 3, 5} | {c.kernel_size for c in clusters})
+        self.kernel_counts_ = {k: sum(1 for c in clusters if c.kernel_size == k) for k in sizes}
+        labels = np.full(C, -1, dtype=np.int64)
+        for idx in range(len(clusters) - 1, -1, -1):  # earlier (better) clusters win
+            labels[list(clusters[idx].channels)] = idx
+        labels[dead] = -1
+        self.channel_labels_ = labels
+        self.labels_ = None if self.method == "arora" else labels.copy()
+        self.dead_units_ = dead
+        is_dead = np.zeros(C, dtype=bool)
+        is_dead[dead] = True
+        big = len(clusters)
+        key = np.where(labels >= 0, labels, big) + is_dead * (big + 1)
+        self.channel_order_ = np.lexsort((np.arange(C), key))
+        self.lift_threshold_ = graph.lift_threshold
+
+
+def _fit_window(chans: np.ndarray, offs: np.ndarray, window: int) -> list[tuple[int, int, int]]:
+    """Members inside the k x k placement (containing the anchor, element 0) that holds the most of them."""
+    if len(offs) == 0:
+        return []
+    ext = (offs.max(axis=0) - offs.min(axis=0)).max() + 1
+    if ext > window:
+        best, best_mask = -1, None
+        for ty in range(-(window - 1), 1):
+            for tx in range(-(window - 1), 1):
+                mask = ((offs[:, 0] >= ty) & (offs[:, 0] < ty + window)
+                        & (offs[:, 1] >= tx) & (offs[:, 1] < tx + window))
+                if mask.sum() > best:
+                    best, best_mask = int(mask.sum()), mask
+        chans, offs = chans[best_mask], offs[best_mask]
+    return [(int(c), int(dy), int(dx)) for c, (dy, dx) in zip(chans, offs)]

@@ -1,0 +1,101 @@
+"""Hebbian initialisation: start each filter of a new module on the units it should wire to.
+
+"Neurons that fire together, wire together": a cluster is a group of units of
+the previous layer that fire together, and the filter that covers it starts
+with its weight on exactly those units.
+
+- A 1x1 filter of a 1x1 cluster: equal weight on the cluster's channels.
+- A branch's 1x1 reduction: the leading principal components of the correlation
+  of the channels that the branch's clusters draw on (zero elsewhere), so the
+  reduction keeps what those clusters share.
+- A 3x3 or 5x5 filter of a cluster: at each member's offset, the member's
+  channel expressed in the reduced space.
+
+Each filter keeps the norm of its random initialisation, so activations keep
+their scale; filters beyond the number of clusters reuse the clusters in turn,
+and the pooling projection stays random.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from builders.inception import Inception
+from topo.cluster import Cluster, UnitClustering
+from topo.stats import LayerStats
+
+
+def hebbian_init_(module: Inception, clustering: UnitClustering, stats: LayerStats) -> Inception:
+    """Initialise ``module``'s filters from ``clustering`` of ``stats`` in place; returns ``module``."""
+    spec = module.spec
+    by_kernel = {k: [c for c in clustering.clusters_ if c.kernel_size == k] for k in (1, 3, 5)}
+    w1, w3red, w5red = _input_1x1_weights(module)
+    corr = stats.corr()
+    with torch.no_grad():
+        if spec.ch1x1:
+            _set_filters(w1, [_channel_vector(c, spec.in_channels) for c in by_kernel[1]])
+        for reduce_w, branch, clusters in (
+            (w3red, module.branch2, by_kernel[3]),
+            (w5red, module.branch3, by_kernel[5]),
+        ):
+            if branch is None or reduce_w is None or not clusters:
+                continue
+            basis = _reduction_basis(corr, clusters, reduce_w.shape[0])
+            _set_filters(reduce_w, list(basis))
+            spatial = branch[1].conv.weight
+            _set_filters(spatial, [_spatial_filter(c, basis, spatial.shape[-1]) for c in clusters])
+    return module
+
+
+def _input_1x1_weights(module: Inception) -> tuple[torch.Tensor | None, ...]:
+    """Views of the weights of branch1 and the two reductions, in either layout."""
+    spec = module.spec
+    if module.fused1x1 is not None:
+        weight = module.fused1x1.conv.weight
+        pieces = torch.split(weight, [spec.ch1x1, spec.ch3x3red, spec.ch5x5red], dim=0)
+        return tuple(p if p.shape[0] else None for p in pieces)
+    return (
+        module.branch1.conv.weight if module.branch1 is not None else None,
+        module.branch2[0].conv.weight if module.branch2 is not None else None,
+        module.branch3[0].conv.weight if module.branch3 is not None else None,
+    )
+
+
+def _channel_vector(cluster: Cluster, channels: int) -> np.ndarray:
+    vector = np.zeros(channels)
+    for channel, _, _ in cluster.members:
+        vector[channel] += 1.0
+    return vector[:, None, None]
+
+
+def _reduction_basis(corr: np.ndarray, clusters: list[Cluster], width: int) -> np.ndarray:
+    """``width`` unit vectors over all channels: leading eigenvectors of the clusters' channels' correlation."""
+    drawn = sorted({channel for c in clusters for channel, _, _ in c.members})
+    eigenvalues, eigenvectors = np.linalg.eigh(corr[np.ix_(drawn, drawn)])
+    order = np.argsort(eigenvalues)[::-1]
+    basis = np.zeros((width, corr.shape[0]))
+    for row, column in enumerate(order[:width]):
+        vector = eigenvectors[:, column]
+        basis[row, drawn] = vector if vector.sum() >= 0 else -vector
+    return basis
+
+
+def _spatial_filter(cluster: Cluster, basis: np.ndarray, kernel: int) -> np.ndarray:
+    """A (reduced channels, k, k) filter with each member's channel, in the reduced space, at its offset."""
+    radius = kernel // 2
+    weight = np.zeros((basis.shape[0], kernel, kernel))
+    for channel, dy, dx in cluster.members:
+        y, x = int(np.clip(dy, -radius, radius)) + radius, int(np.clip(dx, -radius, radius)) + radius
+        weight[:, y, x] += basis[:, channel]
+    return weight
+
+
+def _set_filters(weight: torch.Tensor, vectors: list[np.ndarray]) -> None:
+    """Filter ``f`` of ``weight`` becomes ``vectors[f % len(vectors)]``, rescaled to the filter's current norm."""
+    if not vectors:
+        return
+    for f in range(weight.shape[0]):
+        target = torch.as_tensor(vectors[f % len(vectors)], dtype=weight.dtype).reshape(weight.shape[1:])
+        norm = target.norm()
+        if norm > 0:
+            weight[f].copy_(target * (weight[f].norm() / norm))

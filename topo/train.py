@@ -1,0 +1,462 @@
+"""The trainer: SGD with momentum, schedules, label smoothing, auxiliary heads, EMA,
+mixed precision, checkpoints that resume exactly, and DistributedDataParallel.
+
+    result = train(model, bundle.train, bundle.val, TrainConfig(epochs=30), run_dir="runs/a")
+    result.history            # one row of metrics per epoch (also runs/a/model_metrics.csv)
+
+Under ``torchrun --nproc_per_node=N`` (with the process group initialised by
+the caller) the same call trains with DistributedDataParallel: the batch size
+is global and split over the processes, each process sees its own shard of
+the data, metrics are summed over all processes without padding, and only
+rank 0 writes files.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from topo import distributed as dist_info
+from topo.data.loader import ShardSampler, make_loader, resolve_device
+from topo.errors import UserError
+from topo.io import atomic_path, atomic_torch_save
+from topo.seeding import capture_rng_state, restore_rng_state, seed_everything
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("cosine", "paper", "constant")
+#: Configuration fields that may change between a run and its resumption.
+RESUMABLE_CHANGES = frozenset({"progress", "workers", "device", "compile"})
+HISTORY_COLUMNS = [
+    "epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
+    "ema_val_top1", "ema_val_top5", "epoch_time_s", "train_time_s", "train_images",
+]
+
+
+@dataclass
+class TrainConfig:
+    """How to train. ``batch_size`` is global: under torchrun each of N processes takes ``batch_size / N``.
+
+    Schedules (stepped every iteration, after ``warmup_epochs`` of linear warm-up):
+    ``cosine`` decays to 0 over the run; ``paper`` multiplies the rate by
+    ``decay_factor`` (0.96) every ``decay_every`` (8) epochs, as in "Going
+    deeper with convolutions"; ``constant`` keeps it. ``amp`` is bf16 autocast
+    on CUDA (ignored on CPU); ``amp_dtype="float16"`` uses a gradient scaler.
+    ``ema_decay`` (e.g. 0.999) keeps an exponential moving average of the
+    weights (the paper's Polyak averaging), evaluated each epoch beside the
+    model; None disables it.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    decay_every: int = 8
+    decay_factor: float = 0.96
+    label_smoothing: float = 0.0
+    aux_weight: float = 0.3
+    ema_decay: float | None = None
+    grad_clip: float | None = None
+    device: str = "auto"
+    amp: bool = True
+    amp_dtype: str = "bfloat16"
+    channels_last: bool = False
+    compile: bool = False
+    seed: int = 0
+    workers: int | str = "auto"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
+            raise UserError(
+                f"epochs ({self.epochs}), batch size ({self.batch_size}) and learning rate ({self.lr}) "
+                f"must be non-negative (batch size at least 1)"
+            )
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise UserError(f"ema_decay {self.ema_decay} must lie strictly between 0 and 1 (or be None)")
+        if self.amp_dtype not in ("bfloat16", "float16"):
+            raise UserError(f"amp_dtype {self.amp_dtype!r} must be 'bfloat16' or 'float16'")
+        if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
+            raise UserError(f"workers {self.workers!r} must be 'auto' or a number of processes (0 or more)")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"label_smoothing {self.label_smoothing} must be in [0, 1)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"unknown training settings {unknown}; known ones are {sorted(known)}")
+        return cls(**data)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns. ``model`` is trained and in eval mode; ``ema_model`` too (or None)."""
+
+    history: pd.DataFrame
+    final: dict[str, float]
+    train_time_s: float
+    throughput: float
+    model: nn.Module
+    ema_model: nn.Module | None = field(default=None, repr=False)
+
+
+@dataclass
+class LRSchedule:
+    """The learning-rate factor at optimiser step ``step`` (a picklable ``LambdaLR`` lambda)."""
+
+    schedule: str
+    steps_per_epoch: int
+    epochs: int
+    warmup_epochs: float = 0.0
+    decay_every: int = 8
+    decay_factor: float = 0.96
+
+    def __call__(self, step: int) -> float:
+        warmup = round(self.warmup_epochs * self.steps_per_epoch)
+        if step < warmup:
+            return (step + 1) / warmup
+        if self.schedule == "paper":
+            return self.decay_factor ** (step // self.steps_per_epoch // self.decay_every)
+        if self.schedule == "cosine":
+            total = max(1, self.epochs * self.steps_per_epoch - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - warmup) / total)))
+        return 1.0
+
+
+def split_output(output: Any) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Main logits and auxiliary logits of a network's output.
+
+    Accepts a tensor, ``builders.NetworkOutput(logits, aux_logits)`` and
+    torchvision's ``GoogLeNetOutputs(logits, aux_logits2, aux_logits1)``.
+    """
+    if isinstance(output, torch.Tensor):
+        return output, ()
+    if hasattr(output, "logits"):
+        if hasattr(output, "aux_logits"):
+            aux = output.aux_logits
+            aux = (aux,) if isinstance(aux, torch.Tensor) else tuple(aux or ())
+        else:
+            aux = tuple(v for k, v in output._asdict().items() if k != "logits")
+        return output.logits, tuple(a for a in aux if a is not None)
+    raise TypeError(f"a network returned {type(output).__name__}; expected a tensor or NetworkOutput")
+
+
+def _topk_correct(logits: torch.Tensor, target: torch.Tensor, ks: Iterable[int]) -> list[torch.Tensor]:
+    top = logits.topk(max(ks), dim=1).indices
+    hits = top.eq(target.unsqueeze(1))
+    return [hits[:, :k].any(dim=1).sum() for k in ks]
+
+
+def _autocast(device: torch.device, config: TrainConfig | None) -> contextlib.AbstractContextManager:
+    if config is not None and config.amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=getattr(torch, config.amp_dtype))
+    return contextlib.nullcontext()
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: Dataset | DataLoader,
+    *,
+    device: str | torch.device = "auto",
+    batch_size: int = 256,
+    config: TrainConfig | None = None,
+) -> dict[str, float]:
+    """Loss (plain cross-entropy), top-1 and top-5 accuracy (fractions) and sample count of ``model``.
+
+    Top-5 becomes top-k with k = number of classes when there are fewer than 5.
+    A data set is wrapped in an evaluation loader, sharded without padding
+    under torchrun; sums are then reduced over all processes, so every process
+    gets the metrics of the whole data set. ``config`` supplies autocast and
+    channels_last.
+    """
+    device = resolve_device(device)
+    loader = data if isinstance(data, DataLoader) else make_loader(
+        data, batch_size=batch_size, train=False, device=device,
+        workers=config.workers if config else "auto",
+    )
+    channels_last = bool(config and config.channels_last)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top-1, top-k, count
+    try:
+        for x, y in loader:
+            x, y = _to_device(x, device, channels_last), y.to(device, non_blocking=True)
+            with _autocast(device, config):
+                logits, _ = split_output(model(x))
+            logits = logits.float()
+            k = min(5, logits.shape[1])
+            top1, topk = _topk_correct(logits, y, (1, k))
+            loss = F.cross_entropy(logits, y, reduction="sum")
+            sums += torch.stack([loss.double(), top1.double(), topk.double(), sums.new_tensor(len(y))])
+    finally:
+        model.train(was_training)
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, ShardSampler) and sampler.num_replicas > 1 and dist_info.is_distributed():
+        dist.all_reduce(sums)
+    loss, top1, topk, count = sums.tolist()
+    count = max(count, 1.0)
+    return {"loss": loss / count, "top1": top1 / count, "top5": topk / count, "count": int(count)}
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, path: Path) -> None:
+    for key, value in config.to_dict().items():
+        if key in RESUMABLE_CHANGES or saved.get(key, value) == value:
+            continue
+        raise UserError(
+            f"checkpoint {path} was written with {key}={saved[key]!r}, not {value!r}; "
+            f"train into a new run directory or pass resume=False to start over"
+        )
+
+
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    with atomic_path(path) as tmp:
+        pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
+
+
+def _tensorboard(run_dir: Path, name: str) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional
+        return None
+    return SummaryWriter(str(run_dir / "tensorboard" / name))
+
+
+def _gather_rng_states() -> list[dict[str, Any]]:
+    """Every process's RNG state (collective under torchrun), indexed by rank."""
+    state = capture_rng_state()
+    if not dist_info.is_distributed():
+        return [state]
+    states: list[Any] = [None] * dist_info.world_size()
+    dist.all_gather_object(states, state)
+    return states
+
+
+def train(
+    model: nn.Module,
+    train_data: Dataset,
+    val_data: Dataset,
+    config: TrainConfig,
+    *,
+    run_dir: str | Path | None = None,
+    name: str = "model",
+    resume: bool = True,
+) -> TrainResult:
+    """Train ``model`` on ``train_data``, evaluating on ``val_data`` after every epoch.
+
+    With ``run_dir``, rank 0 writes ``{name}.ckpt`` (model, optimiser, scheduler,
+    scaler, EMA, RNG states of every process, epoch, config, history) and
+    ``{name}_metrics.csv`` atomically after every epoch, and ``resume=True``
+    continues from an existing checkpoint. On CPU a resumed run ends with
+    exactly the weights and metrics of an uninterrupted one.
+    """
+    device = resolve_device(config.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and not dist_info.is_distributed():
+        raise UserError(
+            f"launched as one of {launched} processes (WORLD_SIZE) but torch.distributed is not initialised; "
+            f"initialise the process group before calling train"
+        )
+    rank, world = dist_info.rank(), dist_info.world_size()
+    is_main = rank == 0
+    if config.batch_size % world:
+        raise UserError(f"batch size {config.batch_size} is not divisible by the {world} processes; choose a multiple")
+    per_process_batch = config.batch_size // world
+    run_path = Path(run_dir) if run_dir is not None else None
+    ckpt_path = run_path / f"{name}.ckpt" if run_path else None
+    csv_path = run_path / f"{name}_metrics.csv" if run_path else None
+
+    model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
+    seed_everything(config.seed + rank)
+    train_loader = make_loader(
+        train_data, batch_size=per_process_batch, train=True, seed=config.seed, workers=config.workers, device=device
+    )
+    val_loader = make_loader(val_data, batch_size=per_process_batch, train=False, workers=config.workers, device=device)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise UserError(
+            f"batch size {config.batch_size} exceeds the {len(train_data)} training samples; use a smaller batch"
+        )
+
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    optimizer = torch.optim.SGD(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, momentum=config.momentum,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        LRSchedule(config.schedule, steps_per_epoch, config.epochs, config.warmup_epochs,
+                   config.decay_every, config.decay_factor),
+    )
+    scaler = torch.amp.GradScaler(
+        device.type, enabled=config.amp and device.type == "cuda" and config.amp_dtype == "float16"
+    )
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        if config.ema_decay is not None
+        else None
+    )
+
+    history: list[dict[str, float]] = []
+    start_epoch = 0
+    if ckpt_path is not None and resume and ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        _check_resumable(state["config"], config, ckpt_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        rng_states = state["rng"]
+        if len(rng_states) == world:
+            restore_rng_state(rng_states[rank])
+        else:
+            log.warning("checkpoint %s has RNG states for %d processes, not %d: random streams restart",
+                        ckpt_path, len(rng_states), world)
+        start_epoch, history = state["epoch"], list(state["history"])
+        log.info("resuming %s from %s after epoch %d of %d", name, ckpt_path, start_epoch, config.epochs)
+
+    net: nn.Module = model
+    if dist_info.is_distributed():
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        net = torch.compile(net)
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    writer = _tensorboard(run_path, name) if (run_path is not None and is_main) else None
+
+    for epoch in range(start_epoch, config.epochs):
+        epoch_start = time.perf_counter()
+        train_loader.set_epoch(epoch)
+        lr = optimizer.param_groups[0]["lr"]
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+        bar = tqdm(train_loader, desc=f"{name} {epoch + 1}/{config.epochs}", leave=False,
+                   disable=not (config.progress and is_main))
+        for step, (x, y) in enumerate(bar):
+            x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
+            with _autocast(device, config):
+                logits, aux = split_output(net(x))
+                loss = criterion(logits, y)
+                for aux_logits in aux:
+                    loss = loss + config.aux_weight * criterion(aux_logits, y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if config.grad_clip is not None:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            correct = logits.detach().argmax(dim=1).eq(y).sum()
+            sums += torch.stack([loss.detach().double() * len(y), correct.double(), sums.new_tensor(len(y))])
+            if step % 20 == 0 and not bar.disable:
+                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+        if dist_info.is_distributed():
+            dist.all_reduce(sums)
+        train_time = time.perf_counter() - epoch_start
+        train_loss, train_correct, train_count = sums.tolist()
+
+        metrics = evaluate(model, val_loader, device=device, config=config)
+        ema_metrics = evaluate(ema.module, val_loader, device=device, config=config) if ema is not None else None
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr,
+            "train_loss": train_loss / train_count,
+            "train_top1": train_correct / train_count,
+            "val_loss": metrics["loss"],
+            "val_top1": metrics["top1"],
+            "val_top5": metrics["top5"],
+            "ema_val_top1": ema_metrics["top1"] if ema_metrics else math.nan,
+            "ema_val_top5": ema_metrics["top5"] if ema_metrics else math.nan,
+            "epoch_time_s": time.perf_counter() - epoch_start,
+            "train_time_s": train_time,
+            "train_images": int(train_count),
+        }
+        history.append(row)
+        log.info("%s epoch %d/%d: train loss %.4f top-1 %.4f, val loss %.4f top-1 %.4f top-5 %.4f",
+                 name, epoch + 1, config.epochs, row["train_loss"], row["train_top1"],
+                 row["val_loss"], row["val_top1"], row["val_top5"])
+        rng_states = _gather_rng_states() if ckpt_path is not None else []
+        if ckpt_path is not None and is_main:
+            atomic_torch_save(
+                {
+                    "format": 1,
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "ema": ema.state_dict() if ema is not None else None,
+                    "rng": rng_states,
+                    "config": config.to_dict(),
+                    "history": history,
+                },
+                ckpt_path,
+            )
+            _write_history(csv_path, history)
+            if writer is not None:
+                for key, value in row.items():
+                    if key != "epoch" and not (isinstance(value, float) and math.isnan(value)):
+                        writer.add_scalar(f"{name}/{key}", value, epoch + 1)
+                writer.flush()
+    if writer is not None:
+        writer.close()
+    if ckpt_path is not None and is_main and not history:
+        _write_history(csv_path, history)
+
+    model.eval()
+    if ema is not None:
+        ema.eval()
+    frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
+    train_time = float(frame["train_time_s"].sum()) if len(frame) else 0.0
+    images = float(frame["train_images"].sum()) if len(frame) else 0.0
+    return TrainResult(
+        history=frame,
+        final=dict(history[-1]) if history else {},
+        train_time_s=float(frame["epoch_time_s"].sum()) if len(frame) else 0.0,
+        throughput=images / train_time if train_time > 0 else 0.0,
+        model=model,
+        ema_model=ema.module if ema is not None else None,
+    )
