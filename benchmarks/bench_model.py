@@ -8,6 +8,7 @@ figure is the best of ``--rounds`` timed rounds: on a shared machine other
 jobs only ever slow a round down.
 
     python benchmarks/bench_model.py                          # CPU, 64x64, batch 8
+    python benchmarks/bench_model.py --threads 1 --clock cpu  # CPU time: steady on a busy machine
     python benchmarks/bench_model.py --compile                # adds torch.compile settings
     python benchmarks/bench_model.py --device cuda --size 224 --batch 256 --compile
 
@@ -113,14 +114,18 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_steps(step, n: int, device: str) -> float:
-    """Seconds per step over ``n`` steps."""
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_steps(step, n: int, device: str, clock: str = "wall") -> float:
+    """Seconds per step over ``n`` steps, by wall clock or by this process's CPU time."""
+    now = CLOCKS[clock]
     sync(device)
-    start = time.perf_counter()
+    start = now()
     for _ in range(n):
         step()
     sync(device)
-    return (time.perf_counter() - start) / n
+    return (now() - start) / n
 
 
 def bf16_matmul_peak(device: str, n: int = 8192, reps: int = 20) -> float:
@@ -145,7 +150,7 @@ def measure(setting: Setting, args) -> dict[str, dict[str, float]]:
         for _ in range(args.rounds):  # alternate the models so noise hits both alike
             for name, r in runners.items():
                 step = r.train_step if mode == "train" else r.infer_step
-                per_round[name].append(time_steps(step, args.steps, args.device))
+                per_round[name].append(time_steps(step, args.steps, args.device, args.clock))
         for name, times in per_round.items():
             # best round: on a shared machine other jobs only ever slow a round down
             results.setdefault(name, {})[mode] = args.batch / min(times)
@@ -171,7 +176,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--aux", action="store_true", help="keep the auxiliary heads in training")
     parser.add_argument("--compile", action="store_true", help="add torch.compile settings (slow to compile on CPU)")
     parser.add_argument("--only", default=None, help="comma-separated setting names to run")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--clock",
+        default="wall",
+        choices=sorted(CLOCKS),
+        help="'cpu' times by process CPU time: with --threads 1, a fair comparison on a busy shared machine",
+    )
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.clock == "cpu" and args.device == "cuda":
+        parser.error("--clock cpu measures CPU work only: use the wall clock with --device cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     if args.device == "cuda":
@@ -179,7 +195,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"# bench_model: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"# torch {torch.__version__}, torchvision {torchvision.__version__}; {machine()}")
-    print(f"# device {args.device}, input {args.size}x{args.size}, batch {args.batch}, aux heads {args.aux}")
+    print(
+        f"# device {args.device}, input {args.size}x{args.size}, batch {args.batch}, aux heads {args.aux}, "
+        f"{args.clock} clock, best of {args.rounds} rounds of {args.steps} steps"
+    )
     macs = count_macs(builders.googlenet("torchvision", aux_logits=False).eval(), (3, args.size, args.size))
     print(f"# forward multiply-adds per image: {macs / 1e9:.3f} G")
     peak = bf16_matmul_peak(args.device) if args.device == "cuda" else None

@@ -37,14 +37,18 @@ def fit_to_budget(make: Callable[[float], InceptionSpec], budget: float, height:
     return make(lo)
 
 
-def scaled_widths(spec: InceptionSpec, scale: float, round_to: int | None = 8) -> InceptionSpec:
-    """``spec`` with every width times ``scale``, rounded to a multiple of ``round_to`` (a branch never vanishes)."""
-    def one(w: int) -> int:
-        if w == 0:
-            return 0
-        value = max(1, round(w * scale))
-        if round_to and round_to > 1:
-            value = max(round_to, round(value / round_to) * round_to)
-        return int(value)
+def round_width(width: float, round_to: int | None, cap: int | None = None) -> int:
+    """``width`` rounded to a multiple of ``round_to``; a positive width never becomes 0, nor exceeds ``cap``."""
+    if width <= 0:
+        return 0
+    w = max(1, int(round(width)))
+    if round_to and round_to > 1:
+        w = max(round_to, int(round(w / round_to)) * round_to)
+    if cap is not None and w > cap:
+        w = (cap // round_to) * round_to if round_to and round_to > 1 and cap >= round_to else cap
+    return int(w)
 
-    return InceptionSpec(spec.in_channels, *(one(w) for w in spec.widths), name=spec.name)
+
+def scaled_widths(spec: InceptionSpec, scale: float, round_to: int | None = 8) -> InceptionSpec:
+    """``spec`` with every width times ``scale``, rounded by `round_width`."""
+    return InceptionSpec(spec.in_channels, *(round_width(w * scale, round_to) for w in spec.widths), name=spec.name)

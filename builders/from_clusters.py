@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import clone
 
+from builders.budget import fit_to_budget, round_width
 from builders.spec import InceptionSpec
 from topo.errors import StatsError
 
@@ -56,17 +57,6 @@ def reduction_width(cov: np.ndarray, channels, variance_share: float = VARIANCE_
         return 1
     needed = int(np.searchsorted(np.cumsum(eig) / total, variance_share - 1e-12) + 1)
     return int(min(max(needed, 1), len(channels)))
-
-
-def _round(width: float, round_to: int | None, cap: int | None = None) -> int:
-    if width <= 0:
-        return 0
-    w = max(1, int(round(width)))
-    if round_to and round_to > 1:
-        w = max(round_to, int(round(w / round_to)) * round_to)
-    if cap is not None and w > cap:
-        w = (cap // round_to) * round_to if round_to and round_to > 1 and cap >= round_to else cap
-    return int(w)
 
 
 def from_clusters(clustering, stats, *, budget: int | None = None, round_to: int | None = 8,
@@ -99,31 +89,13 @@ def from_clusters(clustering, stats, *, budget: int | None = None, round_to: int
     c_in = int(in_channels if in_channels is not None else stats.num_channels)
 
     def make(scale: float) -> InceptionSpec:
-        widths = {k: _round(v * scale, round_to, cap.get(k)) for k, v in raw.items()}
+        widths = {k: round_width(v * scale, round_to, cap.get(k)) for k, v in raw.items()}
         return InceptionSpec(in_channels=c_in, name=name, **widths)
 
-    spec = make(1.0)
     if budget is None:
-        return spec
-    from analysis.cost import inception_macs
-
+        return make(1.0)
     height, width = stats.spatial_shape if getattr(stats, "spatial_shape", None) else (1, 1)
-
-    def macs(scale: float) -> int:
-        return inception_macs(make(scale), height, width)
-
-    if budget < macs(1e-9):
-        raise StatsError(
-            f"from_clusters: budget {budget} multiply-adds is below the smallest module these clusters allow "
-            f"({macs(1e-9)}); raise the budget or lower round_to"
-        )
-    lo, hi = 1e-9, 1.0
-    while macs(hi) <= budget and hi < 1e6:
-        lo, hi = hi, hi * 2
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        if macs(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return make(lo)
+    try:
+        return fit_to_budget(make, budget, height, width)
+    except StatsError as e:
+        raise StatsError(f"from_clusters: {e}") from None

@@ -12,6 +12,9 @@ With ``fused=True`` (the default) the three 1x1 convolutions that read the input
 output is split; ``branch2[0]`` and ``branch3[0]`` are then identities. The
 result is the same; the parameters are the same, stacked. State dicts load in
 either layout (torchvision's included): a load pre-hook converts them.
+
+Max pooling on CPU runs in channels-last layout (:class:`MaxPool2d`), which is
+several times faster there than PyTorch's NCHW kernel and gives identical results.
 """
 from __future__ import annotations
 
@@ -49,6 +52,26 @@ class ConvBlock(nn.Module):
         return F.relu(x, inplace=True)
 
 
+class MaxPool2d(nn.MaxPool2d):
+    """``nn.MaxPool2d`` that pools CPU tensors in channels-last layout.
+
+    PyTorch's channels-last max-pool kernels on CPU are several times faster than
+    the NCHW ones (forward and backward); converting there and back costs less than
+    it saves. The result is identical, in the input's memory format.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            x.is_cpu
+            and x.dim() == 4
+            and not self.return_indices
+            and not x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            x = super().forward(x.contiguous(memory_format=torch.channels_last))
+            return x.contiguous()
+        return super().forward(x)
+
+
 class Inception(nn.Module):
     """An Inception module built from an :class:`InceptionSpec`; a width of 0 drops its branch."""
 
@@ -82,7 +105,7 @@ class Inception(nn.Module):
         self.branch2 = nn.Sequential(reduce(s.ch3x3red), conv(s.ch3x3red, s.ch3x3, 3)) if s.ch3x3 else None
         self.branch3 = nn.Sequential(reduce(s.ch5x5red), conv(s.ch5x5red, s.ch5x5, kernel5x5)) if s.ch5x5 else None
         self.branch4 = (
-            nn.Sequential(nn.MaxPool2d(3, stride=1, padding=1, ceil_mode=True), conv(c, s.pool_proj, 1))
+            nn.Sequential(MaxPool2d(3, stride=1, padding=1, ceil_mode=True), conv(c, s.pool_proj, 1))
             if s.pool_proj
             else None
         )

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from builders.inception import ConvBlock, Inception, init_weights
+from builders.inception import ConvBlock, Inception, MaxPool2d, init_weights
 from builders.spec import AuxHeadSpec, ConvSpec, InceptionSpec, LayerSpec, LRNSpec, NetworkSpec, PoolSpec
 
 # torchvision's transform_input: ImageNet-normalised input -> the (x - 0.5) / 0.5 scaling of the original weights
@@ -106,7 +106,7 @@ def _layer_module(layer: LayerSpec, in_channels: int, spec: NetworkSpec, conv_op
             in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.resolved_padding, **conv_options
         )
     if isinstance(layer, PoolSpec):
-        pool = nn.MaxPool2d if layer.mode == "max" else nn.AvgPool2d
+        pool = MaxPool2d if layer.mode == "max" else nn.AvgPool2d
         return pool(layer.kernel_size, layer.stride, layer.padding, ceil_mode=layer.ceil_mode)
     if isinstance(layer, LRNSpec):
         return nn.LocalResponseNorm(layer.size, layer.alpha, layer.beta, layer.k)

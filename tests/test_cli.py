@@ -16,6 +16,8 @@ import torch
 import builders
 from builders.spec import NetworkSpec
 from topo.cli import main
+from topo.construct import calibrate_batchnorm
+from topo.data import load, make_loader
 
 FAST = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "1", "--batch-size", "64",
         "--workers", "0", "--no-progress"]
@@ -110,12 +112,15 @@ def test_resume_after_a_kill(tmp_path: Path):
 
 def test_analyze_a_trained_googlenet(image_tree: Path, tmp_path: Path):
     torch.manual_seed(0)
-    net = builders.googlenet("torchvision", num_classes=2, aux_logits=False, width_mult=0.125, input_size=64)
+    net = builders.googlenet("torchvision", num_classes=2, aux_logits=False, width_mult=0.125, input_size=96)
+    # BatchNorm statistics of the data, as a trained network has (fresh ones make every deep unit constant)
+    bundle = load("folder", image_tree, image_size=96)
+    calibrate_batchnorm(net, make_loader(bundle.train, batch_size=8, train=True, workers=0, device="cpu"), 4, "cpu")
     weights = tmp_path / "googlenet.pth"
     torch.save(net.state_dict(), weights)
     out = tmp_path / "analysis"
     assert main(["analyze", "--weights", str(weights), "--width-mult", "0.125", "--num-classes", "2",
-                 "--data", "folder", "--data-dir", str(image_tree), "--image-size", "64", "--batch-size", "8",
+                 "--data", "folder", "--data-dir", str(image_tree), "--image-size", "96", "--batch-size", "8",
                  "--stats-batches", "2", "--workers", "0", "--no-progress", "--out", str(out)]) == 0
     records = json.loads((out / "analysis.json").read_text())
     assert [r["name"] for r in records] == [m.name for m in net.spec.inception_modules()]
@@ -131,7 +136,7 @@ def test_analyze_a_trained_googlenet(image_tree: Path, tmp_path: Path):
     (["train", "/no/such/spec.json"], "spec file"),
     (["--reference", "resnet"], "reference"),
     (["--skeleton", "2,poll,2"], "skeleton"),
-    (["analyze", "--weights", "/no/such/weights.pth"], "weights file"),
+    (["analyze", "--variant", "small", "--weights", "/no/such/weights.pth"], "weights file"),
 ])
 def test_user_errors_are_one_line(argv, expected, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "out")] if argv[0] not in ("--resume",) else argv) == 2

@@ -74,6 +74,9 @@ def test_budget_is_met_by_one_scale_factor(fitted):
     # one scale on all branch outputs: their ratios are kept (up to integer rounding)
     ratio = np.array([spec.ch1x1, spec.ch3x3, spec.ch5x5]) / np.array([base.ch1x1, base.ch3x3, base.ch5x5])
     assert ratio.max() - ratio.min() < 0.25
+    rounded = from_clusters(model, stats, round_to=8, budget=budget)
+    assert inception_macs(rounded, H, W) <= budget
+    assert all(getattr(rounded, n) % 8 == 0 for n in ("ch1x1", "ch3x3", "ch5x5", "pool_proj"))
     with pytest.raises(StatsError, match="budget"):
         from_clusters(model, stats, budget=10)
 

@@ -225,3 +225,17 @@ def test_positions_at_least_the_map_size_is_exact():
     np.testing.assert_array_equal(
         from_activations(x, positions=42).cross_cov(1, 1), from_activations(x, positions="all").cross_cov(1, 1)
     )
+
+
+def test_counts_switch_to_float64_before_float32_stops_being_exact(monkeypatch):
+    import topo.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "_FLOAT32_EXACT", 100)
+    x = correlated_maps(n=4, seed=12)
+    small = from_activations(torch.from_numpy(x[:1]), positions=None)  # 42 rows: float32 counts
+    assert small._state["joint"].dtype == torch.float32
+    stats = from_activations(list(torch.from_numpy(x).split(1)), positions=None)  # 168 rows
+    assert stats._state["joint"].dtype == torch.float64
+    assert small.merge(stats)._state["joint"].dtype == torch.float64
+    a, b = pairs(x, 1, 1)
+    np.testing.assert_allclose(stats.coactivation(1, 1)[0], (a > 0).T.astype(float) @ (b > 0) / len(a))

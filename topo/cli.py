@@ -13,7 +13,6 @@ line naming it and the fix, and exit status 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -161,7 +160,6 @@ def build_parser(command: str) -> argparse.ArgumentParser:
 
 def _configs(args: argparse.Namespace):
     from topo.construct import ConstructConfig
-    from topo.train import TrainConfig
 
     clusters = args.clusters
     if clusters != "auto":

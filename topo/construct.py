@@ -151,7 +151,7 @@ def _module_budgets(plan: list, reference: NetworkSpec, input_hw: tuple[int, int
     return [float(inception_macs(m, *shapes[m.name][1:], kernel5x5=reference.kernel5x5)) for m in ref_modules]
 
 
-def _window_for(map_hw: tuple[int, int], largest: int) -> int:
+def window_for(map_hw: tuple[int, int], largest: int) -> int:
     """The largest of 5, 3, 1 (up to ``largest``) that fits inside the map."""
     for window in (5, 3, 1):
         if window <= largest and window <= min(map_hw):
@@ -224,7 +224,7 @@ def construct(
         last = spec.layers[-1].name
         stats = _record(model, spec, last, train_data, loader, config, device, progress)
         layer_stats, pooled_stats = stats[last], stats[PROBE]
-        window = _window_for(layer_stats.spatial_shape or (1, 1), config.window)
+        window = window_for(layer_stats.spatial_shape or (1, 1), config.window)
 
         clustering = UnitClustering(
             method=config.method,
@@ -241,20 +241,9 @@ def construct(
         remaining_weights = weights[module_index:]
         module_budget = max(1.0, (budget - spent)) * remaining_weights[0] / sum(remaining_weights)
         reference_module = ref_modules[module_index] if module_index < len(ref_modules) else None
-        if clustering.n_clusters_:
-            module = from_clusters(
-                clustering,
-                layer_stats,
-                budget=module_budget,
-                round_to=config.round_to,
-                in_channels=in_channels,
-                pool_stats=pooled_stats,
-            )
-        else:
-            module = _fallback_module(reference_module, in_channels, module_budget, map_hw, config.round_to)
-            log(f"{item}: no clusters in the statistics (units fire independently); "
-                "keeping the reference module's proportions")
-        module = dataclasses.replace(module, name=item, in_channels=in_channels)
+        module = module_from_clustering(clustering, layer_stats, budget=module_budget, round_to=config.round_to,
+                                        in_channels=in_channels, pool_stats=pooled_stats,
+                                        reference=reference_module, name=item, log=log)
         macs = inception_macs(module, *map_hw)
 
         record_ = {
@@ -306,12 +295,35 @@ def construct(
     return result
 
 
-def _fallback_module(reference: InceptionSpec | None, in_channels: int, budget: float,
-                     map_hw: tuple[int, int], round_to: int) -> InceptionSpec:
-    """Where no unit fires with another, the reference module's proportions (GoogLeNet 3a's if none), to budget."""
-    shape = reference or InceptionSpec(in_channels, 64, 96, 128, 16, 32, 32)
-    shape = dataclasses.replace(shape, in_channels=in_channels)
-    return fit_to_budget(lambda scale: scaled_widths(shape, scale, round_to), budget, *map_hw)
+def module_from_clustering(
+    clustering: UnitClustering,
+    stats: LayerStats,
+    *,
+    budget: float,
+    round_to: int,
+    in_channels: int,
+    name: str,
+    pool_stats: LayerStats | None = None,
+    reference: InceptionSpec | None = None,
+    log: Callable[[str], None] = print,
+) -> InceptionSpec:
+    """The module the clusters call for within ``budget``, named ``name``.
+
+    Where the statistics hold no cluster at all (no units fire together more
+    than chance allows, as in an untrained layer), the data suggests no shape:
+    the module then keeps the reference module's proportions (GoogLeNet 3a's
+    if there is none), scaled to the budget, and the record says so.
+    """
+    if clustering.n_clusters_:
+        module = from_clusters(clustering, stats, budget=budget, round_to=round_to, in_channels=in_channels,
+                               pool_stats=pool_stats)
+    else:
+        log(f"{name}: no clusters in the statistics (no units fire together); keeping the reference's proportions")
+        shape = dataclasses.replace(reference or InceptionSpec(in_channels, 64, 96, 128, 16, 32, 32),
+                                    in_channels=in_channels)
+        module = fit_to_budget(lambda scale: scaled_widths(shape, scale, round_to), budget,
+                               *(stats.spatial_shape or (1, 1)))
+    return dataclasses.replace(module, name=name, in_channels=in_channels)
 
 
 def _record(model, spec, last, dataset, loader, config, device, progress) -> dict[str, LayerStats]:

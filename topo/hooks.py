@@ -70,13 +70,13 @@ def record(
         for spec in specs
     }
     batch_index = [0]
-    handles = []
-    for spec, (module, where) in targets.items():
-        handles.append(_attach(module, where, stats[spec], batch_index))
     modes = {m: m.training for m in model.modules()}
     total = _length(data, max_batches)
     batches = data if max_batches is None else itertools.islice(data, max_batches)
+    handles = []
     try:
+        for spec, (module, where) in targets.items():
+            handles.append(_attach(module, where, stats[spec], batch_index))
         model.eval()
         with torch.no_grad():
             for index, batch in enumerate(tqdm(batches, total=total, desc="record", unit="batch", disable=not progress)):

@@ -269,8 +269,7 @@ def analyze(
     from analysis import inception_macs
     from analysis.plots import branch_widths
     from analysis.report import layer_frame, to_markdown
-    from builders.from_clusters import from_clusters
-    from topo.construct import _window_for
+    from topo.construct import module_from_clustering, window_for
     from topo.cluster import UnitClustering
 
     model = builders.build(spec)
@@ -294,16 +293,16 @@ def analyze(
         map_hw = tuple(shapes[module.name][1:])
         clustering = UnitClustering(
             method=construct_config.method,
-            window=_window_for(map_hw, construct_config.window),
+            window=window_for(map_hw, construct_config.window),
             n_clusters=construct_config.n_clusters,
             max_clusters=construct_config.max_clusters,
             random_state=construct_config.seed,
             progress=progress,
         ).fit(layer_stats)
-        hand_macs = inception_macs(module, *map_hw)
-        suggested = from_clusters(clustering, layer_stats, budget=hand_macs, round_to=construct_config.round_to,
-                                  in_channels=module.in_channels)
-        suggested = dataclasses.replace(suggested, name=module.name)
+        hand_macs = inception_macs(module, *map_hw, kernel5x5=spec.kernel5x5)
+        suggested = module_from_clustering(clustering, layer_stats, budget=hand_macs,
+                                           round_to=construct_config.round_to, in_channels=module.in_channels,
+                                           name=module.name, reference=module, log=log)
         atomic_write_json(out / f"{module.name}_clusters.json", clustering_to_dict(clustering))
         records.append({
             "name": module.name,
@@ -318,6 +317,7 @@ def analyze(
             "reference": module.to_dict(),
             "macs": int(inception_macs(suggested, *map_hw)),
             "budget_macs": int(hand_macs),
+            "fallback": not clustering.n_clusters_,
         })
         log(f"{module.name}: {clustering.n_clusters_} clusters {dict(clustering.kernel_counts_)}")
     frame = layer_frame(records)

@@ -8,8 +8,9 @@ position p + d) with both positions inside the map (no padding). Only half of th
 displacements are stored; the other half follow from ``cross(-d) = cross(d).T``.
 
 Per stored displacement ``d`` a :class:`LayerStats` keeps, on the activations'
-device and in float64, sums of the activations minus a fixed per-unit ``shift``
-(the mean of the first batch):
+device, sums of the activations minus a fixed per-unit ``shift`` (the mean of the
+first batch), in float64 (the 0/1 counts in float32 while that is exact, below
+2**24 rows):
 
 * ``n[d]``: the number of position pairs seen;
 * ``sum_a[d]``, ``sum_b[d]``, ``sq_a[d]``, ``sq_b[d]``: sums and sums of squares of the
@@ -45,12 +46,14 @@ from topo.io import atomic_torch_save
 DEAD_EPS = 1e-12
 
 #: Random anchor positions per map and image used by default (``None`` = all positions).
-DEFAULT_POSITIONS = 2
+DEFAULT_POSITIONS = 1
 
 _FORMAT = "topo.LayerStats"
 _VERSION = 1
 # Sums of 0/1 products are exact in float32 up to 2**24.
 _FLOAT32_EXACT = 2**24
+# Subsampled batches are gathered until this many anchor rows, then added in one product.
+_MIN_ROWS = 256
 _STATE_KEYS = ("shift", "n", "sum_a", "sum_b", "sq_a", "sq_b", "prod", "fire_a", "fire_b", "joint")
 
 
@@ -105,9 +108,11 @@ class LayerStats:
         self.spatial_shape: tuple[int, int] | None = None
         self._offsets: list[tuple[int, int]] = []
         self._state: dict[str, torch.Tensor] | None = None
-        # Recent co-activation counts, float32 (exact below 2**24), flushed into the float64 totals.
-        self._recent: torch.Tensor | None = None
-        self._recent_rows = 0
+        # Gathered anchor/target rows not yet added (few, bounded: see _MIN_ROWS).
+        self._pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self._pending_rows = 0
+        # Rows added to the co-activation counts so far; they are float32 (exact) below 2**24.
+        self._counted = 0
         self._generator = torch.Generator().manual_seed(seed)
 
     # ------------------------------------------------------------------ streaming
@@ -131,33 +136,21 @@ class LayerStats:
         if self._state is None:
             self._state = _empty_state(x, self._offsets)
         exact = x.dim() == 2 or self.positions is None or self.positions >= x.shape[2] * x.shape[3]
-        rows = x.shape[0] * (math.prod(x.shape[2:]) if exact else self.positions)
-        counts = self._recent_counts(rows)
-        if x.dim() == 2:
-            _add_pairs_(self._state, counts, 0, x, x, self.threshold)
-        elif exact:
-            _add_exact(self._state, counts, x, self._offsets, self.threshold)
-        else:
-            _add_sampled(self._state, counts, x, self._offsets, self.positions, self._generator, self.threshold)
+        if not exact:
+            gathered = _gather_sampled(x, self._offsets, self.positions, self._generator)
+            self._pending.append(gathered)
+            self._pending_rows += gathered[0].shape[0]
+            if self._pending_rows >= _MIN_ROWS:
+                self._flush()
+            return self
+        self._flush()
+        self._count_rows(x.shape[0] * math.prod(x.shape[2:]))
+        with _full_precision(x.device):
+            if x.dim() == 2:
+                _add_dense(self._state, x, self.threshold)
+            else:
+                _add_exact(self._state, x, self._offsets, self.threshold)
         return self
-
-    def _recent_counts(self, rows: int) -> torch.Tensor:
-        """Where a batch of ``rows`` observations adds its co-activation counts."""
-        if self._recent_rows + rows >= _FLOAT32_EXACT:
-            self._flush()
-        if rows >= _FLOAT32_EXACT:  # one huge batch: count in float64 directly
-            return self._state["joint"]
-        if self._recent is None:
-            self._recent = torch.zeros_like(self._state["joint"], dtype=torch.float32)
-        self._recent_rows += rows
-        return self._recent
-
-    def _flush(self) -> None:
-        """Move the float32 recent co-activation counts into the float64 totals."""
-        if self._recent is not None and self._recent_rows:
-            self._state["joint"] += self._recent
-            self._recent.zero_()
-        self._recent_rows = 0
 
     def _check_layout(self, x: torch.Tensor, where: str) -> None:
         channels = x.shape[1]
@@ -172,6 +165,22 @@ class LayerStats:
                 f"{self._label()}: {where} has (C, H, W) = {tuple(x.shape[1:])} but earlier batches had {seen}; "
                 "record maps of one size per LayerStats"
             )
+
+    def _flush(self) -> None:
+        """Add the gathered rows still pending (one matrix product for several small batches)."""
+        if not self._pending:
+            return
+        anchors, targets, valid = (torch.cat(parts) for parts in zip(*self._pending))
+        self._pending, self._pending_rows = [], 0
+        self._count_rows(anchors.shape[0])
+        with _full_precision(anchors.device):
+            _add_gathered(self._state, anchors, targets, valid, self.threshold)
+
+    def _count_rows(self, rows: int) -> None:
+        """Keep the co-activation counts exact: float64 once they could reach 2**24."""
+        self._counted += rows
+        if self._counted >= _FLOAT32_EXACT and self._state["joint"].dtype != torch.float64:
+            self._state["joint"] = self._state["joint"].double()
 
     # ------------------------------------------------------------------ combining
     def merge(self, other: "LayerStats") -> "LayerStats":
@@ -195,6 +204,7 @@ class LayerStats:
         other._flush()
         merged = self._copy()
         device = merged._state["n"].device
+        merged._count_rows(other._counted)
         _add_state_(merged._state, {k: v.to(device) for k, v in other._state.items()})
         return merged
 
@@ -211,7 +221,10 @@ class LayerStats:
         if not is_distributed():
             return self
         st = self._require_state(min_count=1)
-        self._flush()
+        counted = torch.tensor([float(self._counted)], dtype=torch.float64, device=st["n"].device)
+        dist.all_reduce(counted)
+        self._counted = 0
+        self._count_rows(int(counted.item()))  # every rank makes the same float32/float64 choice
         shift = st["shift"].clone()
         dist.broadcast(shift, src=0)
         _move_shift_(st, shift)
@@ -231,6 +244,7 @@ class LayerStats:
         new.num_channels, new.spatial, new.spatial_shape = self.num_channels, self.spatial, self.spatial_shape
         new._offsets = list(self._offsets)
         new._state = None if self._state is None else {k: v.clone() for k, v in self._state.items()}
+        new._counted = self._counted
         new._generator.set_state(self._generator.get_state())
         return new
 
@@ -238,6 +252,7 @@ class LayerStats:
     @property
     def count(self) -> int:
         """Number of observations (image positions, or images for a dense layer)."""
+        self._flush()
         return 0 if self._state is None else int(self._state["n"][0].item())
 
     @property
@@ -255,8 +270,10 @@ class LayerStats:
     @property
     def variance(self) -> np.ndarray:
         """Unbiased variance of each unit, shape (C,)."""
-        self._require_state()
-        return self._centred(0)[1] / (self.count - 1)
+        st = self._require_state()
+        n, sums = st["n"][0], st["sum_a"][0]
+        m2 = self._numpy(st["sq_a"][0] - sums * sums / n).clip(min=0.0)
+        return m2 / (self.count - 1)
 
     @property
     def dead_units(self) -> np.ndarray:
@@ -310,7 +327,6 @@ class LayerStats:
         """
         index, flip = self._offset_index(dy, dx)
         n = self._pairs(index, dy, dx)
-        self._flush()
         st = self._state
         prob = self._numpy(st["joint"][:, index]) / n
         rate_a, rate_b = self._numpy(st["fire_a"][index]) / n, self._numpy(st["fire_b"][index]) / n
@@ -374,8 +390,7 @@ class LayerStats:
     # ------------------------------------------------------------------ files
     def save(self, path: str | os.PathLike) -> None:
         """Write the statistics to ``path`` (atomically; a torch file)."""
-        if self._state is not None:
-            self._flush()
+        self._flush()
         payload = {
             "format": _FORMAT,
             "version": _VERSION,
@@ -389,6 +404,7 @@ class LayerStats:
             "spatial_shape": None if self.spatial_shape is None else list(self.spatial_shape),
             "offsets": [list(d) for d in self._offsets],
             "generator": self._generator.get_state(),
+            "counted": self._counted,
             "state": None if self._state is None else {k: v.cpu() for k, v in self._state.items()},
         }
         atomic_torch_save(payload, path)
@@ -422,6 +438,7 @@ class LayerStats:
         stats.spatial_shape = None if shape is None else tuple(shape)
         stats._offsets = [tuple(d) for d in payload["offsets"]]
         stats._generator.set_state(payload["generator"])
+        stats._counted = payload["counted"]
         state = payload["state"]
         stats._state = None if state is None else {k: state[k].to(device) for k in _STATE_KEYS}
         return stats
@@ -452,11 +469,16 @@ def from_activations(
 
 
 # ---------------------------------------------------------------------- per-batch sums
-# State layout, all float64 on the activations' device (D stored offsets, C units):
-# shift (C,); n (D,); sum_*, sq_*, fire_* (D, C); prod, joint (C, D, C) so that one
-# Co-activation counts go first to a float32 copy of ``joint`` (``counts``), which
-# is exact for 0/1 sums below 2**24 and is flushed into the float64 ``joint``.
-# (C x rows) @ (rows x D*C) product adds a whole batch for every offset at once.
+# State layout, on the activations' device (D stored offsets, C units): shift (C,);
+# n (D,); sum_*, sq_*, fire_* (D, C); prod (C, D, C) so that one (C x rows) @
+# (rows x D*C) product adds a whole batch for every offset at once; joint (C, D, C)
+# holds 0/1 counts, float32 while exact (below 2**24 rows), float64 after. The rest
+# is float64.
+
+
+def _full_precision(device: torch.device):
+    """No autocast while accumulating (a model recorded under AMP must not turn the sums into float16)."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def _all_finite(x: torch.Tensor) -> bool:
@@ -475,40 +497,51 @@ def _empty_state(x: torch.Tensor, offsets: list[tuple[int, int]]) -> dict[str, t
     for key in ("sum_a", "sum_b", "sq_a", "sq_b", "fire_a", "fire_b"):
         state[key] = zeros(n_off, channels)
     state["prod"] = zeros(channels, n_off, channels)
-    state["joint"] = zeros(channels, n_off, channels)
+    state["joint"] = torch.zeros(channels, n_off, channels, dtype=torch.float32, device=x.device)
     return state
 
 
-def _add_pairs_(state: dict[str, torch.Tensor], counts: torch.Tensor, index: int, a_raw: torch.Tensor, b_raw: torch.Tensor, threshold: float) -> None:
-    """Add the pairs (rows of ``a_raw``, rows of ``b_raw``), each (rows, C), at stored offset ``index``."""
-    shift = state["shift"]
-    a = a_raw.to(torch.float64) - shift
-    b = a if b_raw is a_raw else b_raw.to(torch.float64) - shift
-    fa = (a_raw > threshold).to(counts.dtype)
-    fb = fa if b_raw is a_raw else (b_raw > threshold).to(counts.dtype)
+def _add_pairs_(
+    state: dict[str, torch.Tensor],
+    index: int,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    fired_a: torch.Tensor,
+    fired_b: torch.Tensor,
+) -> None:
+    """Add pairs at stored offset ``index``: shifted activations ``a``, ``b`` (rows, C) and their 0/1 firing."""
     state["n"][index] += a.shape[0]
     state["sum_a"][index] += a.sum(0)
     state["sum_b"][index] += b.sum(0)
     state["sq_a"][index] += (a * a).sum(0)
     state["sq_b"][index] += (b * b).sum(0)
-    state["fire_a"][index] += fa.sum(0, dtype=torch.float64)
-    state["fire_b"][index] += fb.sum(0, dtype=torch.float64)
+    state["fire_a"][index] += fired_a.sum(0, dtype=torch.float64)
+    state["fire_b"][index] += fired_b.sum(0, dtype=torch.float64)
     state["prod"][:, index].addmm_(a.T, b)
-    counts[:, index].addmm_(fa.T, fb)
+    state["joint"][:, index].addmm_(fired_a.T, fired_b)
 
 
-def _add_exact(state: dict[str, torch.Tensor], counts: torch.Tensor, x: torch.Tensor, offsets: list[tuple[int, int]], threshold: float) -> None:
+def _add_dense(state: dict[str, torch.Tensor], x: torch.Tensor, threshold: float) -> None:
+    shifted = x.to(torch.float64) - state["shift"]
+    fired = (x > threshold).to(state["joint"].dtype)
+    _add_pairs_(state, 0, shifted, shifted, fired, fired)
+
+
+def _add_exact(state: dict[str, torch.Tensor], x: torch.Tensor, offsets: list[tuple[int, int]], threshold: float) -> None:
     """Every pair of positions inside the map, one offset at a time (slices of the map)."""
     channels, height, width = x.shape[1:]
     maps = x.permute(0, 2, 3, 1)  # channels last: a slice reshapes to (positions, C)
+    shifted = maps.to(torch.float64) - state["shift"]
+    fired = (maps > threshold).to(state["joint"].dtype)
     for index, (dy, dx) in enumerate(offsets):
-        rows_a = slice(max(0, -dy), height - max(0, dy))
-        cols_a = slice(max(0, -dx), width - max(0, dx))
-        rows_b = slice(max(0, dy), height + min(0, dy))
-        cols_b = slice(max(0, dx), width + min(0, dx))
-        a = maps[:, rows_a, cols_a].reshape(-1, channels)
-        b = a if (dy, dx) == (0, 0) else maps[:, rows_b, cols_b].reshape(-1, channels)
-        _add_pairs_(state, counts, index, a, b, threshold)
+        at = (slice(None), slice(max(0, -dy), height - max(0, dy)), slice(max(0, -dx), width - max(0, dx)))
+        to = (slice(None), slice(max(0, dy), height + min(0, dy)), slice(max(0, dx), width + min(0, dx)))
+        a, fa = shifted[at].reshape(-1, channels), fired[at].reshape(-1, channels)
+        if (dy, dx) == (0, 0):
+            b, fb = a, fa
+        else:
+            b, fb = shifted[to].reshape(-1, channels), fired[to].reshape(-1, channels)
+        _add_pairs_(state, index, a, b, fa, fb)
 
 
 def sample_anchors(
@@ -536,43 +569,43 @@ def sample_anchors(
     return anchors, targets, valid
 
 
-def _add_sampled(
-    state: dict[str, torch.Tensor],
-    counts: torch.Tensor,
-    x: torch.Tensor,
-    offsets: list[tuple[int, int]],
-    positions: int,
-    generator: torch.Generator,
-    threshold: float,
-) -> None:
-    """``positions`` random anchors per image; every offset from every anchor in one matrix product."""
+def _gather_sampled(
+    x: torch.Tensor, offsets: list[tuple[int, int]], positions: int, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The activations at ``positions`` random anchors per image, (rows, C), and at every offset from them, (rows, D, C)."""
     n_img, channels, height, width = x.shape
     n_off, device = len(offsets), x.device
     anchors, targets, valid = sample_anchors(n_img, (height, width), offsets, positions, generator)
     anchors, targets, valid = anchors.to(device), targets.to(device), valid.to(device)
-
     rows = n_img * positions
     flat = x.flatten(2)  # (N, C, HW); indexing below gives (N, positions, C)
     image = torch.arange(n_img, device=device)[:, None]
     a_raw = flat[image, :, anchors].reshape(rows, channels)
     b_raw = flat[image, :, targets.reshape(n_img, -1)].reshape(rows, n_off, channels)
-    mask = valid.reshape(rows, n_off).to(torch.float64)
+    return a_raw, b_raw, valid.reshape(rows, n_off)
 
+
+def _add_gathered(
+    state: dict[str, torch.Tensor], a_raw: torch.Tensor, b_raw: torch.Tensor, valid: torch.Tensor, threshold: float
+) -> None:
+    """Add anchor rows ``a_raw`` (rows, C) paired with ``b_raw`` (rows, D, C) where ``valid`` (rows, D)."""
+    rows, n_off, channels = b_raw.shape
+    mask = valid.to(torch.float64)
+    counts = state["joint"]
+    fa = (a_raw > threshold).to(counts.dtype)
+    fb = ((b_raw > threshold) & valid[:, :, None]).to(counts.dtype)
     shift = state["shift"]
     a = a_raw.to(torch.float64) - shift
     b = (b_raw.to(torch.float64) - shift).mul_(mask[:, :, None])
-    fa = (a_raw > threshold).to(torch.float64)
-    fb = (b_raw > threshold).to(torch.float64).mul_(mask[:, :, None])
-    fa_c, fb_c = fa.to(counts.dtype), fb.to(counts.dtype)
     state["n"] += mask.sum(0)
     state["sum_a"].addmm_(mask.T, a)
     state["sq_a"].addmm_(mask.T, a * a)
-    state["fire_a"].addmm_(mask.T, fa)
+    state["fire_a"].addmm_(mask.T, fa.to(torch.float64))
     state["sum_b"] += b.sum(0)
     state["sq_b"] += (b * b).sum(0)
-    state["fire_b"] += fb.sum(0)
+    state["fire_b"] += fb.sum(0, dtype=torch.float64)
     state["prod"].view(channels, n_off * channels).addmm_(a.T, b.view(rows, n_off * channels))
-    counts.view(channels, n_off * channels).addmm_(fa_c.T, fb_c.view(rows, n_off * channels))
+    counts.view(channels, n_off * channels).addmm_(fa.T, fb.view(rows, n_off * channels))
 
 
 def _move_shift_(state: dict[str, torch.Tensor], shift: torch.Tensor) -> None:

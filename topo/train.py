@@ -264,6 +264,90 @@ def _gather_rng_states() -> list[dict[str, Any]]:
     return states
 
 
+@dataclass
+class _TrainingState:
+    """The objects a checkpoint holds, besides RNG states and history."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    ema: AveragedModel | None
+
+    @classmethod
+    def create(cls, model: nn.Module, config: TrainConfig, device: torch.device, steps_per_epoch: int) -> _TrainingState:
+        decay, no_decay = [], []  # no weight decay on biases and normalisation parameters
+        for param in model.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 else decay).append(param)
+        optimizer = torch.optim.SGD(
+            [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=config.lr, momentum=config.momentum,
+        )
+        schedule = LRSchedule(config.schedule, steps_per_epoch, config.epochs, config.warmup_epochs,
+                              config.decay_every, config.decay_factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        fp16 = config.amp and device.type == "cuda" and config.amp_dtype == "float16"
+        scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+        ema = None
+        if config.ema_decay is not None:
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
+        return cls(model, optimizer, scheduler, scaler, ema)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
+
+
+def _train_epoch(
+    net: nn.Module, training: _TrainingState, batches: tqdm, config: TrainConfig, device: torch.device
+) -> tuple[float, float, float]:
+    """One pass over the training data; returns the summed loss, correct count and sample count
+    over all processes. ``net`` is the model as called (DDP- or compile-wrapped)."""
+    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    optimizer, scaler = training.optimizer, training.scaler
+    training.model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # kept on the device: no sync per step
+    for step, (x, y) in enumerate(batches):
+        x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
+        with _autocast(device, config):
+            logits, aux = split_output(net(x))
+            loss = criterion(logits, y)
+            for aux_logits in aux:
+                loss = loss + config.aux_weight * criterion(aux_logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        if config.grad_clip is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(training.model.parameters(), config.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        training.scheduler.step()
+        if training.ema is not None:
+            training.ema.update_parameters(training.model)
+        correct = logits.detach().argmax(dim=1).eq(y).sum()
+        sums += torch.stack([loss.detach().double() * len(y), correct.double(), sums.new_tensor(len(y))])
+        if step % 20 == 0 and not batches.disable:
+            batches.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
+    if dist_info.is_distributed():
+        dist.all_reduce(sums)
+    loss_sum, correct, count = sums.tolist()
+    return loss_sum, correct, count
+
+
 def train(
     model: nn.Module,
     train_data: Dataset,
@@ -314,45 +398,18 @@ def train(
             f"batch size {config.batch_size} exceeds the {len(train_data)} training samples; use a smaller batch"
         )
 
-    decay, no_decay = [], []
-    for param in model.parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 else decay).append(param)
-    optimizer = torch.optim.SGD(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, momentum=config.momentum,
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        LRSchedule(config.schedule, steps_per_epoch, config.epochs, config.warmup_epochs,
-                   config.decay_every, config.decay_factor),
-    )
-    scaler = torch.amp.GradScaler(
-        device.type, enabled=config.amp and device.type == "cuda" and config.amp_dtype == "float16"
-    )
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-        if config.ema_decay is not None
-        else None
-    )
-
+    training = _TrainingState.create(model, config, device, steps_per_epoch)
     history: list[dict[str, float]] = []
     start_epoch = 0
     if ckpt_path is not None and resume and ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=True)
         _check_resumable(state["config"], config, ckpt_path)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        rng_states = state["rng"]
-        if len(rng_states) == world:
-            restore_rng_state(rng_states[rank])
+        training.load_state_dict(state)
+        if len(state["rng"]) == world:
+            restore_rng_state(state["rng"][rank])
         else:
             log.warning("checkpoint %s has RNG states for %d processes, not %d: random streams restart",
-                        ckpt_path, len(rng_states), world)
+                        ckpt_path, len(state["rng"]), world)
         start_epoch, history = state["epoch"], list(state["history"])
         log.info("resuming %s from %s after epoch %d of %d", name, ckpt_path, start_epoch, config.epochs)
 
@@ -361,42 +418,17 @@ def train(
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         net = torch.compile(net)
-    criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     writer = _tensorboard(run_path, name) if (run_path is not None and is_main) else None
+    ema = training.ema
 
     for epoch in range(start_epoch, config.epochs):
         epoch_start = time.perf_counter()
         train_loader.set_epoch(epoch)
-        lr = optimizer.param_groups[0]["lr"]
-        model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+        lr = training.optimizer.param_groups[0]["lr"]
         bar = tqdm(train_loader, desc=f"{name} {epoch + 1}/{config.epochs}", leave=False,
                    disable=not (config.progress and is_main))
-        for step, (x, y) in enumerate(bar):
-            x, y = _to_device(x, device, config.channels_last), y.to(device, non_blocking=True)
-            with _autocast(device, config):
-                logits, aux = split_output(net(x))
-                loss = criterion(logits, y)
-                for aux_logits in aux:
-                    loss = loss + config.aux_weight * criterion(aux_logits, y)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if config.grad_clip is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            correct = logits.detach().argmax(dim=1).eq(y).sum()
-            sums += torch.stack([loss.detach().double() * len(y), correct.double(), sums.new_tensor(len(y))])
-            if step % 20 == 0 and not bar.disable:
-                bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.3g}")
-        if dist_info.is_distributed():
-            dist.all_reduce(sums)
+        train_loss, train_correct, train_count = _train_epoch(net, training, bar, config, device)
         train_time = time.perf_counter() - epoch_start
-        train_loss, train_correct, train_count = sums.tolist()
 
         metrics = evaluate(model, val_loader, device=device, config=config)
         ema_metrics = evaluate(ema.module, val_loader, device=device, config=config) if ema is not None else None
@@ -418,23 +450,11 @@ def train(
         log.info("%s epoch %d/%d: train loss %.4f top-1 %.4f, val loss %.4f top-1 %.4f top-5 %.4f",
                  name, epoch + 1, config.epochs, row["train_loss"], row["train_top1"],
                  row["val_loss"], row["val_top1"], row["val_top5"])
-        rng_states = _gather_rng_states() if ckpt_path is not None else []
+        rng_states = _gather_rng_states() if ckpt_path is not None else []  # collective: every rank
         if ckpt_path is not None and is_main:
-            atomic_torch_save(
-                {
-                    "format": 1,
-                    "epoch": epoch + 1,
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "ema": ema.state_dict() if ema is not None else None,
-                    "rng": rng_states,
-                    "config": config.to_dict(),
-                    "history": history,
-                },
-                ckpt_path,
-            )
+            checkpoint = {"format": 1, "epoch": epoch + 1, **training.state_dict(), "rng": rng_states,
+                          "config": config.to_dict(), "history": history}
+            atomic_torch_save(checkpoint, ckpt_path)
             _write_history(csv_path, history)
             if writer is not None:
                 for key, value in row.items():

@@ -1,6 +1,7 @@
 """Recovery scores: translation-aligned Jaccard, best-match Jaccard, kernel counts, ARI."""
 from __future__ import annotations
 
+from collections import Counter
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -11,22 +12,18 @@ Member = tuple[int, int, int]
 def aligned_overlap(a: Iterable[Member], b: Iterable[Member]) -> int:
     """Most members two sets share under any translation of ``b``.
 
-    Only shifts that line up at least one shared channel can give a non-zero
-    overlap, so those are the only ones tried.
+    Under a shift s, member (c, p) of ``b`` is shared exactly when (c, p + s)
+    is in ``a``; so the overlap at s is the number of same-channel pairs whose
+    offsets differ by s, and one pass over those pairs counts every shift.
     """
-    a, b = set(a), set(b)
     by_chan: dict[int, list[tuple[int, int]]] = {}
-    for c, dy, dx in a:
+    for c, dy, dx in set(a):
         by_chan.setdefault(c, []).append((dy, dx))
-    shifts = set()
-    for c, dy, dx in b:
+    shifts: Counter[tuple[int, int]] = Counter()
+    for c, dy, dx in set(b):
         for ay, ax in by_chan.get(c, ()):
-            shifts.add((ay - dy, ax - dx))
-    best = 0
-    for sy, sx in shifts:
-        inter = sum(1 for c, dy, dx in b if (c, dy + sy, dx + sx) in a)
-        best = max(best, inter)
-    return best
+            shifts[(ay - dy, ax - dx)] += 1
+    return max(shifts.values(), default=0)
 
 
 def aligned_jaccard(a: Iterable[Member], b: Iterable[Member]) -> float:

@@ -19,7 +19,7 @@
 """
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 
 import numpy as np
 from scipy.linalg import eigh
@@ -47,15 +47,20 @@ def merge_candidates(candidates: dict[tuple[Member, ...], set[int]], merge_jacca
     """Greedy translation-aware merge of canonical candidates -> [(members, anchors)]."""
     order = sorted(candidates.items(), key=lambda kv: (-len(kv[1]), -len(kv[0]), kv[0]))
     kept: list[tuple[tuple[Member, ...], set[int]]] = []
+    kept_counts: list[Counter] = []
     by_channel: dict[int, list[int]] = defaultdict(list)
     for members, anchors in order:
-        chans = {m[0] for m in members}
+        counts = Counter(m[0] for m in members)
         seen, best, best_j = set(), -1, 0.0
-        for c in chans:
+        for c in {m[0] for m in members}:
             for idx in by_channel[c]:
                 if idx in seen:
                     continue
                 seen.add(idx)
+                # no translation shares more members than the channels allow: skip pairs that cannot win
+                bound = _shared_channels(counts, kept_counts[idx])
+                if bound / (len(members) + len(kept[idx][0]) - bound) < max(merge_jaccard, best_j + 1e-12):
+                    continue
                 j = aligned_jaccard(members, kept[idx][0])
                 if j > best_j:
                     best, best_j = idx, j
@@ -63,12 +68,20 @@ def merge_candidates(candidates: dict[tuple[Member, ...], set[int]], merge_jacca
             kept[best][1].update(anchors)
             continue
         kept.append((members, set(anchors)))
-        for c in chans:
+        kept_counts.append(counts)
+        for c in counts:
             by_channel[c].append(len(kept) - 1)
-    return _absorb_fragments(kept, by_channel, merge_containment)
+    return _absorb_fragments(kept, kept_counts, by_channel, merge_containment)
 
 
-def _absorb_fragments(kept, by_channel, containment: float):
+def _shared_channels(a: Counter, b: Counter) -> int:
+    """An upper bound on the aligned overlap of two clusters: members they can share channel by channel."""
+    if len(a) > len(b):
+        a, b = b, a
+    return sum(min(n, b[c]) for c, n in a.items() if c in b)
+
+
+def _absorb_fragments(kept, kept_counts, by_channel, containment: float):
     """Fold a cluster into a larger one that holds at least ``containment`` of it (aligned)."""
     order = sorted(range(len(kept)), key=lambda i: (len(kept[i][0]), -len(kept[i][1]), kept[i][0]))
     gone: set[int] = set()
@@ -78,6 +91,9 @@ def _absorb_fragments(kept, by_channel, containment: float):
         for c in {m[0] for m in members}:
             for j in by_channel[c]:
                 if j == i or j in gone or len(kept[j][0]) <= len(members):
+                    continue
+                bound = _shared_channels(kept_counts[j], kept_counts[i])
+                if bound <= best_overlap or bound < containment * len(members):
                     continue
                 overlap = aligned_overlap(kept[j][0], members)
                 if overlap > best_overlap:

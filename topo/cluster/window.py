@@ -72,7 +72,7 @@ class WindowGraph:
         return np.where(valid, out, fill)
 
 
-def lift_floor(rate_i: np.ndarray, rate_j: np.ndarray, min_lift: float = None) -> np.ndarray:
+def lift_floor(rate_i: np.ndarray, rate_j: np.ndarray, min_lift: float | None = None) -> np.ndarray:
     """The "auto" lift floor: ``DEFAULT_MIN_LIFT``, or a quarter of the way from 1 to the
     largest lift two firing rates allow (``1 / max(p_i, p_j)``), whichever is smaller.
 
