@@ -55,7 +55,7 @@ def main() -> None:
     print(f"planted: C={cfg.num_channels}, hidden={cfg.num_hidden}, degree={cfg.degree}, "
           f"N={cfg.num_samples}, map {cfg.height}x{cfg.width}; generate {t_gen:.1f} s; "
           f"statistics ({stats.count} observations, {args.positions} positions per map) {t_stats:.1f} s")
-    print(f"| method | window | time (s) | clusters | per kernel (1/3/5) | truth (1/3/5) | best-match Jaccard |")
+    print("| method | window | time (s) | clusters | per kernel (1/3/5) | truth (1/3/5) | best-match Jaccard |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     truth = planted.truth.kernel_counts
     for method in args.methods.split(","):

@@ -157,7 +157,7 @@ def _naive_job(layer: str, n_images: int, batch_size: int, size: int, max_offset
     handle.remove()
     start = time.perf_counter()
     x = np.concatenate(kept).astype(np.float64)
-    del kept
+    kept.clear()
     _, c, h, w = x.shape
     with np.errstate(invalid="ignore", divide="ignore"):  # dead units give NaN here
         for dy, dx in half_offsets(max_offset, (h, w)):

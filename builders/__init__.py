@@ -1,6 +1,7 @@
 """Network specs, the Inception module, GoogLeNet, and networks built from specs."""
 from __future__ import annotations
 
+from builders.from_clusters import from_clusters
 from builders.googlenet import googlenet, googlenet_spec, scale_width
 from builders.inception import ConvBlock, Inception, init_weights
 from builders.network import AuxHead, Network, NetworkOutput, build
@@ -31,6 +32,7 @@ __all__ = [
     "NetworkSpec",
     "PoolSpec",
     "build",
+    "from_clusters",
     "googlenet",
     "googlenet_spec",
     "init_weights",

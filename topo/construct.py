@@ -31,6 +31,7 @@ from builders.budget import fit_to_budget, scaled_widths
 from builders.from_clusters import from_clusters
 from analysis import count_macs, inception_macs
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
+from topo import distributed as dist_info
 from topo.cluster import UnitClustering
 from topo.errors import UserError
 from topo.hooks import record
@@ -178,6 +179,11 @@ def construct(
     ``trainer(model, layer_index)`` trains a prefix briefly (used when
     ``config.epochs_per_layer > 0``). With ``out_dir`` the statistics, clusters
     and progress are written there and an interrupted construction resumes.
+
+    Under ``torchrun`` every process runs the loop in step: each records its
+    shard of the data, the statistics are summed over processes, so every
+    process clusters the same numbers and grows the same network; only rank 0
+    writes files.
     """
     out = Path(out_dir) if out_dir is not None else None
     device = torch.device(device)
@@ -281,7 +287,7 @@ def construct(
         records.append(record_)
         result.stats[last] = layer_stats
         result.clusterings[item] = clustering
-        if out is not None:
+        if out is not None and dist_info.rank() == 0:
             _save_layer(out, item, layer_stats, clustering)
             atomic_torch_save(state, out / "prefix.pt")
             _save_progress(out, spec, records)

@@ -121,9 +121,9 @@ def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir, *, log: 
     reference = reference_spec(config, bundle)
     device = resolve_device(config.train.device)
 
-    def stats_loader(dataset):
+    def stats_loader(dataset):  # each process its own shard under torchrun; record() sums over processes
         return make_loader(dataset, batch_size=config.train.batch_size, train=True, seed=config.seed,
-                           workers=config.train.workers, device=device, distributed=False)
+                           workers=config.train.workers, device=device)
 
     def brief_training(model, index):
         brief = dataclasses.replace(config.train, epochs=config.construct.epochs_per_layer, ema_decay=None)
@@ -141,9 +141,10 @@ def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir, *, log: 
         progress=config.train.progress,
         log=log,
     )
-    atomic_write_text(run.topology, result.spec.to_json() + "\n")
-    atomic_write_json(run.construction / "records.json", result.records)
-    run.mark_done("construct", {"modules": len(result.records)})
+    if dist_info.rank() == 0:
+        atomic_write_text(run.topology, result.spec.to_json() + "\n")
+        atomic_write_json(run.construction / "records.json", result.records)
+        run.mark_done("construct", {"modules": len(result.records)})
     return result.spec
 
 
@@ -228,6 +229,10 @@ def report_stage(run: RunDir, *, log: Callable[[str], None]) -> Path:
     return report
 
 
+def _quiet(message: str) -> None:
+    """The log of processes other than rank 0."""
+
+
 def run_all(config: RunConfig, run: RunDir, *, log: Callable[[str], None] = print) -> Path | None:
     """The whole job: construct, train the discovered and the reference network, compare, report."""
     bundle = load_data(config)
@@ -235,11 +240,8 @@ def run_all(config: RunConfig, run: RunDir, *, log: Callable[[str], None] = prin
     is_main = dist_info.rank() == 0
     if is_main and not run.config_path.is_file():
         run.write_config(config.to_dict())
-    if is_main:
-        discovered = construct_stage(config, bundle, run, log=log)
-    if dist_info.is_distributed():
-        torch.distributed.barrier()
-        discovered = read_spec(run.topology)
+    log = log if is_main else _quiet
+    discovered = construct_stage(config, bundle, run, log=log)
     train_stage("discovered", discovered, config, bundle, run, log=log)
     train_stage("reference", reference, config, bundle, run, log=log)
     if not is_main:
