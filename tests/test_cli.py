@@ -164,10 +164,10 @@ def test_bad_flags_exit_2(capsys):
 
 def test_run_under_torchrun(tmp_path: Path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "topo.cli", "--skeleton", "1", "--stats-batches", "2", "--epochs", "1", "--batch-size", "64",
            "--workers", "0", "--no-progress", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.count("training discovered") == 1  # only rank 0 speaks
