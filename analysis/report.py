@@ -453,8 +453,10 @@ def _budget_sentence(records: Sequence[Mapping[str, Any]]) -> str:
     total, allowed = float(sum(macs)), float(sum(budget))
     if allowed <= 0:
         return ""
-    return (f"The constructed modules cost {_human(total)} multiply-adds against a budget of "
-            f"{_human(allowed)} ({100 * (total / allowed - 1):+.1f}%).")
+    return (f"The Inception modules alone cost {_human(total)} multiply-adds against the {_human(allowed)} "
+            f"of their per-module budgets ({100 * (total / allowed - 1):+.1f}%: widths are rounded to whole "
+            "multiples; the stem and the classifier, which reads the last module, take the rest of the "
+            "network's budget).")
 
 
 def _dead_sentence(records: Sequence[Mapping[str, Any]]) -> str:

@@ -20,6 +20,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture
+def one_thread():
+    """Run the test with one intra-op thread (bitwise-reproducible CPU training), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def image_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``train/`` and ``val/`` with classes ``china`` and ``flower`` (48x40 crops of scikit-learn's

@@ -66,12 +66,7 @@ exec(MODEL_AND_CONFIG, namespace)
 make_model, CONFIG = namespace["make_model"], namespace["CONFIG"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_two_process_training_matches_one_process(tmp_path: Path) -> None:

@@ -154,7 +154,7 @@ def test_findings_does_not_bear_it_out_for_falling_or_mixed_shares():
 def test_findings_reports_dead_units_and_budget():
     text = report.findings(records_with_shares([0.2, 0.4], dead=(0, 3)), ROWS)
     assert "3 dead units" in text and "inception1" in text
-    assert "4.01M multiply-adds against a budget of 4.10M (-2.2%)" in text
+    assert "4.01M multiply-adds against the 4.10M of their per-module budgets (-2.2%" in text
     clean = report.findings(records_with_shares([0.2, 0.4], dead=(0,)), ROWS)
     assert "No module input had dead units." in clean
 

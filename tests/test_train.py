@@ -24,12 +24,7 @@ def digits():
     return load("digits")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small_cnn(seed: int = 0, classes: int = 10) -> nn.Module:
