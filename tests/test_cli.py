@@ -136,6 +136,7 @@ def test_analyze_a_trained_googlenet(image_tree: Path, tmp_path: Path):
     (["train", "/no/such/spec.json"], "spec file"),
     (["--reference", "resnet"], "reference"),
     (["--skeleton", "2,poll,2"], "skeleton"),
+    (["--workers", "two"], "--workers"),
     (["analyze", "--variant", "small", "--weights", "/no/such/weights.pth"], "weights file"),
 ])
 def test_user_errors_are_one_line(argv, expected, capsys, tmp_path):

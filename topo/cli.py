@@ -74,26 +74,31 @@ def _add_construct(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skeleton", default="2,pool,5,pool,2",
                    help="modules per stage and the stride-2 poolings between stages (default GoogLeNet's "
                         "'2,pool,5,pool,2')")
+    g.add_argument("--budget", type=_positive_float,
+                   help="multiply-adds per image of the discovered network (default: the reference's)")
+    g.add_argument("--init", default="random", choices=("random", "hebbian"),
+                   help="initialise new modules at random or from their clusters (Hebbian)")
+    g.add_argument("--epochs-per-layer", type=_non_negative_int, default=0,
+                   help="train each partial network this many epochs before measuring (default 0)")
+
+
+def _add_clustering(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("statistics and clustering")
     g.add_argument("--method", default="arora", choices=METHODS, help="clustering method (default arora)")
     g.add_argument("--window", type=int, default=5, choices=(1, 3, 5),
                    help="largest window a new unit looks at, hence the largest kernel (default 5)")
     g.add_argument("--clusters", default="auto",
                    help="number of clusters per layer, or 'auto' (default) for the documented criterion")
     g.add_argument("--max-clusters", type=_positive_int, help="cap on the number of clusters per layer")
-    g.add_argument("--budget", type=_positive_float,
-                   help="multiply-adds per image of the discovered network (default: the reference's)")
-    g.add_argument("--round-to", type=_positive_int, default=8, help="round branch widths to multiples of this")
-    g.add_argument("--init", default="random", choices=("random", "hebbian"),
-                   help="initialise new modules at random or from their clusters (Hebbian)")
-    g.add_argument("--epochs-per-layer", type=_non_negative_int, default=0,
-                   help="train each partial network this many epochs before measuring (default 0)")
+    g.add_argument("--round-to", type=_positive_int, default=8,
+                   help="round branch widths to multiples of this (default 8)")
     g.add_argument("--stats-batches", type=_positive_int, default=16,
                    help="batches of training data the statistics are recorded over (default 16)")
 
 
-def _add_train(p: argparse.ArgumentParser, *, epochs: int) -> None:
+def _add_train(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=_non_negative_int, default=epochs, help=f"training epochs (default {epochs})")
+    g.add_argument("--epochs", type=_non_negative_int, default=15, help="training epochs (default 15)")
     g.add_argument("--batch-size", type=_positive_int, default=64, help="global batch size (default 64)")
     g.add_argument("--lr", type=_positive_float, default=0.05, help="peak learning rate (default 0.05)")
     g.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default 1e-4)")
@@ -103,12 +108,18 @@ def _add_train(p: argparse.ArgumentParser, *, epochs: int) -> None:
     g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default 0)")
     g.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="also evaluate an exponential moving average of the weights (e.g. 0.999)")
+
+
+def _add_execution(p: argparse.ArgumentParser, *, training: bool) -> None:
     g = p.add_argument_group("execution")
     g.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
-                   help="bf16 mixed precision on CUDA (default on; no effect on CPU)")
-    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
-    g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    if training:
+        g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True,
+                       help="bf16 mixed precision on CUDA (default on; no effect on CPU)")
+        g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+        g.add_argument("--compile", action="store_true", help="torch.compile the networks")
+    else:
+        g.add_argument("--batch-size", type=_positive_int, default=64, help="batch size (default 64)")
     g.add_argument("--workers", default="auto", help="data-loading worker processes (default auto)")
     g.add_argument("--seed", type=int, default=0, help="seed for data order, initialisation and clustering")
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -140,6 +151,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     if command in ("run", "construct"):
         _add_reference(p)
         _add_construct(p)
+        _add_clustering(p)
     if command == "analyze":
         g = p.add_argument_group("network")
         g.add_argument("--model", default="googlenet", choices=("googlenet",), help="network to analyse")
@@ -149,8 +161,10 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         g.add_argument("--spec", help="analyse this NetworkSpec .json file instead of --model")
         g.add_argument("--weights", help="state dict to load (e.g. torchvision's GoogLeNet ImageNet weights)")
         g.add_argument("--num-classes", type=_positive_int, default=1000, help="classes of the weights' head")
-        _add_construct(p)
-    _add_train(p, epochs=15 if command != "analyze" else 0)
+        _add_clustering(p)
+    else:
+        _add_train(p)
+    _add_execution(p, training=command != "analyze")
     p.add_argument("--out", help="output directory (default runs/<command>-<data>-<time>)")
     if command == "run":
         p.add_argument("--resume", metavar="RUN_DIR",
@@ -158,7 +172,8 @@ def build_parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
-def _configs(args: argparse.Namespace):
+def _construct_config(args: argparse.Namespace):
+    """The ConstructConfig of the parsed flags (construction flags only where the command has them)."""
     from topo.construct import ConstructConfig
 
     clusters = args.clusters
@@ -167,22 +182,29 @@ def _configs(args: argparse.Namespace):
             clusters = int(clusters)
         except ValueError:
             raise UserError(f"--clusters {clusters!r} is neither a number nor 'auto'") from None
-    workers = args.workers if args.workers == "auto" else int(args.workers)
-    construct = ConstructConfig(
-        skeleton=args.skeleton, method=args.method, window=args.window, n_clusters=clusters,
-        max_clusters=args.max_clusters, budget_macs=int(args.budget) if args.budget else None,
-        round_to=args.round_to, init=args.init, epochs_per_layer=getattr(args, "epochs_per_layer", 0),
-        stats_batches=args.stats_batches, seed=args.seed,
-    )
-    train = _train_config(args, workers)
-    return construct, train
+    fields = dict(method=args.method, window=args.window, n_clusters=clusters, max_clusters=args.max_clusters,
+                  round_to=args.round_to, stats_batches=args.stats_batches, seed=args.seed)
+    if hasattr(args, "skeleton"):
+        fields.update(skeleton=args.skeleton, budget_macs=int(args.budget) if args.budget else None,
+                      init=args.init, epochs_per_layer=args.epochs_per_layer)
+    return ConstructConfig(**fields)
 
 
-def _train_config(args: argparse.Namespace, workers=None):
+def _configs(args: argparse.Namespace):
+    return _construct_config(args), _train_config(args)
+
+
+def _workers(args: argparse.Namespace) -> int | str:
+    try:
+        return args.workers if args.workers == "auto" else int(args.workers)
+    except ValueError:
+        raise UserError(f"--workers {args.workers!r} is neither a number nor 'auto'") from None
+
+
+def _train_config(args: argparse.Namespace):
     from topo.train import TrainConfig
 
-    if workers is None:
-        workers = args.workers if args.workers == "auto" else int(args.workers)
+    workers = _workers(args)
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
@@ -271,7 +293,7 @@ def cmd_analyze(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     import builders
     from topo.pipeline import RunConfig, analyze, load_data, read_spec
 
-    construct, _ = _configs(args)
+    construct = _construct_config(args)
     config = RunConfig(data=args.data, data_dir=args.data_dir, image_size=args.image_size, strict=args.strict,
                        seed=args.seed)
     bundle = load_data(config)
@@ -282,7 +304,8 @@ def cmd_analyze(args: argparse.Namespace, log: Callable[[str], None]) -> int:
                                        width_mult=args.width_mult, in_channels=bundle.in_channels,
                                        input_size=min(bundle.image_size))
     analyze(spec, args.weights, bundle, _out_dir(args, "analyze"), construct_config=construct,
-            batch_size=args.batch_size, device=args.device, progress=not args.no_progress, log=log)
+            batch_size=args.batch_size, device=args.device, workers=_workers(args), progress=not args.no_progress,
+            log=log)
     return 0
 
 

@@ -259,6 +259,7 @@ def analyze(
     construct_config: ConstructConfig,
     batch_size: int = 64,
     device: str = "auto",
+    workers: int | str = "auto",
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
@@ -283,7 +284,7 @@ def analyze(
     if not modules:
         raise UserError(f"network {spec.name or 'spec'} has no Inception modules to analyse")
     loader = make_loader(bundle.train, batch_size=batch_size, train=False, seed=construct_config.seed,
-                         workers="auto", device=dev, distributed=False)
+                         workers=workers, device=dev, distributed=False)
     layers = [f"{m.name}:input" for m in modules]
     stats = record(model, loader, layers, max_batches=construct_config.stats_batches,
                    positions=construct_config.positions, seed=construct_config.seed, progress=progress)
