@@ -34,7 +34,7 @@ def _one_line_error(capsys) -> str:
 @pytest.fixture(scope="module")
 def digits_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("runs") / "digits"
-    assert main([*FAST, "--out", str(out)]) == 0
+    assert main([*FAST, "--epochs", "4", "--out", str(out)]) == 0
     return out
 
 
@@ -59,7 +59,8 @@ def test_run_on_digits_writes_every_result(digits_run: Path):
     rows = json.loads((out / "state.json").read_text())
     discovered, reference = rows["train:discovered"], rows["train:reference"]
     assert abs(discovered["macs"] / reference["macs"] - 1) <= 0.05  # the budget: the reference's cost
-    assert 0.0 <= discovered["top1"] <= 1.0 and discovered["throughput"] > 0
+    assert discovered["top1"] > 0.8 and reference["top1"] > 0.8  # both train: chance is 0.1
+    assert discovered["throughput"] > 0
     report = (out / "report.md").read_text()
     for link in [part.split(")")[0] for part in report.split("](")[1:]]:
         assert (out / link).is_file(), link
