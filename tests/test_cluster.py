@@ -45,6 +45,19 @@ def test_translated_copies_are_one_cluster():
     assert Cluster.from_dict(a.to_dict()) == a
 
 
+def test_aligned_overlap_equals_the_best_shift_by_brute_force():
+    from topo.cluster.metrics import aligned_overlap
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        a = {(int(c), int(y), int(x)) for c, y, x in rng.integers([0, -3, -3], [6, 4, 4], size=(12, 3))}
+        b = {(int(c), int(y), int(x)) for c, y, x in rng.integers([0, -3, -3], [6, 4, 4], size=(10, 3))}
+        brute = max(len(a & {(c, y + sy, x + sx) for c, y, x in b}) for sy in range(-6, 7) for sx in range(-6, 7))
+        assert aligned_overlap(a, b) == brute
+    with pytest.raises(ValueError, match="offsets"):
+        aligned_overlap([(0, 64, 0)], [(0, 0, 0)])
+
+
 def test_aligned_jaccard_ignores_translation():
     a = [(1, 0, 0), (2, 1, 0), (3, 0, 1)]
     b = [(c, dy - 3, dx + 2) for c, dy, dx in a]

@@ -19,13 +19,11 @@
 """
 from __future__ import annotations
 
-from collections import Counter, defaultdict
-
 import numpy as np
 from scipy.linalg import eigh
 
 from topo.cluster.clusters import Cluster, Member, canonical_members
-from topo.cluster.metrics import aligned_jaccard, aligned_overlap
+from topo.cluster.metrics import codes_overlap, member_codes
 
 
 def eigengap_k(affinity: np.ndarray, k_max: int) -> int:
@@ -46,62 +44,85 @@ def merge_candidates(candidates: dict[tuple[Member, ...], set[int]], merge_jacca
                      merge_containment: float = 0.8) -> list[tuple[tuple[Member, ...], set[int]]]:
     """Greedy translation-aware merge of canonical candidates -> [(members, anchors)]."""
     order = sorted(candidates.items(), key=lambda kv: (-len(kv[1]), -len(kv[0]), kv[0]))
+    n_channels = 1 + max((m[0] for members in candidates for m in members), default=0)
     kept: list[tuple[tuple[Member, ...], set[int]]] = []
-    kept_counts: list[Counter] = []
-    by_channel: dict[int, list[int]] = defaultdict(list)
+    kept_codes: list[np.ndarray] = []
+    counts = _ChannelCounts(n_channels)
     for members, anchors in order:
-        counts = Counter(m[0] for m in members)
-        seen, best, best_j = set(), -1, 0.0
-        for c in {m[0] for m in members}:
-            for idx in by_channel[c]:
-                if idx in seen:
+        codes = member_codes(members)
+        row = counts.row_of(members)
+        best, best_j = -1, 0.0
+        if kept:
+            # no translation shares more members than the channels allow: skip pairs that cannot win
+            bound = counts.shared(row)
+            sizes = counts.sizes()
+            upper = bound / (len(codes) + sizes - bound)
+            for idx in np.flatnonzero(upper >= merge_jaccard):  # ties go to the earliest (most voted) cluster
+                if upper[idx] <= best_j:
                     continue
-                seen.add(idx)
-                # no translation shares more members than the channels allow: skip pairs that cannot win
-                bound = _shared_channels(counts, kept_counts[idx])
-                if bound / (len(members) + len(kept[idx][0]) - bound) < max(merge_jaccard, best_j + 1e-12):
-                    continue
-                j = aligned_jaccard(members, kept[idx][0])
+                inter = codes_overlap(codes, kept_codes[idx])
+                j = inter / (len(codes) + len(kept_codes[idx]) - inter)
                 if j > best_j:
-                    best, best_j = idx, j
+                    best, best_j = int(idx), j
         if best >= 0 and best_j >= merge_jaccard:
             kept[best][1].update(anchors)
             continue
         kept.append((members, set(anchors)))
-        kept_counts.append(counts)
-        for c in counts:
-            by_channel[c].append(len(kept) - 1)
-    return _absorb_fragments(kept, kept_counts, by_channel, merge_containment)
+        kept_codes.append(codes)
+        counts.append(row)
+    return _absorb_fragments(kept, kept_codes, counts, merge_containment)
 
 
-def _shared_channels(a: Counter, b: Counter) -> int:
-    """An upper bound on the aligned overlap of two clusters: members they can share channel by channel."""
-    if len(a) > len(b):
-        a, b = b, a
-    return sum(min(n, b[c]) for c, n in a.items() if c in b)
+class _ChannelCounts:
+    """Members per channel of each kept cluster, as the rows of a growing matrix.
+
+    The overlap of two clusters under any translation is at most the members
+    they can pair channel by channel, ``sum_c min(a_c, b_c)``: one vectorised
+    bound against every kept cluster prunes most exact (aligned) comparisons.
+    """
+
+    def __init__(self, n_channels: int) -> None:
+        self.n_channels = n_channels
+        self.rows = np.zeros((16, n_channels), dtype=np.int32)
+        self.n = 0
+
+    def row_of(self, members) -> np.ndarray:
+        return np.bincount([m[0] for m in members], minlength=self.n_channels).astype(np.int32)
+
+    def append(self, row: np.ndarray) -> None:
+        if self.n == len(self.rows):
+            self.rows = np.concatenate([self.rows, np.zeros_like(self.rows)])
+        self.rows[self.n] = row
+        self.n += 1
+
+    def shared(self, row: np.ndarray) -> np.ndarray:
+        used = np.flatnonzero(row)
+        return np.minimum(self.rows[: self.n, used], row[used]).sum(axis=1)
+
+    def sizes(self) -> np.ndarray:
+        return self.rows[: self.n].sum(axis=1)
 
 
-def _absorb_fragments(kept, kept_counts, by_channel, containment: float):
+def _absorb_fragments(kept, kept_codes, counts: _ChannelCounts, containment: float):
     """Fold a cluster into a larger one that holds at least ``containment`` of it (aligned)."""
     order = sorted(range(len(kept)), key=lambda i: (len(kept[i][0]), -len(kept[i][1]), kept[i][0]))
-    gone: set[int] = set()
+    sizes = np.array([len(codes) for codes in kept_codes])
+    gone = np.zeros(len(kept), dtype=bool)
     for i in order:
-        members, anchors = kept[i]
+        need = containment * sizes[i]
+        bound = counts.shared(counts.rows[i])
+        hopeful = np.flatnonzero((sizes > sizes[i]) & ~gone & (bound >= need) & (bound > 0))
         best, best_overlap = -1, 0
-        for c in {m[0] for m in members}:
-            for j in by_channel[c]:
-                if j == i or j in gone or len(kept[j][0]) <= len(members):
-                    continue
-                bound = _shared_channels(kept_counts[j], kept_counts[i])
-                if bound <= best_overlap or bound < containment * len(members):
-                    continue
-                overlap = aligned_overlap(kept[j][0], members)
-                if overlap > best_overlap:
-                    best, best_overlap = j, overlap
-        if best >= 0 and best_overlap >= containment * len(members):
-            kept[best][1].update(anchors)
-            gone.add(i)
-    return [k for i, k in enumerate(kept) if i not in gone]
+        for j in hopeful:  # ties go to the earliest cluster
+            if bound[j] <= best_overlap:
+                continue
+            overlap = codes_overlap(kept_codes[j], kept_codes[i])
+            if overlap > best_overlap:
+                best, best_overlap = int(j), overlap
+        if best >= 0 and best_overlap >= need:
+            kept[best][1].update(kept[i][1])
+            gone[i] = True
+    return [k for i, k in enumerate(kept) if not gone[i]]
 
 
 def select_clusters(merged: list[tuple[tuple[Member, ...], set[int]]], *, min_votes: int, min_size: int,
