@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from topo.cluster import Cluster, UnitClustering, adjusted_rand, aligned_jaccard, recovery_scores
+from topo.cluster.clusters import extent, kernel_for_extent
 from topo.errors import StatsError, UserError
 from topo.planted import PlantedConfig, generate
 from topo.stats import from_activations
@@ -78,9 +79,14 @@ def test_recovers_planted_supports_and_kernel_classes(spatial, method):
     assert score["max_count_error"] <= 0.10, score
     assert model.n_clusters_ == len(model.clusters_)
     assert sum(model.kernel_counts_.values()) == model.n_clusters_
+    exact = 0
     for cluster in model.clusters_:
-        assert (0, 0) in {(dy, dx) for _, dy, dx in cluster.members} or cluster.kernel_size > 1
         assert max(max(abs(dy), abs(dx)) for _, dy, dx in cluster.members) <= 2
+        best = max(planted.truth.supports, key=lambda support: aligned_jaccard(support, cluster.members))
+        if aligned_jaccard(best, cluster.members) == 1.0:  # a recovered support needs its footprint's kernel
+            assert cluster.kernel_size == kernel_for_extent(extent(best))
+            exact += 1
+    assert exact >= 0.8 * model.n_clusters_
 
 
 def test_translated_copies_count_once(spatial):
@@ -128,8 +134,32 @@ def test_n_clusters_and_cap(spatial, flat):
     assert UnitClustering(n_clusters=5).fit(stats).n_clusters_ == 5
     assert UnitClustering(max_clusters=3).fit(stats).n_clusters_ == 3
     _, fstats = flat
-    assert UnitClustering(method="spectral", n_clusters=8, min_size=1).fit(fstats).n_clusters_ == 8
-    assert UnitClustering(method="agglomerative", n_clusters=8, min_size=1).fit(fstats).n_clusters_ == 8
+    for method in HARD:
+        assert UnitClustering(method=method, n_clusters=8, min_size=1).fit(fstats).n_clusters_ == 8, method
+        capped = UnitClustering(method=method, max_clusters=5, min_size=1).fit(fstats)
+        assert capped.n_clusters_ == 5, method
+        assert max(len(c) for c in capped.clusters_) < fstats.num_channels / 2, method  # a cap never lumps
+
+
+def test_fewer_clusters_than_asked_is_a_warning(spatial):
+    _, stats = spatial
+    with pytest.warns(UserWarning, match="n_clusters"):
+        model = UnitClustering(n_clusters=500, progress=False).fit(stats)
+    assert model.n_clusters_ < 500
+
+
+def test_a_map_smaller_than_the_window_needs_only_its_own_offsets():
+    acts = torch.from_numpy(np.random.default_rng(0).random((400, 6, 3, 3), dtype=np.float32))
+    stats = from_activations(acts, max_offset=2, positions=None)
+    model = UnitClustering(window=5, progress=False).fit(stats)  # 3x3 map: offsets up to 2 are all there are
+    assert model.n_clusters_ == len(model.clusters_)
+    with pytest.raises(StatsError, match="max_offset=2"):
+        UnitClustering(window=5, progress=False).fit(from_activations(acts, max_offset=1, positions=None))
+
+
+def test_fit_needs_layer_stats():
+    with pytest.raises(UserError, match="LayerStats"):
+        UnitClustering().fit(np.eye(4))
 
 
 def test_channel_order_groups_clusters(spatial):

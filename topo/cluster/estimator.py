@@ -1,6 +1,8 @@
 """`UnitClustering`: from layer statistics to clusters with spatial footprints."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
@@ -89,6 +91,11 @@ class UnitClustering(BaseEstimator):
             raise UserError(f"UnitClustering: max_clusters must be None or >= 1, got {self.max_clusters!r}")
 
     def _check_stats(self, stats) -> tuple[bool, np.ndarray]:
+        from topo.stats import LayerStats
+
+        if not isinstance(stats, LayerStats):
+            raise UserError(f"UnitClustering.fit takes a topo.stats.LayerStats (from topo.record or "
+                            f"topo.stats.from_activations), not {type(stats).__name__}")
         count = int(stats.count)
         if count < self.min_observations:
             raise StatsError(
@@ -102,10 +109,13 @@ class UnitClustering(BaseEstimator):
                 "varied inputs, or from a trained (not freshly initialised) layer"
             )
         spatial = bool(getattr(stats, "spatial", True)) and self.window > 1
-        if spatial and int(stats.max_offset) < self.window - 1:
+        need = self.window - 1
+        if spatial and getattr(stats, "spatial_shape", None):
+            need = min(need, min(stats.spatial_shape) - 1)  # a small map holds no pairs further apart
+        if spatial and int(stats.max_offset) < need:
             raise StatsError(
-                f"UnitClustering: window {self.window} needs statistics with max_offset >= {self.window - 1}, "
-                f"these have {stats.max_offset}; record with max_offset={self.window - 1} or use a smaller window"
+                f"UnitClustering: window {self.window} needs statistics with max_offset >= {need}, "
+                f"these have {stats.max_offset}; record with max_offset={need} or use a smaller window"
             )
         return spatial, dead
 
@@ -139,7 +149,7 @@ class UnitClustering(BaseEstimator):
         corr = graph.corr[graph.centre][np.ix_(alive, alive)] if graph.corr is not None else None
         adj = graph.edges[graph.centre][np.ix_(alive, alive)]
         n_groups = None if self.n_clusters == "auto" else int(self.n_clusters)
-        k_max = self.max_clusters or max(2, len(alive) // max(self.min_size, 1))
+        k_max = max(2, len(alive) // max(self.min_size, 1))  # the cap applies to the result, not the search
         labels = partition(self.method, corr=corr, adj=adj, n_groups=n_groups, k_max=k_max,
                            min_corr=self.min_corr, seed=seed)
         groups = [alive[labels == g] for g in np.unique(labels)]
@@ -180,6 +190,9 @@ class UnitClustering(BaseEstimator):
                                n_clusters=self.n_clusters, max_clusters=self.max_clusters)
 
     def _finish(self, clusters: list[Cluster], C: int, dead: np.ndarray, graph) -> None:
+        if self.n_clusters != "auto" and len(clusters) < int(self.n_clusters):
+            warnings.warn(f"UnitClustering: n_clusters={self.n_clusters} asked, but the statistics support only "
+                          f"{len(clusters)} clusters ({self.method}); keeping those", UserWarning, stacklevel=3)
         self.clusters_ = clusters
         self.n_clusters_ = len(clusters)
         sizes = sorted({1, 3, 5} | {c.kernel_size for c in clusters})

@@ -13,7 +13,9 @@ is every live channel.
   average correlation between two groups falls below ``min_corr`` (or into a
   given number of groups).
 * ``louvain``: networkx Louvain communities of the thresholded (Hebbian) graph;
-  a given number of groups is met by bisecting the resolution.
+  a given number of groups is met by bisecting the resolution, and where no
+  resolution gives it (disconnected parts), by joining the most densely linked
+  communities (`merge_communities`).
 """
 from __future__ import annotations
 
@@ -91,7 +93,33 @@ def louvain_labels(adj: np.ndarray, weights: np.ndarray | None, n_groups: int | 
         if found == n_groups:
             break
         lo, hi = (lo, mid) if found > n_groups else (mid, hi)
+    if len(np.unique(labels)) > n_groups:  # e.g. disconnected parts no resolution joins
+        labels = merge_communities(adj | adj.T, labels, n_groups)
     return labels
+
+
+def merge_communities(adj: np.ndarray, labels: np.ndarray, n_groups: int) -> np.ndarray:
+    """Join the two communities with the densest links between them until ``n_groups`` remain.
+
+    Density is edges between the two over the product of their sizes (average
+    linkage on the graph); ties go to the lowest labels.
+    """
+    _, labels = np.unique(labels, return_inverse=True)
+    onehot = np.eye(labels.max() + 1)[labels]
+    links = onehot.T @ adj.astype(np.float64) @ onehot
+    sizes = onehot.sum(axis=0)
+    while len(sizes) > n_groups:
+        density = links / np.outer(sizes, sizes)
+        np.fill_diagonal(density, -np.inf)
+        i, j = sorted(np.unravel_index(int(np.argmax(density)), density.shape))
+        links[i] += links[j]
+        links[:, i] += links[:, j]
+        links = np.delete(np.delete(links, j, axis=0), j, axis=1)
+        sizes[i] += sizes[j]
+        sizes = np.delete(sizes, j)
+        labels = np.where(labels == j, i, labels)
+        labels = np.where(labels > j, labels - 1, labels)
+    return labels.astype(np.int64)
 
 
 def partition(method: str, *, corr: np.ndarray | None, adj: np.ndarray | None, n_groups: int | None,
