@@ -176,3 +176,23 @@ def test_run_under_torchrun(tmp_path: Path):
     spec = NetworkSpec.from_json((out / "topology.json").read_text())
     assert [m.name for m in spec.inception_modules()] == ["inception3a"]
     assert len(pd.read_csv(out / "comparison.csv")) == 2
+
+
+class _BrokenImages(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        from topo.errors import DataError
+
+        raise DataError(f"image {index}.jpg is truncated; delete it or run without --strict")
+
+
+def test_an_error_from_a_loader_worker_is_still_one_line():
+    from topo.cli import one_line
+
+    loader = torch.utils.data.DataLoader(_BrokenImages(), num_workers=1)
+    with pytest.raises(Exception) as caught:
+        next(iter(loader))
+    assert "Traceback" in str(caught.value)  # what PyTorch re-raises
+    assert one_line(caught.value) == "image 0.jpg is truncated; delete it or run without --strict"

@@ -55,6 +55,22 @@ def test_imagenet_training_augmentation_is_random_and_seeded(image_tree: Path) -
     assert not torch.equal(a, c)
 
 
+def test_imagenet_pipelines_follow_the_recipe() -> None:
+    from torchvision.transforms import v2
+
+    from topo.data.transforms import imagenet_eval, imagenet_train
+
+    steps = {type(t): t for t in imagenet_train(224).transforms}
+    crop = steps[v2.RandomResizedCrop]
+    assert list(crop.size) == [224, 224] and list(crop.scale) == [0.08, 1.0]
+    assert list(crop.ratio) == pytest.approx([3 / 4, 4 / 3])
+    assert steps[v2.RandomHorizontalFlip].p == 0.5
+    normalize = steps[v2.Normalize]
+    assert list(normalize.mean) == [0.485, 0.456, 0.406] and list(normalize.std) == [0.229, 0.224, 0.225]
+    steps = {type(t): t for t in imagenet_eval(224).transforms}
+    assert list(steps[v2.Resize].size) == [256] and list(steps[v2.CenterCrop].size) == [224, 224]
+
+
 def test_imagenet_default_size_is_224(image_tree: Path) -> None:
     bundle = load("imagenet", image_tree)
     assert bundle.image_size == (224, 224)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 import builders
 from builders import NetworkOutput
@@ -220,7 +220,8 @@ def test_channels_last_trains_like_contiguous_on_cpu(digits) -> None:
 def test_run_directory_gets_checkpoint_and_metrics(digits, tmp_path) -> None:
     config = quiet(epochs=2, ema_decay=0.9)
     result = train(small_cnn(), digits.train, digits.val, config, run_dir=tmp_path, name="cnn")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.ckpt", "cnn_metrics.csv"]
+    written = sorted(p.name for p in tmp_path.iterdir() if p.name != "tensorboard")  # when it is installed
+    assert written == ["cnn.ckpt", "cnn_metrics.csv"]
     csv = pd.read_csv(tmp_path / "cnn_metrics.csv")
     pd.testing.assert_frame_equal(csv, result.history, check_dtype=False)
     expected = ["epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
@@ -272,3 +273,26 @@ def test_bf16_channels_last_training_on_cuda(digits) -> None:
     assert result.final["val_top1"] > 0.3
     weight = next(p for p in result.model.parameters() if p.ndim == 4)
     assert weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_sgd_with_momentum_and_decay_on_weights_only() -> None:
+    from topo.train import _TrainingState
+
+    model = builders.googlenet(variant="small", num_classes=10, aux_logits=False, width_mult=0.125, in_channels=1)
+    config = TrainConfig(epochs=2, weight_decay=5e-4, momentum=0.9)
+    optimizer = _TrainingState.create(model, config, torch.device("cpu"), steps_per_epoch=3).optimizer
+    assert isinstance(optimizer, torch.optim.SGD)
+    decay, no_decay = optimizer.param_groups
+    assert decay["momentum"] == no_decay["momentum"] == 0.9
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) and no_decay["params"]
+
+
+def test_tensorboard_logs_next_to_the_csv(digits, tmp_path) -> None:
+    pytest.importorskip("torch.utils.tensorboard")
+    config = TrainConfig(epochs=1, batch_size=128, workers=0, progress=False)
+    model = builders.googlenet(variant="small", num_classes=10, aux_logits=False, width_mult=0.125, in_channels=1)
+    train(model, Subset(digits.train, range(256)), Subset(digits.val, range(64)), config, run_dir=tmp_path, name="tb")
+    assert list((tmp_path / "tensorboard" / "tb").iterdir())

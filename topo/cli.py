@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from topo import distributed as dist_info
 from topo.errors import UserError
 
 COMMANDS = ("run", "construct", "train", "analyze", "report")
@@ -108,6 +109,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     g.add_argument("--label-smoothing", type=float, default=0.0, help="label smoothing (default 0)")
     g.add_argument("--ema", type=float, default=None, metavar="DECAY",
                    help="also evaluate an exponential moving average of the weights (e.g. 0.999)")
+    g.add_argument("--grad-clip", type=_positive_float, default=None, metavar="NORM",
+                   help="clip the gradients' global norm to NORM (default: no clipping)")
 
 
 def _add_execution(p: argparse.ArgumentParser, *, training: bool) -> None:
@@ -208,7 +211,7 @@ def _train_config(args: argparse.Namespace):
     return TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         schedule=args.schedule, warmup_epochs=args.warmup, label_smoothing=args.label_smoothing,
-        ema_decay=args.ema, device=args.device, amp=args.amp, channels_last=args.channels_last,
+        ema_decay=args.ema, grad_clip=args.grad_clip, device=args.device, amp=args.amp, channels_last=args.channels_last,
         compile=args.compile, seed=args.seed, workers=workers, progress=not args.no_progress,
     )
 
@@ -216,7 +219,10 @@ def _train_config(args: argparse.Namespace):
 def _out_dir(args: argparse.Namespace, command: str) -> Path:
     if args.out:
         return Path(args.out)
-    return Path("runs") / f"{command}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"
+    from topo.distributed import same_on_all_ranks
+
+    # under torchrun every process must use rank 0's name, whatever its own clock says
+    return Path(same_on_all_ranks(f"runs/{command}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 # --------------------------------------------------------------------------- commands
@@ -251,7 +257,7 @@ def cmd_construct(args: argparse.Namespace, log: Callable[[str], None]) -> int:
                        construct=construct, train=train)
     run = RunDir(_out_dir(args, "construct"))
     bundle = load_data(config)
-    if not run.config_path.is_file():
+    if not run.config_path.is_file() and dist_info.rank() == 0:
         run.write_config(config.to_dict())
     construct_stage(config, bundle, run, log=log)
     log(f"topology: {run.topology}")
@@ -284,8 +290,9 @@ def cmd_train(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     row = {"network": name, "params": params, "macs": macs, "top1": result.final.get("val_top1"),
            "top5": result.final.get("val_top5"), "ema_top1": result.final.get("ema_val_top1"),
            "train_time_s": result.train_time_s, "throughput": result.throughput}
-    write_comparison([row], out)
-    log("\n" + to_markdown(comparison_frame([row])))
+    if dist_info.rank() == 0:
+        write_comparison([row], out)
+        log("\n" + to_markdown(comparison_frame([row])))
     return 0
 
 
@@ -317,6 +324,15 @@ def cmd_report(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     return 0
 
 
+def one_line(error: Exception) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # "Caught DataError in DataLoader worker process 0. ..."
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(error).__module__) else last
+    return text
+
+
 HANDLERS = {"run": cmd_run, "construct": cmd_construct, "train": cmd_train, "analyze": cmd_analyze,
             "report": cmd_report}
 
@@ -333,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
         init_from_env()
         return HANDLERS[command](args, log)
     except UserError as e:
-        print(f"topo-build: error: {e}", file=sys.stderr)
+        print(f"topo-build: error: {one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("topo-build: interrupted; a run continues with --resume RUN_DIR", file=sys.stderr)

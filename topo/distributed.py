@@ -37,6 +37,22 @@ def init_from_env() -> bool:
     return True
 
 
+def broadcast_buffers(module) -> None:
+    """Give every process rank 0's buffers (e.g. BatchNorm running statistics); no-op without a group."""
+    if is_distributed():
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def same_on_all_ranks(value):
+    """Rank 0's ``value`` (any picklable object) on every process; ``value`` itself without a group."""
+    if not is_distributed():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def cleanup() -> None:
     """Leave the process group, if this process is in one."""
     if dist.is_available() and dist.is_initialized():

@@ -402,7 +402,8 @@ def train(
     history: list[dict[str, float]] = []
     start_epoch = 0
     if ckpt_path is not None and resume and ckpt_path.exists():
-        state = torch.load(ckpt_path, map_location=device, weights_only=True)
+        # RNG states must stay on the CPU; load_state_dict moves the rest to the model's device
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         _check_resumable(state["config"], config, ckpt_path)
         training.load_state_dict(state)
         if len(state["rng"]) == world:
@@ -430,6 +431,10 @@ def train(
         train_loss, train_correct, train_count = _train_epoch(net, training, bar, config, device)
         train_time = time.perf_counter() - epoch_start
 
+        # DDP syncs BatchNorm statistics only before each forward: evaluate rank 0's model everywhere
+        dist_info.broadcast_buffers(model)
+        if ema is not None:
+            dist_info.broadcast_buffers(ema)
         metrics = evaluate(model, val_loader, device=device, config=config)
         ema_metrics = evaluate(ema.module, val_loader, device=device, config=config) if ema is not None else None
         row = {
