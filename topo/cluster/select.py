@@ -84,6 +84,7 @@ class _ChannelCounts:
     def __init__(self, n_channels: int) -> None:
         self.n_channels = n_channels
         self.rows = np.zeros((16, n_channels), dtype=np.int32)
+        self.totals = np.zeros(16, dtype=np.int64)  # members per kept cluster
         self.n = 0
 
     def row_of(self, members) -> np.ndarray:
@@ -92,7 +93,9 @@ class _ChannelCounts:
     def append(self, row: np.ndarray) -> None:
         if self.n == len(self.rows):
             self.rows = np.concatenate([self.rows, np.zeros_like(self.rows)])
+            self.totals = np.concatenate([self.totals, np.zeros_like(self.totals)])
         self.rows[self.n] = row
+        self.totals[self.n] = row.sum()
         self.n += 1
 
     def shared(self, row: np.ndarray) -> np.ndarray:
@@ -100,7 +103,7 @@ class _ChannelCounts:
         return np.minimum(self.rows[: self.n, used], row[used]).sum(axis=1)
 
     def sizes(self) -> np.ndarray:
-        return self.rows[: self.n].sum(axis=1)
+        return self.totals[: self.n]
 
 
 def _absorb_fragments(kept, kept_codes, counts: _ChannelCounts, containment: float):
