@@ -219,10 +219,8 @@ def _train_config(args: argparse.Namespace):
 def _out_dir(args: argparse.Namespace, command: str) -> Path:
     if args.out:
         return Path(args.out)
-    from topo.distributed import same_on_all_ranks
-
     # under torchrun every process must use rank 0's name, whatever its own clock says
-    return Path(same_on_all_ranks(f"runs/{command}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"))
+    return Path(dist_info.same_on_all_ranks(f"runs/{command}-{args.data}-{time.strftime('%Y%m%d-%H%M%S')}"))
 
 
 # --------------------------------------------------------------------------- commands
@@ -343,10 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
     args = build_parser(command).parse_args(argv)
     log = lambda message: print(message, flush=True)  # noqa: E731
-    from topo.distributed import cleanup, init_from_env
-
     try:
-        init_from_env()
+        dist_info.init_from_env()
         return HANDLERS[command](args, log)
     except UserError as e:
         print(f"topo-build: error: {one_line(e)}", file=sys.stderr)
@@ -355,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         print("topo-build: interrupted; a run continues with --resume RUN_DIR", file=sys.stderr)
         return 130
     finally:
-        cleanup()
+        dist_info.cleanup()
 
 
 if __name__ == "__main__":

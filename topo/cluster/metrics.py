@@ -41,13 +41,17 @@ def aligned_overlap(a: Iterable[Member], b: Iterable[Member]) -> int:
     return codes_overlap(member_codes(a), member_codes(b))
 
 
+def codes_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """`aligned_jaccard` of two sets given as `member_codes`."""
+    if not len(a) or not len(b):
+        return 0.0
+    inter = codes_overlap(a, b)
+    return inter / (len(a) + len(b) - inter)
+
+
 def aligned_jaccard(a: Iterable[Member], b: Iterable[Member]) -> float:
     """Jaccard of two member sets, maximised over translations of ``b``."""
-    a, b = set(a), set(b)
-    if not a or not b:
-        return 0.0
-    inter = aligned_overlap(a, b)
-    return inter / (len(a) + len(b) - inter)
+    return codes_jaccard(member_codes(a), member_codes(b))
 
 
 def best_match_jaccard(truth: Sequence[Iterable[Member]], found: Sequence[Iterable[Member]]) -> np.ndarray:

@@ -23,7 +23,7 @@ import numpy as np
 from scipy.linalg import eigh
 
 from topo.cluster.clusters import Cluster, Member, canonical_members
-from topo.cluster.metrics import codes_overlap, member_codes
+from topo.cluster.metrics import codes_jaccard, codes_overlap, member_codes
 
 
 def eigengap_k(affinity: np.ndarray, k_max: int) -> int:
@@ -60,8 +60,7 @@ def merge_candidates(candidates: dict[tuple[Member, ...], set[int]], merge_jacca
             for idx in np.flatnonzero(upper >= merge_jaccard):  # ties go to the earliest (most voted) cluster
                 if upper[idx] <= best_j:
                     continue
-                inter = codes_overlap(codes, kept_codes[idx])
-                j = inter / (len(codes) + len(kept_codes[idx]) - inter)
+                j = codes_jaccard(codes, kept_codes[idx])
                 if j > best_j:
                     best, best_j = int(idx), j
         if best >= 0 and best_j >= merge_jaccard:
@@ -109,7 +108,7 @@ class _ChannelCounts:
 def _absorb_fragments(kept, kept_codes, counts: _ChannelCounts, containment: float):
     """Fold a cluster into a larger one that holds at least ``containment`` of it (aligned)."""
     order = sorted(range(len(kept)), key=lambda i: (len(kept[i][0]), -len(kept[i][1]), kept[i][0]))
-    sizes = np.array([len(codes) for codes in kept_codes])
+    sizes = counts.sizes()
     gone = np.zeros(len(kept), dtype=bool)
     for i in order:
         need = containment * sizes[i]
