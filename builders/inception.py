@@ -57,12 +57,15 @@ class MaxPool2d(nn.MaxPool2d):
 
     PyTorch's channels-last max-pool kernels on CPU are several times faster than
     the NCHW ones (forward and backward); converting there and back costs less than
-    it saves. The result is identical, in the input's memory format.
+    it saves. The result is identical, in the input's memory format. Under
+    ``torch.compile`` the compiler generates its own pooling code, so the plain
+    pooling is traced.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
-            x.is_cpu
+            not torch.compiler.is_compiling()
+            and x.is_cpu
             and x.dim() == 4
             and not self.return_indices
             and not x.is_contiguous(memory_format=torch.channels_last)
@@ -124,7 +127,10 @@ class Inception(nn.Module):
         if self.fused1x1 is not None:
             x1, x3, x5 = torch.split(self.fused1x1(x), self._split_sizes, dim=1)
             if self.spec.ch1x1:
-                outputs.append(x1)
+                # torch.compile lays a concatenation with a slice among its inputs out NCHW, even for
+                # channels-last inputs, and the next pooling then runs several times slower; a copy
+                # (fused into the concatenation by the compiler) keeps the input's layout
+                outputs.append(x1.clone() if torch.compiler.is_compiling() else x1)
         elif self.branch1 is not None:
             outputs.append(self.branch1(x))
         if self.branch2 is not None:

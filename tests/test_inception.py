@@ -109,3 +109,47 @@ def test_channels_last_max_pool_equals_torch(kernel, stride, padding):
     assert torch.equal(ours, ref) and ours.is_contiguous()
     g = torch.randn_like(ref)
     assert torch.equal(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(ref, x, g)[0])
+
+
+def test_compiled_max_pool_leaves_the_layout_to_the_compiler():
+    """The channels-last round trip speeds up eager CPU pooling; traced, it only adds copies."""
+    from builders.inception import MaxPool2d
+
+    graphs = []
+
+    def record_graph(graph: torch.fx.GraphModule, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    pool = MaxPool2d(3, stride=1, padding=1, ceil_mode=True)
+    x = torch.randn(2, 5, 9, 9)
+    torch._dynamo.reset()
+    try:
+        out = torch.compile(pool, backend=record_graph)(x)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(out, nn.functional.max_pool2d(x, 3, 1, 1, ceil_mode=True))
+    [graph] = graphs
+    assert "contiguous" not in graph.code and "max_pool2d" in graph.code
+
+
+def test_compiled_channels_last_module_keeps_its_concatenation_channels_last():
+    """Inductor lays out a concatenation with a slice among its inputs NCHW (the fused 1x1 output's
+    branch1 part), which made the next pooling several times slower; the module must avoid it."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    spec = InceptionSpec(16, 8, 8, 16, 8, 8, 8)
+    module = nn.Sequential(Inception(spec), Inception(InceptionSpec(spec.out_channels, 8, 8, 8, 8, 8, 8))).eval()
+    module = module.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last)
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            out, code = run_and_get_code(torch.compile(module), x)
+    finally:
+        torch._dynamo.reset()
+    with torch.no_grad():
+        torch.testing.assert_close(out, module(x), rtol=1e-4, atol=1e-5)
+    nchw = f"({spec.out_channels * 36}, 36, 6, 1)"  # the first module's output, NCHW-contiguous
+    assert "6, 6)" in "".join(code) and nchw not in "".join(code)
