@@ -1,8 +1,10 @@
-"""Two gloo processes launched by torchrun train like one process, and only rank 0 writes files."""
+"""Two gloo processes launched by torchrun train like one process, only rank 0 writes files, and a
+job that dies after an epoch resumes to the uninterrupted result."""
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -61,6 +63,45 @@ atomic_write_json(out / f"rank{rank}.json", {"writes": writes, "final": result.f
 dist.destroy_process_group()
 """ % VAL_SIZE
 
+# Run with "interrupt", rank 0 dies (os._exit) as soon as epoch 1's checkpoint is on disk, before the
+# metrics file; torchrun then stops rank 1. BatchNorm, dropout (a random stream per rank), warm-up and
+# EMA make the resumed run depend on every piece of state the checkpoint restores.
+RESUME_SCRIPT = """
+import logging, os, sys
+import torch
+import torch.distributed as dist
+from torch import nn
+import topo.train
+from topo.data import load
+from topo.io import atomic_torch_save
+from topo.train import TrainConfig, train
+
+logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+torch.set_num_threads(1)
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+run_dir, mode = sys.argv[1], sys.argv[2]
+if mode == "interrupt" and rank == 0:
+    save = topo.train.atomic_torch_save
+    def save_then_die(obj, path):
+        save(obj, path)
+        if obj["epoch"] == 1:
+            os._exit(3)
+    topo.train.atomic_torch_save = save_then_die
+
+data = load("digits")
+torch.manual_seed(0)
+model = nn.Sequential(
+    nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Dropout(0.2), nn.Flatten(), nn.Linear(8 * 64, 10),
+)
+config = TrainConfig(epochs=2, batch_size=64, lr=0.05, warmup_epochs=0.5, ema_decay=0.9, seed=3, workers=0,
+                     progress=False)
+result = train(model, data.train, data.val, config, run_dir=run_dir, name="net")
+atomic_torch_save({"model": result.model.state_dict(), "ema": result.ema_model.state_dict()},
+                  f"{run_dir}/final-rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
 namespace: dict = {"torch": torch, "nn": nn, "TrainConfig": TrainConfig}
 exec(MODEL_AND_CONFIG, namespace)
 make_model, CONFIG = namespace["make_model"], namespace["CONFIG"]
@@ -69,13 +110,31 @@ make_model, CONFIG = namespace["make_model"], namespace["CONFIG"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def _torchrun(script: Path, *args: str | Path) -> subprocess.Popen:
+    """``script`` started under torchrun as two processes on one machine, in a session of its own."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True)
+
+
+def _finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+    """The exit status and standard error of a torchrun started with :func:`_torchrun`; past
+    ``timeout`` seconds it is killed together with its workers."""
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return process.returncode, stderr
+
+
 def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     atomic_write_text(script, WORKER_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), str(tmp_path)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
+    returncode, stderr = _finish(_torchrun(script, tmp_path))
+    assert returncode == 0, stderr[-3000:]
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     run = tmp_path / "run"
@@ -106,3 +165,34 @@ def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
     for column in ("lr", "train_loss", "train_top1", "val_loss", "val_top1", "ema_val_top1"):
         assert history[column].tolist() == pytest.approx(single.history[column].tolist(), rel=1e-4, abs=1e-3)
     assert (history["train_images"] == single.history["train_images"]).all()
+
+
+def test_interrupted_ddp_run_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    script = tmp_path / "resume.py"
+    atomic_write_text(script, RESUME_SCRIPT)
+    reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
+    reference = _torchrun(script, reference_dir, "full")
+    returncode, stderr = _finish(_torchrun(script, resumed_dir, "interrupt"))
+    assert returncode != 0, "rank 0 must die after epoch 1"
+    assert torch.load(resumed_dir / "net.ckpt", weights_only=True)["epoch"] == 1
+    assert not (resumed_dir / "net_metrics.csv").exists()  # it died before writing the metrics
+    assert not list(resumed_dir.glob("final-rank*.pt"))
+
+    returncode, stderr = _finish(_torchrun(script, resumed_dir, "resume"))
+    assert returncode == 0, stderr[-3000:]
+    assert f"resuming net from {resumed_dir / 'net.ckpt'} after epoch 1 of 2" in stderr
+    returncode, stderr = _finish(reference)
+    assert returncode == 0, stderr[-3000:]
+
+    for rank in (0, 1):
+        got = torch.load(resumed_dir / f"final-rank{rank}.pt", weights_only=True)
+        want = torch.load(reference_dir / f"final-rank{rank}.pt", weights_only=True)
+        for part in ("model", "ema"):
+            assert got[part].keys() == want[part].keys()
+            for key in want[part]:
+                assert torch.equal(got[part][key], want[part][key]), f"rank {rank}: {part}.{key} differs"
+    timings = ["epoch_time_s", "train_time_s"]
+    resumed = pd.read_csv(resumed_dir / "net_metrics.csv").drop(columns=timings)
+    uninterrupted = pd.read_csv(reference_dir / "net_metrics.csv").drop(columns=timings)
+    assert len(resumed) == 2
+    pd.testing.assert_frame_equal(resumed, uninterrupted, check_exact=True)

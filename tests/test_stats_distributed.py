@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_group import run_two
 
 from topo.stats import LayerStats, from_activations
 
@@ -17,19 +16,15 @@ def activations() -> torch.Tensor:
     return x + x.roll(1, dims=1) + 100.0  # correlated units, a large common mean
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
-    try:
-        shard = activations()[rank * 3 : 8 if rank else 3]  # unequal shards: 3 and 5 images
-        stats = from_activations(shard.split(2), positions=None, threshold=100.0)
-        stats.all_reduce()
-        stats.save(f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, out_dir: str) -> None:
+    shard = activations()[rank * 3 : 8 if rank else 3]  # unequal shards: 3 and 5 images
+    stats = from_activations(shard.split(2), positions=None, threshold=100.0)
+    stats.all_reduce()
+    stats.save(f"{out_dir}/rank{rank}.pt")
 
 
 def test_two_process_all_reduce_equals_one_process(tmp_path):
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    run_two(_worker, str(tmp_path), init_file=str(tmp_path / "init"))
     single = from_activations(activations().split(2), positions=None, threshold=100.0)
     for rank in (0, 1):
         reduced = LayerStats.load(tmp_path / f"rank{rank}.pt")

@@ -53,6 +53,18 @@ def same_on_all_ranks(value):
     return box[0]
 
 
+def every_rank(value) -> list:
+    """Every process's ``value`` (picklable), indexed by rank; ``[value]`` without a group.
+
+    A collective: every process must call it, which also makes it a barrier.
+    """
+    if not is_distributed():
+        return [value]
+    values = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def cleanup() -> None:
     """Leave the process group, if this process is in one."""
     if dist.is_available() and dist.is_initialized():

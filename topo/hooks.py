@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from topo.distributed import is_distributed
+from topo.distributed import every_rank, is_distributed
 from topo.errors import StatsError
 from topo.stats import DEFAULT_POSITIONS, LayerStats
 
@@ -55,8 +55,9 @@ def record(
     itself is not moved), and the statistics accumulate there. ``positions`` random
     anchor positions per map and image are used (``None`` = all, exact). Under
     ``torch.distributed`` with ``all_reduce=True`` the statistics are summed over
-    ranks, each of which should see its own shard of the data. Keys of the result
-    are the strings given in ``layers``.
+    ranks, each of which should see its own shard of the data; when one rank's shard
+    gave a layer nothing, or one rank fails (e.g. a NaN in its shard), every rank
+    raises. Keys of the result are the strings given in ``layers``.
     """
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
@@ -72,8 +73,12 @@ def record(
     batch_index = [0]
     modes = {m: m.training for m in model.modules()}
     total = _length(data, max_batches)
-    batches = data if max_batches is None else itertools.islice(data, max_batches)
+    # an iterator, not ``data``: tqdm.auto calls iter() on an iterable it is given, which on a DataLoader
+    # would start a second set of worker processes that read batches for nothing
+    batches = iter(data) if max_batches is None else itertools.islice(data, max_batches)
     handles = []
+    reduce = all_reduce and is_distributed()
+    failure: Exception | None = None
     try:
         for spec, (module, where) in targets.items():
             handles.append(_attach(module, where, stats[spec], batch_index))
@@ -82,20 +87,49 @@ def record(
             for index, batch in enumerate(tqdm(batches, total=total, desc="record", unit="batch", disable=not progress)):
                 batch_index[0] = index
                 model(_inputs(batch).to(device, non_blocking=True))
+    except Exception as error:
+        if not reduce:
+            raise
+        failure = error  # raised after the other ranks have heard of it: they would wait for this one forever
     finally:
         for handle in handles:
             handle.remove()
         for module, training in modes.items():
             module.training = training
-    for spec, layer in stats.items():
-        if layer.count == 0:
-            raise StatsError(
-                f"layer {spec!r} saw no activations: the data was empty or the module was never called in forward"
-            )
-    if all_reduce and is_distributed():
+    _check_outcome(stats, reduce, failure)
+    if reduce:
         for layer in stats.values():
             layer.all_reduce()
     return stats
+
+
+def _check_outcome(stats: dict[str, LayerStats], distributed: bool, failure: Exception | None) -> None:
+    """Raise ``failure``, or a StatsError for the first layer that saw nothing. With ``distributed``,
+    every rank first learns every rank's outcome (one collective), so that all of them raise when one
+    fails, the failed rank its own error and the others a StatsError naming it."""
+    counts = [layer.count for layer in stats.values()]
+    message = None if failure is None else f"{type(failure).__name__}: {failure}"
+    per_rank = every_rank((counts, message)) if distributed else [(counts, message)]
+    if failure is not None:
+        raise failure
+    failed = [(rank, text) for rank, (_, text) in enumerate(per_rank) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        raise StatsError(f"rank {rank} of {len(per_rank)} failed while recording, so this one stops too: {text}")
+    for index, spec in enumerate(stats):
+        empty = [rank for rank, (seen, _) in enumerate(per_rank) if seen[index] == 0]
+        if not empty:
+            continue
+        if not distributed:
+            raise StatsError(
+                f"layer {spec!r} saw no activations: the data was empty or the module was never called in forward"
+            )
+        ranks = f"rank{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))}"
+        raise StatsError(
+            f"layer {spec!r} saw no activations on {ranks} of {len(per_rank)} processes: their shard of the data "
+            "was empty or the module was never called in forward; give every process a non-empty shard "
+            "(more data or fewer processes)"
+        )
 
 
 def _attach(module: nn.Module, where: str, stats: LayerStats, batch_index: list[int]):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
+from topo import distributed as dist_info
 from topo.data import transforms as T
 from topo.data.folders import ImageTree, check_tree
 from topo.errors import DataError
@@ -140,7 +141,9 @@ def cifar(
 
     ``download=None`` downloads when the files are missing and the host is
     reachable; ``False`` never downloads. Missing files without a download
-    raise a :class:`DataError` that says where to put them.
+    raise a :class:`DataError` that says where to put them. Under torchrun only
+    rank 0 downloads, while the others wait; a failure raises the same
+    :class:`DataError` on every rank.
     """
     from torchvision import datasets
 
@@ -154,22 +157,67 @@ def cifar(
         val = cls(str(root), train=False, transform=T.cifar_eval(mean, std, size), download=fetch)
         return train, val
 
-    try:
-        train, val = build(False)
-    except RuntimeError:
-        missing = (
-            f"{title} not found in {root}: download {archive} from {CIFAR_URL} and extract it there "
-            f"(it unpacks to {root / folder}/)"
-        )
-        if download is False:
-            raise DataError(f"{missing}, or allow downloading") from None
-        if download is None and not reachable():
-            raise DataError(f"{missing}; the download server is not reachable from here") from None
-        try:
-            train, val = build(True)
-        except (OSError, RuntimeError) as exc:
-            raise DataError(f"{missing}; downloading failed ({exc})") from None
+    missing = (
+        f"{title} not found in {root}: download {archive} from {CIFAR_URL} and extract it there "
+        f"(it unpacks to {root / folder}/)"
+    )
+    if dist_info.is_distributed():
+        train, val = _open_on_every_rank(build, download, missing)
+    else:
+        train, val = _open_or_download(build, download, missing)
     return DataBundle(train, val, len(train.classes), 3, (size, size), list(train.classes), name)
+
+
+def _open_or_download(
+    build: Callable[[bool], tuple[Dataset, Dataset]], download: bool | None, missing: str
+) -> tuple[Dataset, Dataset]:
+    """``build(False)``, else ``build(True)`` where ``download`` allows it (see :func:`cifar`)."""
+    try:
+        return build(False)
+    except RuntimeError:
+        pass
+    if download is False:
+        raise DataError(f"{missing}, or allow downloading")
+    if download is None and not reachable():
+        raise DataError(f"{missing}; the download server is not reachable from here")
+    try:
+        return build(True)
+    except (OSError, RuntimeError) as exc:
+        raise DataError(f"{missing}; downloading failed ({exc})") from None
+
+
+def _open_on_every_rank(
+    build: Callable[[bool], tuple[Dataset, Dataset]], download: bool | None, missing: str
+) -> tuple[Dataset, Dataset]:
+    """Under torchrun: rank 0 opens or downloads the files while the others wait, then they open them.
+
+    Every rank learns rank 0's outcome and then which ranks could not open the files, so a
+    failure anywhere raises the same DataError on every rank rather than leaving some in a collective.
+    """
+    splits = None
+    failure: str | None = f"{missing}; rank 0 failed to open or download it (see its error)"
+    try:
+        if dist_info.rank() == 0:
+            splits = _open_or_download(build, download, missing)
+        failure = None
+    except DataError as error:
+        failure = str(error)
+    finally:  # also when rank 0 fails unexpectedly: the others must not wait for it forever
+        failure = dist_info.same_on_all_ranks(failure)
+    if failure is not None:
+        raise DataError(failure)
+    if splits is None:
+        try:
+            splits = build(False)
+        except RuntimeError:
+            pass
+    blind = [str(rank) for rank, opened in enumerate(dist_info.every_rank(splits is not None)) if not opened]
+    if blind:
+        raise DataError(
+            f"{missing}; rank 0 has the files but rank(s) {', '.join(blind)} cannot open them: give every process "
+            "the same data directory (a shared file system) or put the files there on every machine"
+        )
+    return splits
 
 
 def fake(

@@ -1,0 +1,37 @@
+"""Run a test's worker in two spawned processes of one gloo group, with a time limit.
+
+Kept apart from conftest.py so that the spawned processes import only torch and the test module.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _in_group(rank: int, init_file: str, worker: Callable[..., None], args: tuple) -> None:
+    """Process ``rank`` of two: join the gloo group, run ``worker(rank, *args)``, leave the group."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        worker(rank, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def run_two(worker: Callable[..., None], *args, init_file: str, timeout: float = 60.0) -> None:
+    """Run the module-level ``worker(rank, *args)`` in two processes of a gloo group set up through
+    ``init_file`` (a fresh path). A worker's exception fails the test, and so does a run still going
+    after ``timeout`` seconds (a hung collective), whose processes are then killed."""
+    context = mp.start_processes(_in_group, args=(init_file, worker, args), nprocs=2, start_method="spawn", join=False)
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=max(0.0, deadline - time.monotonic())):
+        if time.monotonic() >= deadline:
+            for process in context.processes:
+                process.kill()
+                process.join()
+            pytest.fail(f"{worker.__name__} still running after {timeout:.0f} s: a collective hangs")
