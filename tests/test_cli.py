@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 import torch
 
 import builders
-from builders.spec import NetworkSpec
+from builders.spec import ConvSpec, HeadSpec, NetworkSpec
 from topo.cli import main
 from topo.construct import calibrate_batchnorm
 from topo.data import load, make_loader
@@ -131,8 +132,42 @@ def test_analyze_a_trained_googlenet(image_tree: Path, tmp_path: Path):
     assert (out / "analysis.md").is_file() and (out / "branch_widths.png").is_file()
 
 
+def _train_on_broken_tree(tree: Path, tmp_path: Path, *flags: str) -> int:
+    """`topo-build train` of a one-convolution network on ``tree`` (16 px), one epoch."""
+    spec = NetworkSpec(stem=(ConvSpec("conv1", 8, 3),), head=HeadSpec(num_classes=2), input_size=16)
+    spec_file = tmp_path / "tiny.json"
+    spec_file.write_text(spec.to_json())
+    return main(["train", str(spec_file), "--data", "folder", "--data-dir", str(tree), "--image-size", "16",
+                 "--epochs", "1", "--workers", "0", "--no-progress", "--out", str(tmp_path / "out"), *flags])
+
+
+@pytest.mark.parametrize("flags, at_load, in_training", [
+    (["--batch-size", "16"], 1, 1),
+    (["--batch-size", "17", "--no-verify"], 0, 2),
+])
+def test_no_verify_leaves_unreadable_images_to_be_found_when_read(
+    flags, at_load, in_training, broken_image_tree: Path, tmp_path: Path, caplog
+):
+    """The tree holds a garbled file (its header gives it away) and a truncated JPEG (found only by decoding);
+    one batch holds every training image, so each is read once."""
+    with caplog.at_level(logging.WARNING):
+        assert _train_on_broken_tree(broken_image_tree, tmp_path, *flags) == 0
+    assert caplog.text.count(f"skipped 1 of 17 images in {broken_image_tree / 'train'}") == at_load
+    assert f"tiny epoch 1: skipped unreadable images, {in_training} in training and 0 in validation" in caplog.text
+    garbled = broken_image_tree / "train" / "china" / "garbled.jpg"
+    assert (f"skipped unreadable image {garbled}" in caplog.text) == (at_load == 0)
+
+
+def test_no_verify_with_strict_fails_when_an_unreadable_image_is_read(broken_image_tree: Path, tmp_path: Path, capsys):
+    assert _train_on_broken_tree(broken_image_tree, tmp_path, "--batch-size", "17", "--strict", "--no-verify") == 2
+    line = _one_line_error(capsys)
+    assert "cannot be read" in line and "remove or replace it" in line
+    assert "unreadable images in" not in line  # not the message of the check at load time
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--data", "imagenet", "--data-dir", "/no/such/dir"], "/no/such/dir"),
+    (["--data", "folder", "--data-dir", __file__], "is a file, not a folder"),
     (["--resume", "/no/such/run"], "run directory"),
     (["train", "/no/such/spec.json"], "spec file"),
     (["--reference", "resnet"], "reference"),

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from topo.data import DATASETS, ImageTree, ShardSampler, load, make_loader
+from topo.data import DATASETS, ImageTree, ShardSampler, load, make_loader, take_skipped
 from topo.data.folders import read_rgb
+from topo.data.sample_tree import add_broken_images
 from topo.errors import DataError, UserError
 
 
@@ -144,6 +145,39 @@ def test_strict_makes_unreadable_images_an_error(broken_image_tree: Path) -> Non
     _one_line_error(excinfo, "truncated.jpg")
 
 
+def test_skipped_reads_are_totalled_over_loader_workers(broken_image_tree: Path) -> None:
+    train = load("imagenet", broken_image_tree, image_size=16, verify=False).train
+    names = [Path(p).name for p, _ in train.samples]
+    bad = [names.index("garbled.jpg"), names.index("truncated.jpg")]
+    # one bad image per batch, and DataLoader hands batches to its two workers in turn
+    loader = torch.utils.data.DataLoader(train, batch_size=1, sampler=bad, num_workers=2)
+    assert [x.shape for x, _ in loader] == [(1, 3, 16, 16)] * 2
+    assert not train.skipped  # each worker kept its own set of skipped paths
+    assert take_skipped(train) == 2 and take_skipped(train) == 0  # taking resets
+    train[bad[0]]  # reads in this process count too
+    assert take_skipped(train) == 1
+    assert take_skipped(TensorDataset(torch.zeros(3))) == 0  # data sets that never skip
+
+
+def test_training_logs_the_unreadable_images_of_each_epoch(copy_tree, caplog) -> None:
+    from topo.train import TrainConfig, train
+
+    root = copy_tree()
+    add_broken_images(root / "train" / "china")
+    add_broken_images(root / "val" / "flower")
+    bundle = load("folder", root, image_size=16)  # the header check drops the garbled files
+    assert (len(bundle.train), len(bundle.val)) == (16, 7)
+    bundle.train[[Path(p).name for p, _ in bundle.train.samples].index("truncated.jpg")]  # not the run's
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 14 * 14, 2))
+    config = TrainConfig(epochs=2, batch_size=4, workers=2, device="cpu", ema_decay=0.9, progress=False)
+    with caplog.at_level(logging.WARNING, logger="topo.train"):
+        train(model, bundle.train, bundle.val, config, name="cnn")
+    totals = [r.getMessage() for r in caplog.records if r.name == "topo.train"]
+    # every image is read once per epoch by one of the workers; the EMA's evaluation does not count twice
+    assert totals == [f"cnn epoch {e}: skipped unreadable images, 1 in training and 1 in validation" for e in (1, 2)]
+
+
 # ----------------------------------------------------------------------------- bad data
 
 
@@ -154,6 +188,18 @@ def test_missing_directory(tmp_path: Path) -> None:
     with pytest.raises(DataError) as excinfo:
         load("folder")
     _one_line_error(excinfo, "--data-dir")
+
+
+def test_a_file_as_data_directory_says_it_is_a_file(image_tree: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "imagenet.tar"
+    archive.write_bytes(b"not a folder")
+    with pytest.raises(DataError) as excinfo:
+        load("imagenet", archive)
+    message = _one_line_error(excinfo, str(archive), "is a file, not a folder", "--data-dir", "train/ and val/")
+    assert "does not exist" not in message
+    with pytest.raises(DataError) as excinfo:  # an image inside the tree, not the tree
+        load("folder", next((image_tree / "train" / "china").iterdir()))
+    _one_line_error(excinfo, "is a file, not a folder")
 
 
 def test_missing_train_or_val(copy_tree) -> None:

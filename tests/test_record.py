@@ -139,6 +139,28 @@ def test_tuple_outputs_take_the_first_tensor_and_max_batches_stops(digits):
     assert exact.count == 16 * 36 and exact.spatial_shape == (6, 6)
 
 
+class _CountingLoader:
+    """A DataLoader stand-in that counts how often iteration starts (each start spawns workers)."""
+
+    def __init__(self, loader: DataLoader) -> None:
+        self.loader, self.started = loader, 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        self.started += 1
+        return iter(self.loader)
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_record_iterates_the_data_once(digits, progress):
+    loader = _CountingLoader(DataLoader(digits, batch_size=64))
+    stats = topo.record(small_cnn(), loader, ["1"], progress=progress)
+    assert loader.started == 1
+    assert stats["1"].count == 192 * DEFAULT_POSITIONS
+
+
 @pytest.mark.gpu
 def test_statistics_accumulate_on_the_model_device(digits):
     model = small_cnn().cuda()

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 
 import pandas as pd
 import pytest
@@ -214,6 +215,60 @@ def test_channels_last_trains_like_contiguous_on_cpu(digits) -> None:
     assert nhwc.final["val_top1"] == pytest.approx(plain.final["val_top1"], abs=0.01)
 
 
+def test_compiled_training_matches_eager_and_saves_plain_weights(digits, tmp_path, monkeypatch) -> None:
+    compiled, real_compile = [], torch.compile
+
+    def compile_on_cpu(model: nn.Module) -> nn.Module:
+        compiled.append(model)  # AOTAutograd without code generation: the training graphs, cheaply
+        return real_compile(model, backend="aot_eager")
+
+    monkeypatch.setattr(torch, "compile", compile_on_cpu)  # what topo.train calls
+    config = quiet(epochs=2, lr=0.05, ema_decay=0.9)
+    eager = train(small_cnn(), digits.train, digits.val, config)
+    assert not compiled
+    config = dataclasses.replace(config, compile=True)
+    result = train(small_cnn(), digits.train, digits.val, config, run_dir=tmp_path, name="cnn")
+    assert compiled == [result.model] and not isinstance(result.model, torch._dynamo.eval_frame.OptimizedModule)
+    assert result.final["val_top1"] > 0.8  # it trained: chance is 0.1
+    pd.testing.assert_frame_equal(result.history.drop(columns=["epoch_time_s", "train_time_s"]),
+                                  eager.history.drop(columns=["epoch_time_s", "train_time_s"]), rtol=1e-4)
+    for key, value in eager.model.state_dict().items():  # BatchNorm statistics included
+        torch.testing.assert_close(result.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+    state = torch.load(tmp_path / "cnn.ckpt", weights_only=True)
+    assert not [k for part in ("model", "ema") for k in state[part] if "_orig_mod." in k]
+    plain = small_cnn(seed=1)
+    plain.load_state_dict(state["model"])  # strict: an uncompiled network takes the weights as they are
+    torch.testing.assert_close(plain.state_dict(), result.model.state_dict(), rtol=0, atol=0)
+    # the finished compiled run resumes uncompiled to the same result, without training again
+    again = train(small_cnn(seed=1), digits.train, digits.val, dataclasses.replace(config, compile=False),
+                  run_dir=tmp_path, name="cnn")
+    pd.testing.assert_frame_equal(again.history, result.history)
+    torch.testing.assert_close(again.ema_model.state_dict(), result.ema_model.state_dict(), rtol=0, atol=0)
+
+
+def test_every_compiled_training_compiles_past_the_recompile_limit(digits, monkeypatch) -> None:
+    """Networks trained one after another (the construction's prefixes) each get compiled code."""
+    graphs, real_compile = [], torch.compile
+
+    def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> Callable:
+        graphs.append(graph)
+        return graph.forward
+
+    monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=recording_backend))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+    x, y = digits.train.tensors
+    data = TensorDataset(x[:128], y[:128])
+    compiled_trainings = 0
+    for width in (4, 5, 6, 7):  # each width a new graph of the same forward function
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(width * 64, 10))
+        before = len(graphs)
+        train(model, data, digits.val, quiet(compile=True))
+        compiled_trainings += len(graphs) > before
+    assert compiled_trainings == 4
+
+
 # ----------------------------------------------------------------------------- files and errors
 
 
@@ -288,6 +343,37 @@ def test_sgd_with_momentum_and_decay_on_weights_only() -> None:
     assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim <= 1 for p in no_decay["params"])
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) and no_decay["params"]
+
+
+def test_resume_with_the_gradient_scaler_switched_on_or_off(tmp_path) -> None:
+    """A run saved with a disabled scaler (CPU, bf16) resumes with float16 on CUDA (scaler on), and back."""
+    from topo.io import atomic_torch_save
+    from topo.train import _TrainingState
+
+    def state(enabled: bool, seed: int = 0) -> _TrainingState:
+        created = _TrainingState.create(small_cnn(seed), TrainConfig(epochs=2), torch.device("cpu"), steps_per_epoch=3)
+        return dataclasses.replace(created, scaler=torch.amp.GradScaler("cpu", enabled=enabled))
+
+    def saved(training: _TrainingState, name: str) -> dict:
+        atomic_torch_save(training.state_dict(), tmp_path / name)
+        return torch.load(tmp_path / name, weights_only=True)
+
+    off, on = state(False), state(True)
+    on.scaler.load_state_dict({**on.scaler.state_dict(), "scale": 1024.0})  # as after some overflows
+    from_off, from_on = saved(off, "off.ckpt"), saved(on, "on.ckpt")
+    assert from_off["scaler"] == {}
+
+    resumed = state(True, seed=1)
+    resumed.load_state_dict(from_off)  # a fresh scaler, and everything else from the checkpoint
+    assert resumed.scaler.is_enabled() and resumed.scaler.get_scale() == 65536.0
+    torch.testing.assert_close(resumed.model.state_dict(), off.model.state_dict(), rtol=0, atol=0)
+    assert resumed.scheduler.state_dict() == off.scheduler.state_dict()
+    resumed.load_state_dict(from_on)  # an enabled scaler's state still loads
+    assert resumed.scaler.get_scale() == 1024.0
+
+    back = state(False)
+    back.load_state_dict(from_on)
+    assert not back.scaler.is_enabled() and back.scaler.state_dict() == {}
 
 
 def test_tensorboard_logs_next_to_the_csv(digits, tmp_path) -> None:

@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from topo import distributed as dist_info
 from topo.errors import UserError
@@ -58,6 +58,10 @@ def _add_data(p: argparse.ArgumentParser) -> None:
                                       "and val/ class folders)")
     g.add_argument("--image-size", type=_positive_int, help="input size in pixels (default: the data set's own)")
     g.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping it")
+    g.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="image folders (imagenet, folder): skip the header check of every image at start, slow "
+                        "on ImageNet-sized trees; unreadable images are then found, and skipped or failed with "
+                        "--strict, when first read")
 
 
 def _add_reference(p: argparse.ArgumentParser) -> None:
@@ -197,6 +201,12 @@ def _configs(args: argparse.Namespace):
     return _construct_config(args), _train_config(args)
 
 
+def _data_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The RunConfig fields of the data flags."""
+    return {"data": args.data, "data_dir": args.data_dir, "image_size": args.image_size, "strict": args.strict,
+            "verify": args.verify}
+
+
 def _workers(args: argparse.Namespace) -> int | str:
     try:
         return args.workers if args.workers == "auto" else int(args.workers)
@@ -234,9 +244,8 @@ def cmd_run(args: argparse.Namespace, log: Callable[[str], None]) -> int:
         log(f"resuming {run.root} with its saved configuration")
     else:
         construct, train = _configs(args)
-        config = RunConfig(data=args.data, data_dir=args.data_dir, image_size=args.image_size, strict=args.strict,
-                           reference=args.reference, width_mult=args.width_mult, seed=args.seed,
-                           construct=construct, train=train)
+        config = RunConfig(**_data_fields(args), reference=args.reference, width_mult=args.width_mult,
+                           seed=args.seed, construct=construct, train=train)
         out = _out_dir(args, "run")
         if (out / "config.json").exists():
             raise UserError(f"{out} already holds a run: resume it with --resume {out}, or choose another --out")
@@ -250,9 +259,8 @@ def cmd_construct(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     from topo.rundir import RunDir
 
     construct, train = _configs(args)
-    config = RunConfig(data=args.data, data_dir=args.data_dir, image_size=args.image_size, strict=args.strict,
-                       reference=args.reference, width_mult=args.width_mult, seed=args.seed,
-                       construct=construct, train=train)
+    config = RunConfig(**_data_fields(args), reference=args.reference, width_mult=args.width_mult,
+                       seed=args.seed, construct=construct, train=train)
     run = RunDir(_out_dir(args, "construct"))
     bundle = load_data(config)
     if not run.config_path.is_file() and dist_info.rank() == 0:
@@ -271,8 +279,7 @@ def cmd_train(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     from topo.train import train
 
     spec = read_spec(args.spec)
-    config = RunConfig(data=args.data, data_dir=args.data_dir, image_size=args.image_size, strict=args.strict,
-                       seed=args.seed, train=_train_config(args))
+    config = RunConfig(**_data_fields(args), seed=args.seed, train=_train_config(args))
     bundle = load_data(config)
     if spec.in_channels != bundle.in_channels or spec.head.num_classes != bundle.num_classes:
         raise UserError(
@@ -299,8 +306,7 @@ def cmd_analyze(args: argparse.Namespace, log: Callable[[str], None]) -> int:
     from topo.pipeline import RunConfig, analyze, load_data, read_spec
 
     construct = _construct_config(args)
-    config = RunConfig(data=args.data, data_dir=args.data_dir, image_size=args.image_size, strict=args.strict,
-                       seed=args.seed)
+    config = RunConfig(**_data_fields(args), seed=args.seed)
     bundle = load_data(config)
     if args.spec:
         spec = read_spec(args.spec)

@@ -40,6 +40,7 @@ class RunConfig:
     data_dir: str | None = None
     image_size: int | None = None
     strict: bool = False
+    verify: bool = True
     reference: str = "auto"
     width_mult: float | None = None
     seed: int = 0
@@ -62,7 +63,8 @@ class RunConfig:
 
 # --------------------------------------------------------------------------- inputs
 def load_data(config: RunConfig) -> DataBundle:
-    return load(config.data, config.data_dir, image_size=config.image_size, strict=config.strict, seed=config.seed)
+    return load(config.data, config.data_dir, image_size=config.image_size, strict=config.strict,
+                verify=config.verify, seed=config.seed)
 
 
 def default_width(data: str) -> float:

@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from topo import distributed as dist_info
+from topo.data import take_skipped
 from topo.data.loader import ShardSampler, make_loader, resolve_device
 from topo.errors import UserError
 from topo.io import atomic_path, atomic_torch_save
@@ -59,7 +60,9 @@ class TrainConfig:
     on CUDA (ignored on CPU); ``amp_dtype="float16"`` uses a gradient scaler.
     ``ema_decay`` (e.g. 0.999) keeps an exponential moving average of the
     weights (the paper's Polyak averaging), evaluated each epoch beside the
-    model; None disables it.
+    model; None disables it. ``compile`` trains through ``torch.compile``
+    (evaluation stays eager), each call of :func:`train` from empty compiler
+    caches.
     """
 
     epochs: int = 10
@@ -256,12 +259,16 @@ def _tensorboard(run_dir: Path, name: str) -> Any:
 
 def _gather_rng_states() -> list[dict[str, Any]]:
     """Every process's RNG state (collective under torchrun), indexed by rank."""
-    state = capture_rng_state()
-    if not dist_info.is_distributed():
-        return [state]
-    states: list[Any] = [None] * dist_info.world_size()
-    dist.all_gather_object(states, state)
-    return states
+    return dist_info.every_rank(capture_rng_state())
+
+
+def _skipped_images(datasets: Iterable[Dataset], device: torch.device) -> list[int]:
+    """Reads of unreadable images each data set skipped since the last call, summed over all
+    processes (collective under torchrun)."""
+    counts = torch.tensor([take_skipped(data) for data in datasets], dtype=torch.int64, device=device)
+    if dist_info.is_distributed():
+        dist.all_reduce(counts)
+    return counts.tolist()
 
 
 @dataclass
@@ -307,7 +314,8 @@ class _TrainingState:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
+        if state["scaler"]:  # empty when saved disabled (CPU, bf16): an enabled scaler then starts afresh
+            self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
 
@@ -418,16 +426,23 @@ def train(
     if dist_info.is_distributed():
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
+        # fresh caches: networks trained one after another in a process (the construction's prefixes) would
+        # otherwise reach dynamo's recompile limit (8 per function) and silently run uncompiled from then on
+        torch.compiler.reset()
         net = torch.compile(net)
     writer = _tensorboard(run_path, name) if (run_path is not None and is_main) else None
     ema = training.ema
+    for data in (train_data, val_data):
+        take_skipped(data)  # unreadable images met before training (statistics, another run) are not this run's
 
     for epoch in range(start_epoch, config.epochs):
         epoch_start = time.perf_counter()
         train_loader.set_epoch(epoch)
         lr = training.optimizer.param_groups[0]["lr"]
-        bar = tqdm(train_loader, desc=f"{name} {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not (config.progress and is_main))
+        # an iterator, not the loader: tqdm.auto's asyncio tqdm calls iter() on an iterable at once, which
+        # would start a second set of loader workers each epoch that read batches for nothing
+        bar = tqdm(iter(train_loader), total=len(train_loader), desc=f"{name} {epoch + 1}/{config.epochs}",
+                   leave=False, disable=not (config.progress and is_main))
         train_loss, train_correct, train_count = _train_epoch(net, training, bar, config, device)
         train_time = time.perf_counter() - epoch_start
 
@@ -436,7 +451,11 @@ def train(
         if ema is not None:
             dist_info.broadcast_buffers(ema)
         metrics = evaluate(model, val_loader, device=device, config=config)
-        ema_metrics = evaluate(ema.module, val_loader, device=device, config=config) if ema is not None else None
+        skipped = _skipped_images((train_data, val_data), device)  # collective: every rank
+        ema_metrics = None
+        if ema is not None:
+            ema_metrics = evaluate(ema.module, val_loader, device=device, config=config)
+            take_skipped(val_data)  # the same validation images again: counted once
         row = {
             "epoch": epoch + 1,
             "lr": lr,
@@ -455,6 +474,9 @@ def train(
         log.info("%s epoch %d/%d: train loss %.4f top-1 %.4f, val loss %.4f top-1 %.4f top-5 %.4f",
                  name, epoch + 1, config.epochs, row["train_loss"], row["train_top1"],
                  row["val_loss"], row["val_top1"], row["val_top5"])
+        if any(skipped) and is_main:
+            log.warning("%s epoch %d: skipped unreadable images, %d in training and %d in validation",
+                        name, epoch + 1, *skipped)
         rng_states = _gather_rng_states() if ckpt_path is not None else []  # collective: every rank
         if ckpt_path is not None and is_main:
             checkpoint = {"format": 1, "epoch": epoch + 1, **training.state_dict(), "rng": rng_states,

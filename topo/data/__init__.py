@@ -6,7 +6,7 @@ a loader whose order is fixed by ``seed + epoch``.
 """
 from __future__ import annotations
 
-from topo.data.folders import ImageTree, check_tree
+from topo.data.folders import ImageTree, check_tree, take_skipped
 from topo.data.loader import EpochLoader, ShardSampler, make_loader, resolve_device
 from topo.data.sources import DATASETS, DataBundle, default_data_dir, load
 
@@ -21,4 +21,5 @@ __all__ = [
     "load",
     "make_loader",
     "resolve_device",
+    "take_skipped",
 ]

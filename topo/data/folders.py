@@ -5,7 +5,8 @@ mistake (a wrong path, a missing split, ImageNet's flat validation folder,
 classes that differ between splits) becomes a one-line :class:`DataError`.
 ``ImageTree`` is torchvision's ``ImageFolder`` made robust: it converts every
 image to RGB and skips unreadable files (counted in the log), or, with
-``strict=True``, refuses them.
+``strict=True``, refuses them. ``take_skipped(dataset)`` tells how many reads
+were skipped since it was last asked, over all loader worker processes.
 """
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+import torch
 from PIL import Image
+from torch.utils.data import Dataset, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
@@ -30,6 +33,9 @@ UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error, Image.De
 
 #: Folder names accepted for the evaluation split, in order of preference.
 VAL_NAMES = ("val", "validation")
+
+#: Slots of an ImageTree's skip counter: one for the main process, one per loader worker (up to 63).
+SKIP_SLOTS = 64
 
 
 def _is_image(name: str) -> bool:
@@ -78,6 +84,11 @@ def check_tree(root: str | os.PathLike) -> tuple[Path, Path, list[str]]:
     in both splits, so that class indices (from the sorted folder names) agree.
     """
     root = Path(root).expanduser()
+    if root.is_file():
+        raise DataError(
+            f"data directory {root} is a file, not a folder (extract it first if it is an archive); pass "
+            f"--data-dir pointing at the folder that holds train/ and val/ class folders"
+        )
     if not root.is_dir():
         raise DataError(
             f"data directory {root} does not exist; pass --data-dir pointing at a folder "
@@ -149,7 +160,8 @@ class ImageTree(ImageFolder):
     (e.g. truncated JPEGs) are found when read. Either way an unreadable file
     is skipped and counted in the log (reading one substitutes the next
     readable sample, so batches keep their size), or, with ``strict=True``,
-    raises :class:`DataError`.
+    raises :class:`DataError`. Skipped reads are also counted in shared memory,
+    which loader workers inherit: :meth:`take_skipped` gives their total.
     """
 
     def __init__(
@@ -163,6 +175,7 @@ class ImageTree(ImageFolder):
         super().__init__(str(root), transform=transform, loader=read_rgb, allow_empty=True)
         self.strict = strict
         self.skipped: set[str] = set()
+        self._skip_counts = torch.zeros(SKIP_SLOTS, dtype=torch.int64).share_memory_()
         if verify:
             self._drop_unreadable()
         counts = np.bincount(np.asarray(self.targets, dtype=np.int64), minlength=len(self.classes))
@@ -215,8 +228,28 @@ class ImageTree(ImageFolder):
                         "skipped unreadable image %s (%s); %d skipped so far in this process",
                         path, exc, len(self.skipped),
                     )
+                self._count_skip()
                 continue
             if self.transform is not None:
                 image = self.transform(image)
             return image, target
         raise DataError(f"no readable image in {self.root}; check the files")
+
+    def _count_skip(self) -> None:
+        """Count one skipped read in this process's own slot of the shared counter, so writers never race."""
+        worker = get_worker_info()
+        slot = 0 if worker is None else 1 + worker.id % (SKIP_SLOTS - 1)
+        self._skip_counts[slot] += 1
+
+    def take_skipped(self) -> int:
+        """Reads of unreadable images skipped since the last call, in this process and its loader
+        workers (an image read twice counts twice), and reset the count. Call it from the main process."""
+        total = int(self._skip_counts.sum())
+        self._skip_counts.zero_()
+        return total
+
+
+def take_skipped(dataset: Dataset) -> int:
+    """``dataset.take_skipped()`` for data sets that skip unreadable samples (:class:`ImageTree`), else 0."""
+    take = getattr(dataset, "take_skipped", None)
+    return take() if callable(take) else 0
