@@ -53,8 +53,8 @@ def test_bench_model_prints_both_models_and_their_ratio():
         [row] = table_rows(out, name)
         tv_train, topo_train, train_ratio, tv_infer, topo_infer, infer_ratio = row[1:7]
         assert float(tv_train) > 0 and float(topo_train) > 0
-        assert ratio(train_ratio) == pytest.approx(float(topo_train) / float(tv_train), abs=0.01)
-        assert ratio(infer_ratio) == pytest.approx(float(topo_infer) / float(tv_infer), abs=0.01)
+        assert ratio(train_ratio) == pytest.approx(float(topo_train) / float(tv_train), rel=0.1)  # rounded figures
+        assert ratio(infer_ratio) == pytest.approx(float(topo_infer) / float(tv_infer), rel=0.1)
 
 
 def test_bench_stats_reports_the_overhead_ratio():
@@ -88,7 +88,7 @@ def test_bench_data_compares_loader_and_model(tmp_path):
         [row] = table_rows(out, workers)
         loader, model, loader_over_model, bottleneck = float(row[1]), float(row[2]), ratio(row[3]), row[4]
         assert loader > 0 and model > 0
-        assert loader_over_model == pytest.approx(loader / model, rel=0.02, abs=0.01)
+        assert loader_over_model == pytest.approx(loader / model, rel=0.1)  # rounded figures
         assert bottleneck == ("model" if loader >= model else "loader")
 
 
