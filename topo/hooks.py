@@ -13,10 +13,10 @@ from typing import Any, Iterable, Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from topo.distributed import every_rank, is_distributed
 from topo.errors import StatsError
+from topo.progress import progress_bar
 from topo.stats import DEFAULT_POSITIONS, LayerStats
 
 _WHERE = ("output", "input")
@@ -73,9 +73,7 @@ def record(
     batch_index = [0]
     modes = {m: m.training for m in model.modules()}
     total = _length(data, max_batches)
-    # an iterator, not ``data``: tqdm.auto calls iter() on an iterable it is given, which on a DataLoader
-    # would start a second set of worker processes that read batches for nothing
-    batches = iter(data) if max_batches is None else itertools.islice(data, max_batches)
+    batches = data if max_batches is None else itertools.islice(data, max_batches)
     handles = []
     reduce = all_reduce and is_distributed()
     failure: Exception | None = None
@@ -84,7 +82,7 @@ def record(
             handles.append(_attach(module, where, stats[spec], batch_index))
         model.eval()
         with torch.no_grad():
-            for index, batch in enumerate(tqdm(batches, total=total, desc="record", unit="batch", disable=not progress)):
+            for index, batch in enumerate(progress_bar(batches, total=total, desc="record", unit="batch", disable=not progress)):
                 batch_index[0] = index
                 model(_inputs(batch).to(device, non_blocking=True))
     except Exception as error:

@@ -36,6 +36,7 @@ from topo.data import take_skipped
 from topo.data.loader import ShardSampler, make_loader, resolve_device
 from topo.errors import UserError
 from topo.io import atomic_path, atomic_torch_save
+from topo.progress import progress_bar
 from topo.seeding import capture_rng_state, restore_rng_state, seed_everything
 
 log = logging.getLogger(__name__)
@@ -439,10 +440,8 @@ def train(
         epoch_start = time.perf_counter()
         train_loader.set_epoch(epoch)
         lr = training.optimizer.param_groups[0]["lr"]
-        # an iterator, not the loader: tqdm.auto's asyncio tqdm calls iter() on an iterable at once, which
-        # would start a second set of loader workers each epoch that read batches for nothing
-        bar = tqdm(iter(train_loader), total=len(train_loader), desc=f"{name} {epoch + 1}/{config.epochs}",
-                   leave=False, disable=not (config.progress and is_main))
+        bar = progress_bar(train_loader, desc=f"{name} {epoch + 1}/{config.epochs}", leave=False,
+                           disable=not (config.progress and is_main))
         train_loss, train_correct, train_count = _train_epoch(net, training, bar, config, device)
         train_time = time.perf_counter() - epoch_start
 

@@ -162,11 +162,11 @@ class UnitClustering(BaseEstimator):
 
     def _anchored(self, graph, seed: int) -> list[Cluster]:
         """Anchor every live channel at offset 0, find its clusters locally, merge translated copies."""
-        from tqdm.auto import tqdm
+        from topo.progress import progress_bar
 
         candidates: dict = {}
         anchors = np.flatnonzero(graph.alive)
-        for anchor in tqdm(anchors, desc=f"clustering ({self.method})", disable=not self.progress):
+        for anchor in progress_bar(anchors, desc=f"clustering ({self.method})", disable=not self.progress):
             chans, offs = graph.neighbours(int(anchor))
             if len(chans) < self.min_size - 1:
                 continue
