@@ -1,9 +1,14 @@
-"""Run a test's worker in two spawned processes of one gloo group, with a time limit.
+"""Two-process test jobs with a time limit: a worker in two spawned processes of one gloo group
+(`run_two`), or a command under torchrun (`torchrun`, `finish`).
 
 Kept apart from conftest.py so that the spawned processes import only torch and the test module.
 """
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 
@@ -35,3 +40,23 @@ def run_two(worker: Callable[..., None], *args, init_file: str, timeout: float =
                 process.kill()
                 process.join()
             pytest.fail(f"{worker.__name__} still running after {timeout:.0f} s: a collective hangs")
+
+
+def torchrun(*args: str | os.PathLike) -> subprocess.Popen:
+    """``python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS`` (a script and its
+    arguments, or ``-m module ...``), one thread per process, in a session of its own."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
+    """Exit status, standard output and standard error of a :func:`torchrun` job; past ``timeout``
+    seconds it is killed together with its workers."""
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return process.returncode, stdout, stderr

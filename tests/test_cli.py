@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from gloo_group import finish, torchrun
 
 import builders
 from builders.spec import ConvSpec, HeadSpec, NetworkSpec
@@ -201,13 +202,12 @@ def test_bad_flags_exit_2(capsys):
 
 def test_run_under_torchrun(tmp_path: Path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "topo.cli", "--skeleton", "1", "--stats-batches", "2", "--epochs", "1", "--batch-size", "64",
-           "--workers", "0", "--no-progress", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.count("training discovered") == 1  # only rank 0 speaks
+    returncode, stdout, stderr = finish(torchrun(
+        "-m", "topo.cli", "--skeleton", "1", "--stats-batches", "2", "--epochs", "1", "--batch-size", "64",
+        "--workers", "0", "--no-progress", "--out", out,
+    ), timeout=300)
+    assert returncode == 0, stderr[-2000:]
+    assert stdout.count("training discovered") == 1  # only rank 0 speaks
     spec = NetworkSpec.from_json((out / "topology.json").read_text())
     assert [m.name for m in spec.inception_modules()] == ["inception3a"]
     assert len(pd.read_csv(out / "comparison.csv")) == 2

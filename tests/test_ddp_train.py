@@ -3,15 +3,12 @@ job that dies after an epoch resumes to the uninterrupted result."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
+from gloo_group import finish, torchrun
 from torch import nn
 from torch.utils.data import Subset
 
@@ -110,30 +107,10 @@ make_model, CONFIG = namespace["make_model"], namespace["CONFIG"]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _torchrun(script: Path, *args: str | Path) -> subprocess.Popen:
-    """``script`` started under torchrun as two processes on one machine, in a session of its own."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([*command, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True)
-
-
-def _finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
-    """The exit status and standard error of a torchrun started with :func:`_torchrun`; past
-    ``timeout`` seconds it is killed together with its workers."""
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        raise
-    return process.returncode, stderr
-
-
 def test_two_process_training_matches_one_process(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     atomic_write_text(script, WORKER_SCRIPT)
-    returncode, stderr = _finish(_torchrun(script, tmp_path))
+    returncode, _, stderr = finish(torchrun(script, tmp_path))
     assert returncode == 0, stderr[-3000:]
 
     reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -171,17 +148,17 @@ def test_interrupted_ddp_run_resumes_to_the_uninterrupted_result(tmp_path: Path)
     script = tmp_path / "resume.py"
     atomic_write_text(script, RESUME_SCRIPT)
     reference_dir, resumed_dir = tmp_path / "reference", tmp_path / "resumed"
-    reference = _torchrun(script, reference_dir, "full")
-    returncode, stderr = _finish(_torchrun(script, resumed_dir, "interrupt"))
+    reference = torchrun(script, reference_dir, "full")
+    returncode, _, stderr = finish(torchrun(script, resumed_dir, "interrupt"))
     assert returncode != 0, "rank 0 must die after epoch 1"
     assert torch.load(resumed_dir / "net.ckpt", weights_only=True)["epoch"] == 1
     assert not (resumed_dir / "net_metrics.csv").exists()  # it died before writing the metrics
     assert not list(resumed_dir.glob("final-rank*.pt"))
 
-    returncode, stderr = _finish(_torchrun(script, resumed_dir, "resume"))
+    returncode, _, stderr = finish(torchrun(script, resumed_dir, "resume"))
     assert returncode == 0, stderr[-3000:]
     assert f"resuming net from {resumed_dir / 'net.ckpt'} after epoch 1 of 2" in stderr
-    returncode, stderr = _finish(reference)
+    returncode, _, stderr = finish(reference)
     assert returncode == 0, stderr[-3000:]
 
     for rank in (0, 1):
