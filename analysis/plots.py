@@ -4,7 +4,7 @@ Every function draws on its own ``matplotlib.figure.Figure`` (no pyplot, no
 global state), saves it as ``<path_stem>.png`` and ``<path_stem>.pdf``
 atomically and returns the paths written. A figure with nothing to show (no
 accuracy measured, no history) is not written and the function returns ``[]``.
-The inputs are those documented in :mod:`analysis.report`.
+The inputs are those documented in :mod:`analysis.tables`.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from analysis.report import (
+from analysis.tables import (
     BRANCHES,
     ReportError,
     accuracy_fraction,

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+from builders.cost import inception_macs
 from builders.spec import InceptionSpec
 from topo.errors import StatsError
 
@@ -12,10 +13,8 @@ def fit_to_budget(make: Callable[[float], InceptionSpec], budget: float, height:
     """The largest ``make(scale)`` whose multiply-adds at ``height`` x ``width`` stay within ``budget``.
 
     ``make`` maps a scale factor to a spec and must grow with it; the scale is
-    found by doubling, then bisection, on `analysis.inception_macs`.
+    found by doubling, then bisection, on `builders.cost.inception_macs`.
     """
-    from analysis.cost import inception_macs
-
     def macs(scale: float) -> int:
         return inception_macs(make(scale), height, width, kernel5x5=kernel5x5)
 

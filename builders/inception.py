@@ -58,13 +58,14 @@ class MaxPool2d(nn.MaxPool2d):
     PyTorch's channels-last max-pool kernels on CPU are several times faster than
     the NCHW ones (forward and backward); converting there and back costs less than
     it saves. The result is identical, in the input's memory format. Under
-    ``torch.compile`` the compiler generates its own pooling code, so the plain
-    pooling is traced.
+    ``torch.compile`` the compiler generates its own pooling code, and a
+    TorchScript trace may run on any device, so both trace the plain pooling.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (
             not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and x.is_cpu
             and x.dim() == 4
             and not self.return_indices
@@ -120,6 +121,28 @@ class Inception(nn.Module):
     @property
     def out_channels(self) -> int:
         return self.spec.out_channels
+
+    def input_weights(self) -> dict[int, torch.Tensor | None]:
+        """The weights ``(out, in, 1, 1)`` of the three 1x1 convolutions that read the module's input.
+
+        Keyed by branch kernel: 1 is branch1, 3 and 5 the reductions in front of
+        the 3x3 and the '5x5' branch; None where the branch is absent. In the
+        fused layout they are views into ``fused1x1``'s weight, so writing into
+        them (under ``torch.no_grad()``) changes the module.
+        """
+        if self.fused1x1 is not None:
+            pieces = torch.split(self.fused1x1.conv.weight, self._split_sizes, dim=0)
+            return {k: p if p.shape[0] else None for k, p in zip((1, 3, 5), pieces)}
+        return {
+            1: self.branch1.conv.weight if self.branch1 is not None else None,
+            3: self.branch2[0].conv.weight if self.branch2 is not None else None,
+            5: self.branch3[0].conv.weight if self.branch3 is not None else None,
+        }
+
+    def spatial_weight(self, kernel: int) -> torch.Tensor | None:
+        """The weight of the k x k convolution of the 3x3 (``kernel=3``) or '5x5' (``kernel=5``) branch, or None."""
+        branch = {3: self.branch2, 5: self.branch3}[kernel]
+        return branch[1].conv.weight if branch is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x1 = x3 = x5 = x

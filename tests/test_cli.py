@@ -231,3 +231,34 @@ def test_an_error_from_a_loader_worker_is_still_one_line():
         next(iter(loader))
     assert "Traceback" in str(caught.value)  # what PyTorch re-raises
     assert one_line(caught.value) == "image 0.jpg is truncated; delete it or run without --strict"
+
+
+def _tiny_digits_spec(tmp_path: Path) -> Path:
+    spec = NetworkSpec(stem=(ConvSpec("conv1", 8, 3),), head=HeadSpec(num_classes=10), in_channels=1, input_size=8)
+    path = tmp_path / "tiny.json"
+    path.write_text(spec.to_json())
+    return path
+
+
+def test_per_epoch_lines_reach_the_command_line_and_quiet_hides_them(tmp_path: Path, capsys):
+    spec = _tiny_digits_spec(tmp_path)
+    common = ["train", str(spec), "--epochs", "2", "--workers", "0", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "loud")]) == 0
+    out = capsys.readouterr().out
+    assert "tiny epoch 1/2: train loss" in out and "tiny epoch 2/2: train loss" in out
+    assert "Train time: seconds spent in the training passes" in out  # the table says what it measures
+    assert main([*common, "--quiet", "--out", str(tmp_path / "quiet")]) == 0
+    out = capsys.readouterr().out
+    assert "epoch 1/2" not in out and "| tiny" in out  # the result table is still printed
+
+
+def test_train_command_writes_a_run_directory(tmp_path: Path):
+    spec = _tiny_digits_spec(tmp_path)
+    out = tmp_path / "run"
+    assert main(["train", str(spec), "--epochs", "1", "--workers", "0", "--no-progress", "--out", str(out)]) == 0
+    metrics = pd.read_csv(out / "training" / "tiny_metrics.csv")
+    table = pd.read_csv(out / "comparison.csv")
+    # "Train time" is the training passes only, and the throughput is measured over the same passes
+    assert table["Train time (s)"].iloc[0] == pytest.approx(metrics["train_time_s"].sum(), rel=1e-6)
+    assert table["Throughput (img/s)"].iloc[0] == pytest.approx(
+        metrics["train_images"].sum() / metrics["train_time_s"].sum(), rel=1e-6)

@@ -34,7 +34,7 @@ def _loader(dataset):
 def _construct(reference, digits, out_dir=None, **options):
     config = ConstructConfig(skeleton=SKELETON, stats_batches=4, **options)
     return construct(reference, digits.train, config, input_hw=(8, 8), loader=_loader, out_dir=out_dir,
-                     progress=False, log=lambda message: None)
+                     progress=False)
 
 
 def test_parse_skeleton():

@@ -5,9 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from analysis.cost import inception_macs
+from builders.cost import inception_macs
 from builders.from_clusters import POOL_SHARE, from_clusters, reduction_width
 from topo.cluster import UnitClustering
+from topo.construct import ConstructConfig, cluster_layer
 from topo.errors import StatsError
 from topo.planted import PlantedConfig, generate
 from topo.stats import from_activations
@@ -85,10 +86,13 @@ def test_budget_is_met_by_one_scale_factor(fitted):
 
 
 def test_pool_proj_from_the_pooled_map(fitted):
+    """The loop clusters the pooled map with a 1x1 window (`cluster_layer`); the builder gives one
+    projection channel per cluster found there."""
     acts, stats, model = fitted
     pooled = torch.nn.functional.max_pool2d(acts, 3, stride=1, padding=1)
     pool_stats = from_activations(pooled, positions=None)
-    spec = from_clusters(model, stats, round_to=None, pool_stats=pool_stats)
+    found = cluster_layer(ConstructConfig(seed=0), stats, pool_stats, progress=False)
+    spec = from_clusters(model, stats, round_to=None, pool_units=found.pool_clustering.n_clusters_)
     expected = UnitClustering(method="arora", window=1, random_state=0).fit(pool_stats).n_clusters_
     assert expected > 0 and spec.pool_proj == expected
 

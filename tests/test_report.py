@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from sklearn.datasets import load_digits
 
-from analysis import report
+from analysis import report, tables
 from analysis.plots import cluster_order
-from analysis.report import ReportError
+from analysis.tables import ReportError
 from topo.errors import UserError
 
 
@@ -51,7 +51,7 @@ def history(offset=0.0):
 
 
 def test_comparison_frame_units_and_values():
-    frame = report.comparison_frame(ROWS)
+    frame = tables.comparison_frame(ROWS)
     assert list(frame.columns) == ["Network", "Params (M)", "MACs (G)", "Top-1 (%)", "Top-5 (%)",
                                    "EMA top-1 (%)", "Train time (h)", "Throughput (img/s)"]
     assert frame["Params (M)"].tolist() == pytest.approx([5.9, 6.6])
@@ -60,16 +60,16 @@ def test_comparison_frame_units_and_values():
     assert frame["Train time (h)"].tolist() == pytest.approx([30.0, 30.4166667])
     assert np.isnan(frame.loc[0, "EMA top-1 (%)"])
     # Small networks are counted in millions of multiply-adds, and no EMA column without EMA.
-    small = report.comparison_frame([dict(network="tiny", params=20_000, macs=3_500_000, top1=0.9)])
+    small = tables.comparison_frame([dict(network="tiny", params=20_000, macs=3_500_000, top1=0.9)])
     assert "MACs (M)" in small and "EMA top-1 (%)" not in small
     assert small.loc[0, "MACs (M)"] == pytest.approx(3.5)
 
 
 def test_write_comparison_round_trips(tmp_path):
-    paths = report.write_comparison(ROWS, tmp_path)
+    paths = tables.write_comparison(ROWS, tmp_path)
     assert [p.name for p in paths] == ["comparison.csv", "comparison.md", "comparison.tex"]
     back = pd.read_csv(paths[0])
-    pd.testing.assert_frame_equal(back, report.comparison_frame(ROWS), check_exact=False, rtol=1e-9)
+    pd.testing.assert_frame_equal(back, tables.comparison_frame(ROWS), check_exact=False, rtol=1e-9)
     assert back.loc[1, "EMA top-1 (%)"] == pytest.approx(64.1)
 
     markdown = paths[1].read_text()
@@ -87,16 +87,16 @@ def test_write_comparison_round_trips(tmp_path):
 def test_accuracy_must_be_a_fraction():
     bad = [dict(ROWS[0], top1=61.2)]
     with pytest.raises(ReportError, match="top1=61.2 for network 'discovered'.*fraction") as info:
-        report.comparison_frame(bad)
+        tables.comparison_frame(bad)
     assert isinstance(info.value, UserError) and "\n" not in str(info.value)
     with pytest.raises(ReportError, match="lacks 'macs'"):
-        report.comparison_frame([dict(network="x", params=1)])
+        tables.comparison_frame([dict(network="x", params=1)])
 
 
 def test_layer_frame_discovered_beside_reference():
     records = records_with_shares([0.2, 0.5])
     records[1]["reference"] = None
-    frame = report.layer_frame(records)
+    frame = tables.layer_frame(records)
     assert frame["Module"].tolist() == ["inception0", "inception1"]
     assert frame["#1x1"].tolist() == [60, 59]
     assert frame["#1x1 (ref)"].iloc[0] == 64 and pd.isna(frame["#1x1 (ref)"].iloc[1])
@@ -107,16 +107,16 @@ def test_layer_frame_discovered_beside_reference():
 
 
 def test_kernel_shares_and_depth_trend():
-    shares = report.kernel_shares(records_with_shares([0.2, 0.4, 0.6, 0.8]))
+    shares = tables.kernel_shares(records_with_shares([0.2, 0.4, 0.6, 0.8]))
     assert shares["share35"].tolist() == pytest.approx([0.2, 0.4, 0.6, 0.8])
     assert (shares[["share1", "share3", "share5"]].sum(axis=1)).tolist() == pytest.approx([1, 1, 1, 1])
-    trend = report.depth_trend(shares)
+    trend = tables.depth_trend(shares)
     assert trend.slope == pytest.approx(0.2)
     assert (trend.first_half, trend.second_half) == pytest.approx((0.3, 0.7))
     assert trend.rises and not trend.falls_or_flat
-    assert report.depth_trend(shares.iloc[:1]) is None
+    assert tables.depth_trend(shares.iloc[:1]) is None
     with pytest.raises(ReportError, match="kernel size '7'"):
-        report.kernel_shares([dict(name="a", kernel_counts={"7": 1})])
+        tables.kernel_shares([dict(name="a", kernel_counts={"7": 1})])
 
 
 def slope_points(shares):
@@ -145,7 +145,7 @@ def test_findings_does_not_bear_it_out_for_falling_or_mixed_shares():
 
     # The slope rises but the deeper half is below the shallower half: no verdict in favour.
     shares = [0.4, 0.0, 0.4, 0.0, 0.0, 0.7]
-    trend = report.depth_trend(report.kernel_shares(records_with_shares(shares)))
+    trend = tables.depth_trend(tables.kernel_shares(records_with_shares(shares)))
     assert trend.slope > 0 and trend.second_half < trend.first_half
     mixed = report.findings(records_with_shares(shares), ROWS)
     assert "does not clearly bear it out" in mixed

@@ -4,21 +4,23 @@ For each module of the skeleton (the procedure of "Going deeper with
 convolutions", section 3):
 
 1. build the network so far (stem and the modules found so far, with a head)
-   and optionally train it briefly;
+   and optionally train it briefly (`prepare_prefix`);
 2. record the statistics of its last layer, and of that layer max-pooled 3x3
-   (the parallel pooling path of the next module);
-3. cluster the units that fire together (`topo.cluster.UnitClustering`) and map
-   the clusters onto branch widths (`builders.from_clusters`) within this
-   module's share of the multiply-add budget;
-4. append the module (initialised at random or from its clusters) and repeat.
+   (the parallel pooling path of the next module) (`record_layer`);
+3. cluster the units that fire together (`cluster_layer`), and map the
+   clusters onto branch widths (`builders.from_clusters`) within this module's
+   share of the multiply-add budget (`module_budget`);
+4. append the module, initialised at random or from its clusters (`grow`),
+   and repeat.
 
-Progress is saved after every module, so an interrupted construction resumes
-where it stopped.
+Progress is saved after every module (`topo.rundir.ConstructionFiles`), so an
+interrupted construction resumes where it stopped.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -27,20 +29,27 @@ import torch
 from torch import nn
 
 import builders
-from builders.budget import fit_to_budget, scaled_widths
+from builders.cost import count_macs, inception_macs
 from builders.from_clusters import from_clusters
-from analysis import count_macs, inception_macs
+from builders.googlenet import INCEPTION_TABLE
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
 from topo import distributed as dist_info
-from topo.cluster import UnitClustering
+from topo.cluster import METHODS, UnitClustering
 from topo.errors import UserError
+from topo.hebbian import hebbian_init_
 from topo.hooks import record
 from topo.io import atomic_torch_save, atomic_write_json
+from topo.rundir import ConstructionFiles
 from topo.stats import LayerStats
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SKELETON = "2,pool,5,pool,2"
 INIT_MODES = ("random", "hebbian")
+WINDOWS = (1, 3, 5)
 PROBE = "pool_probe"  # the 3x3/1 max pool appended while recording: the next module's pooling path
+#: The proportions a module without clusters keeps when there is no reference module: GoogLeNet's 3a.
+FALLBACK_SHAPE = InceptionSpec(1, *INCEPTION_TABLE[0][1:], name=INCEPTION_TABLE[0][0])
 
 
 @dataclass
@@ -52,8 +61,9 @@ class ConstructConfig:
     the whole network (``None``: those of the reference). ``window``: the largest
     window a candidate unit looks at (5: 1x1, 3x3 and 5x5 kernels); it shrinks to
     the map where a map is smaller. ``stats_batches``: batches of training data
-    the statistics are recorded over. ``epochs_per_layer``: brief training of
-    each prefix before its statistics are recorded (0: statistics of the random
+    the statistics are recorded over; ``positions``: anchor positions per map
+    and image (``None``: all). ``epochs_per_layer``: brief training of each
+    prefix before its statistics are recorded (0: statistics of the random
     network).
     """
 
@@ -74,12 +84,19 @@ class ConstructConfig:
         parse_skeleton(self.skeleton)
         if self.init not in INIT_MODES:
             raise UserError(f"init {self.init!r} is unknown: use one of {', '.join(INIT_MODES)}")
-        if self.window not in (1, 3, 5):
+        if self.method not in METHODS:
+            raise UserError(f"method {self.method!r} is unknown: use one of {', '.join(METHODS)}")
+        if self.window not in WINDOWS:
             raise UserError(f"window {self.window} is not supported: use 1, 3 or 5")
         if self.epochs_per_layer < 0:
             raise UserError(f"epochs per layer {self.epochs_per_layer} is negative: use 0 or more")
         if self.budget_macs is not None and self.budget_macs <= 0:
             raise UserError(f"budget {self.budget_macs} multiply-adds is not positive")
+
+    def clustering(self, window: int, *, progress: bool = True) -> UnitClustering:
+        """The (unfitted) clustering estimator this configuration asks for, with ``window``."""
+        return UnitClustering(method=self.method, window=window, n_clusters=self.n_clusters,
+                              max_clusters=self.max_clusters, random_state=self.seed, progress=progress)
 
 
 def parse_skeleton(text: str) -> list[int | str]:
@@ -135,14 +152,29 @@ class Construction:
     clusterings: dict[str, UnitClustering] = field(default_factory=dict)
 
 
-def _head_macs(spec: NetworkSpec, input_hw: tuple[int, int]) -> int:
+@dataclass
+class LayerClusters:
+    """What the clustering found in one recorded layer: the layer's clusters and those of its pooled map."""
+
+    window: int
+    clustering: UnitClustering
+    pool_clustering: UnitClustering | None = None
+
+
+# --------------------------------------------------------------------------- budget
+def network_macs(spec: NetworkSpec, input_hw: tuple[int, int]) -> int:
+    """Multiply-adds per image of the network ``spec`` describes (eval mode, batch 1)."""
+    return count_macs(builders.build(spec).eval(), (1, spec.in_channels, *input_hw))
+
+
+def head_macs(spec: NetworkSpec, input_hw: tuple[int, int]) -> int:
     """Multiply-adds of everything but the Inception modules (stem, poolings, head)."""
-    total = count_macs(builders.build(spec).eval(), (1, spec.in_channels, *input_hw))
     shapes = spec.input_shapes(input_hw)
-    return total - sum(inception_macs(m, *shapes[m.name][1:], kernel5x5=spec.kernel5x5) for m in spec.inception_modules())
+    modules = sum(inception_macs(m, *shapes[m.name][1:], kernel5x5=spec.kernel5x5) for m in spec.inception_modules())
+    return network_macs(spec, input_hw) - modules
 
 
-def _module_budgets(plan: list, reference: NetworkSpec, input_hw: tuple[int, int]) -> list[float]:
+def module_weights(plan: list, reference: NetworkSpec, input_hw: tuple[int, int]) -> list[float]:
     """Relative weights of the modules' budgets: the reference's own split when the counts match."""
     names = [item for item in plan if isinstance(item, str)]
     ref_modules = reference.inception_modules()
@@ -150,6 +182,12 @@ def _module_budgets(plan: list, reference: NetworkSpec, input_hw: tuple[int, int
         return [1.0] * len(names)
     shapes = reference.input_shapes(input_hw)
     return [float(inception_macs(m, *shapes[m.name][1:], kernel5x5=reference.kernel5x5)) for m in ref_modules]
+
+
+def module_budget(budget: float, spent: float, weights: list[float], index: int) -> float:
+    """Module ``index``'s share of what is left of ``budget`` after ``spent``, by ``weights``."""
+    remaining = weights[index:]
+    return max(1.0, budget - spent) * remaining[0] / sum(remaining)
 
 
 def window_for(map_hw: tuple[int, int], largest: int) -> int:
@@ -160,6 +198,92 @@ def window_for(map_hw: tuple[int, int], largest: int) -> int:
     return 1
 
 
+# --------------------------------------------------------------------------- one step
+def build_prefix(spec: NetworkSpec, state: dict[str, torch.Tensor] | None, seed: int,
+                 device: torch.device) -> nn.Module:
+    """The network so far, seeded, with the weights of ``state`` where the layers match."""
+    torch.manual_seed(seed)
+    model = builders.build(spec)
+    if state is not None:
+        load_prefix(model, state)
+    return model.to(device)
+
+
+def prepare_prefix(model: nn.Module, index: int, trainer: Callable[[nn.Module, int], nn.Module] | None,
+                   batches: Any, config: ConstructConfig, device: torch.device) -> nn.Module:
+    """Train the prefix briefly (``config.epochs_per_layer > 0``), else calibrate its BatchNorm statistics."""
+    if trainer is not None and config.epochs_per_layer > 0:
+        return trainer(model, index)
+    calibrate_batchnorm(model, batches, config.stats_batches or 16, device)
+    return model
+
+
+def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: ConstructConfig,
+                 device: torch.device, progress: bool) -> tuple[LayerStats, LayerStats]:
+    """Statistics of the prefix's last layer and of its 3x3 max-pooled map, in one pass."""
+    last = spec.layers[-1].name
+    probe = builders.build(dataclasses.replace(spec, stages=spec.stages + (PoolSpec(PROBE, 3, 1, padding=1),)))
+    probe.load_state_dict(model.state_dict())
+    probe.to(device)
+    stats = record(probe, batches, [last, PROBE], max_batches=config.stats_batches, positions=config.positions,
+                   seed=config.seed, progress=progress)
+    return stats[last], stats[PROBE]
+
+
+def cluster_layer(config: ConstructConfig, stats: LayerStats, pooled: LayerStats | None,
+                  progress: bool) -> LayerClusters:
+    """Cluster the layer with the largest window its map allows, and its pooled map with a 1x1 window."""
+    window = window_for(stats.spatial_shape or (1, 1), config.window)
+    clustering = config.clustering(window, progress=progress).fit(stats)
+    pool_clustering = config.clustering(1, progress=progress).fit(pooled) if pooled is not None else None
+    return LayerClusters(window, clustering, pool_clustering)
+
+
+def layer_record(name: str, stats: LayerStats, found: LayerClusters, module: InceptionSpec,
+                 reference: InceptionSpec | None, *, budget: float, in_channels: int,
+                 map_hw: tuple[int, int]) -> dict[str, Any]:
+    """What was measured and decided for one module (see `analysis.tables.LayerRecord`)."""
+    clustering = found.clustering
+    return {
+        "name": name,
+        "in_channels": in_channels,
+        "spatial_shape": list(map_hw),
+        "observations": int(stats.count),
+        "dead_units": int(len(stats.dead_units)),
+        "method": clustering.method,
+        "window": found.window,
+        "n_clusters": int(clustering.n_clusters_),
+        "kernel_counts": {str(k): int(v) for k, v in clustering.kernel_counts_.items()},
+        "spec": module.to_dict(),
+        "reference": reference.to_dict() if reference is not None else None,
+        "macs": int(inception_macs(module, *map_hw)),
+        "budget_macs": int(round(budget)),
+        "fallback": not clustering.n_clusters_,
+    }
+
+
+def describe(record: dict[str, Any]) -> str:
+    """One line on what a module's statistics called for."""
+    m = InceptionSpec.from_dict(record["spec"])
+    h, w = record["spatial_shape"]
+    counts = {int(k): v for k, v in record["kernel_counts"].items()}
+    return (f"{record['name']}: {record['in_channels']} channels at {h}x{w}, {record['n_clusters']} clusters "
+            f"{counts} -> 1x1 {m.ch1x1}, 3x3 {m.ch3x3red}->{m.ch3x3}, 5x5 {m.ch5x5red}->{m.ch5x5}, "
+            f"pool {m.pool_proj}")
+
+
+def grow(spec: NetworkSpec, module: InceptionSpec, model: nn.Module, init: str, found: LayerClusters,
+         stats: LayerStats) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
+    """Append ``module``; the earlier layers keep their (possibly trained) weights. Returns (spec, weights)."""
+    spec = dataclasses.replace(spec, stages=spec.stages + (module,))
+    grown = builders.build(spec)
+    load_prefix(grown, model.state_dict())
+    if init == "hebbian":
+        hebbian_init_(getattr(grown, module.name), found.clustering, stats)
+    return spec, {k: v.detach().cpu() for k, v in grown.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- the loop
 def construct(
     reference: NetworkSpec,
     train_data: torch.utils.data.Dataset,
@@ -171,7 +295,6 @@ def construct(
     out_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> Construction:
     """Grow a network on the stem of ``reference`` following ``config.skeleton``.
 
@@ -185,168 +308,45 @@ def construct(
     process clusters the same numbers and grows the same network; only rank 0
     writes files.
     """
-    out = Path(out_dir) if out_dir is not None else None
+    files = ConstructionFiles(Path(out_dir)) if out_dir is not None else None
     device = torch.device(device)
     plan = skeleton_plan(config.skeleton, reference)
+    sized = dataclasses.replace(reference, input_size=min(input_hw))
+    budget = config.budget_macs or network_macs(sized, input_hw)
+    weights = module_weights(plan, reference, input_hw)
     # the discovered modules use true 5x5 kernels: their clusters were measured in 5x5 windows
-    spec = dataclasses.replace(reference, stages=(), aux_heads=(), name="discovered", input_size=min(input_hw),
-                               kernel5x5=5)
-
-    budget = config.budget_macs or count_macs(builders.build(
-        dataclasses.replace(reference, input_size=min(input_hw))).eval(), (1, reference.in_channels, *input_hw))
-    weights = _module_budgets(plan, reference, input_hw)
-    ref_modules = reference.inception_modules()
-
-    done = _load_progress(out) if out is not None else None
-    records: list[dict[str, Any]] = []
-    state: dict[str, torch.Tensor] | None = None
-    if done is not None:
-        spec, records = done["spec"], done["records"]
-        if out is not None and (out / "prefix.pt").is_file():
-            state = torch.load(out / "prefix.pt", map_location="cpu", weights_only=True)
-        log(f"resuming construction after {len(records)} module(s)")
-
+    empty = dataclasses.replace(sized, stages=(), aux_heads=(), name="discovered", kernel5x5=5)
+    spec, records, state = load_progress(files, empty)
     result = Construction(spec=spec, records=records)
-    module_index = 0
     for step, item in enumerate(plan):
-        if isinstance(item, PoolSpec):
-            if step >= len(spec.stages):
-                spec = dataclasses.replace(spec, stages=spec.stages + (item,))
-            continue
         if step < len(spec.stages):  # built before the resume
-            module_index += 1
             continue
-
-        torch.manual_seed(config.seed + step)
-        model = builders.build(spec)
-        if state is not None:
-            _load_prefix(model, state)
-        model.to(device)
-        if trainer is not None and config.epochs_per_layer > 0:
-            model = trainer(model, module_index)
-        else:
-            calibrate_batchnorm(model, loader(train_data), config.stats_batches or 16, device)
-
-        last = spec.layers[-1].name
-        stats = _record(model, spec, last, train_data, loader, config, device, progress)
-        layer_stats, pooled_stats = stats[last], stats[PROBE]
-        window = window_for(layer_stats.spatial_shape or (1, 1), config.window)
-
-        clustering = UnitClustering(
-            method=config.method,
-            window=window,
-            n_clusters=config.n_clusters,
-            max_clusters=config.max_clusters,
-            random_state=config.seed,
-            progress=progress,
-        ).fit(layer_stats)
-
-        in_channels = spec.out_channels
-        map_hw = tuple(layer_stats.spatial_shape or (1, 1))
-        spent = _head_macs(spec, input_hw) + sum(r["macs"] for r in records)
-        remaining_weights = weights[module_index:]
-        module_budget = max(1.0, (budget - spent)) * remaining_weights[0] / sum(remaining_weights)
-        reference_module = ref_modules[module_index] if module_index < len(ref_modules) else None
-        module = module_from_clustering(clustering, layer_stats, budget=module_budget, round_to=config.round_to,
-                                        in_channels=in_channels, pool_stats=pooled_stats,
-                                        reference=reference_module, name=item, log=log)
-        macs = inception_macs(module, *map_hw)
-
-        record_ = {
-            "name": item,
-            "in_channels": in_channels,
-            "spatial_shape": list(map_hw),
-            "observations": int(layer_stats.count),
-            "dead_units": int(len(layer_stats.dead_units)),
-            "method": config.method,
-            "window": window,
-            "n_clusters": int(clustering.n_clusters_),
-            "kernel_counts": {str(k): int(v) for k, v in clustering.kernel_counts_.items()},
-            "spec": module.to_dict(),
-            "reference": reference_module.to_dict() if reference_module is not None else None,
-            "macs": int(macs),
-            "budget_macs": int(round(module_budget)),
-            "fallback": not clustering.n_clusters_,
-        }
-        log(
-            f"{item}: {layer_stats.num_channels} channels at {map_hw[0]}x{map_hw[1]}, "
-            f"{clustering.n_clusters_} clusters {dict(clustering.kernel_counts_)} -> "
-            f"1x1 {module.ch1x1}, 3x3 {module.ch3x3red}->{module.ch3x3}, "
-            f"5x5 {module.ch5x5red}->{module.ch5x5}, pool {module.pool_proj}"
-        )
-
-        spec = dataclasses.replace(spec, stages=spec.stages + (module,))
-        grown = builders.build(spec)  # the earlier layers keep their (possibly trained) weights
-        _load_prefix(grown, model.state_dict())
-        if config.init == "hebbian":
-            from topo.hebbian import hebbian_init_
-
-            hebbian_init_(getattr(grown, item), clustering, layer_stats)
-        state = {k: v.detach().cpu() for k, v in grown.state_dict().items()}
-
-        records.append(record_)
-        result.stats[last] = layer_stats
-        result.clusterings[item] = clustering
-        if out is not None and dist_info.rank() == 0:
-            _save_layer(out, item, layer_stats, clustering)
-            atomic_torch_save(state, out / "prefix.pt")
-            _save_progress(out, spec, records)
-        module_index += 1
-
-    total = count_macs(builders.build(spec).eval(), (1, spec.in_channels, *input_hw))
-    log(f"discovered network: {total / 1e6:.1f}M multiply-adds against a budget of {budget / 1e6:.1f}M "
-        f"({100 * (total / budget - 1):+.1f}%)")
-    result.spec = spec
-    result.records = records
+        if isinstance(item, PoolSpec):
+            spec = dataclasses.replace(spec, stages=spec.stages + (item,))
+            continue
+        index = len(records)
+        model = build_prefix(spec, state, config.seed + step, device)
+        model = prepare_prefix(model, index, trainer, loader(train_data), config, device)
+        stats, pooled = record_layer(model, spec, loader(train_data), config, device, progress)
+        found = cluster_layer(config, stats, pooled, progress)
+        spent = head_macs(spec, input_hw) + sum(r["macs"] for r in records)
+        share = module_budget(budget, spent, weights, index)
+        reference_module = reference.inception_modules()[index] if index < len(reference.inception_modules()) else None
+        module = from_clusters(found.clustering, stats, budget=share, round_to=config.round_to,
+                               in_channels=spec.out_channels, pool_units=found.pool_clustering.n_clusters_,
+                               name=item, fallback=reference_module or FALLBACK_SHAPE)
+        records.append(layer_record(item, stats, found, module, reference_module, budget=share,
+                                    in_channels=spec.out_channels, map_hw=tuple(stats.spatial_shape or (1, 1))))
+        log.info(describe(records[-1]))
+        spec, state = grow(spec, module, model, config.init, found, stats)
+        result.stats[stats.name] = stats
+        result.clusterings[item] = found.clustering
+        save_step(files, item, stats, found.clustering, spec, records, state)
+    total = network_macs(spec, input_hw)
+    log.info("discovered network: %.1fM multiply-adds against a budget of %.1fM (%+.1f%%)",
+             total / 1e6, budget / 1e6, 100 * (total / budget - 1))
+    result.spec, result.records = spec, records
     return result
-
-
-def module_from_clustering(
-    clustering: UnitClustering,
-    stats: LayerStats,
-    *,
-    budget: float,
-    round_to: int,
-    in_channels: int,
-    name: str,
-    pool_stats: LayerStats | None = None,
-    reference: InceptionSpec | None = None,
-    log: Callable[[str], None] = print,
-) -> InceptionSpec:
-    """The module the clusters call for within ``budget``, named ``name``.
-
-    Where the statistics hold no cluster at all (no units fire together more
-    than chance allows, as in an untrained layer), the data suggests no shape:
-    the module then keeps the reference module's proportions (GoogLeNet 3a's
-    if there is none), scaled to the budget, and the record says so.
-    """
-    if clustering.n_clusters_:
-        module = from_clusters(clustering, stats, budget=budget, round_to=round_to, in_channels=in_channels,
-                               pool_stats=pool_stats)
-    else:
-        log(f"{name}: no clusters in the statistics (no units fire together); keeping the reference's proportions")
-        shape = dataclasses.replace(reference or InceptionSpec(in_channels, 64, 96, 128, 16, 32, 32),
-                                    in_channels=in_channels)
-        module = fit_to_budget(lambda scale: scaled_widths(shape, scale, round_to), budget,
-                               *(stats.spatial_shape or (1, 1)))
-    return dataclasses.replace(module, name=name, in_channels=in_channels)
-
-
-def _record(model, spec, last, dataset, loader, config, device, progress) -> dict[str, LayerStats]:
-    """Statistics of the last layer and of its 3x3 max-pooled map, in one pass."""
-    probe_spec = dataclasses.replace(spec, stages=spec.stages + (PoolSpec(PROBE, 3, 1, padding=1),))
-    probe = builders.build(probe_spec)
-    probe.load_state_dict(model.state_dict())
-    probe.to(device)
-    return record(
-        probe,
-        loader(dataset),
-        [last, PROBE],
-        max_batches=config.stats_batches,
-        positions=config.positions,
-        seed=config.seed,
-        progress=progress,
-    )
 
 
 def calibrate_batchnorm(model: nn.Module, batches: Any, max_batches: int, device: torch.device) -> None:
@@ -377,7 +377,7 @@ def calibrate_batchnorm(model: nn.Module, batches: Any, max_batches: int, device
     model.train(was_training)
 
 
-def _load_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy the weights of the layers ``model`` shares with ``state`` (the head is new)."""
     own = model.state_dict()
     shared = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith("fc.")}
@@ -386,11 +386,6 @@ def _load_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------- files
-def _save_layer(out: Path, name: str, stats: LayerStats, clustering: UnitClustering) -> None:
-    stats.save(out / f"{name}_stats.pt")
-    atomic_write_json(out / f"{name}_clusters.json", clustering_to_dict(clustering))
-
-
 def clustering_to_dict(clustering: UnitClustering) -> dict[str, Any]:
     """The fitted clusters as JSON-able data (members as [channel, dy, dx])."""
     return {
@@ -408,17 +403,23 @@ def clustering_to_dict(clustering: UnitClustering) -> dict[str, Any]:
     }
 
 
-def _save_progress(out: Path, spec: NetworkSpec, records: list[dict[str, Any]]) -> None:
-    atomic_write_json(out / "progress.json", {"spec": spec.to_dict(), "records": records})
+def save_step(files: ConstructionFiles | None, name: str, stats: LayerStats, clustering: UnitClustering,
+              spec: NetworkSpec, records: list[dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
+    """Write one module's statistics and clusters, the grown weights and the progress (rank 0 only)."""
+    if files is None or dist_info.rank() != 0:
+        return
+    stats.save(files.stats(name))
+    atomic_write_json(files.clusters(name), clustering_to_dict(clustering))
+    atomic_torch_save(state, files.prefix)
+    atomic_write_json(files.progress, {"spec": spec.to_dict(), "records": records})
 
 
-def _load_progress(out: Path) -> dict[str, Any] | None:
-    path = out / "progress.json"
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return {"spec": NetworkSpec.from_dict(data["spec"]), "records": data["records"]}
-
-
-def inception_names(spec: NetworkSpec) -> list[str]:
-    return [m.name for m in spec.inception_modules() if isinstance(m, InceptionSpec)]
+def load_progress(files: ConstructionFiles | None, empty: NetworkSpec
+                  ) -> tuple[NetworkSpec, list[dict[str, Any]], dict[str, torch.Tensor] | None]:
+    """(spec, records, weights) of an interrupted construction, or ``(empty, [], None)`` to start afresh."""
+    if files is None or not files.progress.is_file():
+        return empty, [], None
+    data = json.loads(files.progress.read_text())
+    state = torch.load(files.prefix, map_location="cpu", weights_only=True) if files.prefix.is_file() else None
+    log.info("resuming construction after %d module(s)", len(data["records"]))
+    return NetworkSpec.from_dict(data["spec"]), data["records"], state

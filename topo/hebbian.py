@@ -11,6 +11,8 @@ with its weight on exactly those units.
 - A 3x3 or 5x5 filter of a cluster: at each member's offset, the member's
   channel expressed in the reduced space.
 
+Clusters go to branches by `builders.from_clusters.branch_of` (wider than 5x5:
+the 5x5 branch, with members outside its window clipped to the window's edge).
 Each filter keeps the norm of its random initialisation, so activations keep
 their scale; filters beyond the number of clusters reuse the clusters in turn,
 and the pooling projection stays random.
@@ -20,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from builders.from_clusters import clusters_by_branch
 from builders.inception import Inception
 from topo.cluster import Cluster, UnitClustering
 from topo.stats import LayerStats
@@ -27,38 +30,20 @@ from topo.stats import LayerStats
 
 def hebbian_init_(module: Inception, clustering: UnitClustering, stats: LayerStats) -> Inception:
     """Initialise ``module``'s filters from ``clustering`` of ``stats`` in place; returns ``module``."""
-    spec = module.spec
-    by_kernel = {k: [c for c in clustering.clusters_ if c.kernel_size == k] for k in (1, 3, 5)}
-    w1, w3red, w5red = _input_1x1_weights(module)
+    by_branch = clusters_by_branch(clustering.clusters_)
+    inputs = module.input_weights()
     corr = stats.corr()
     with torch.no_grad():
-        if spec.ch1x1:
-            _set_filters(w1, [_channel_vector(c, spec.in_channels) for c in by_kernel[1]])
-        for reduce_w, branch, clusters in (
-            (w3red, module.branch2, by_kernel[3]),
-            (w5red, module.branch3, by_kernel[5]),
-        ):
-            if branch is None or reduce_w is None or not clusters:
+        if inputs[1] is not None:
+            _set_filters(inputs[1], [_channel_vector(c, module.spec.in_channels) for c in by_branch[1]])
+        for kernel in (3, 5):
+            reduce_w, spatial = inputs[kernel], module.spatial_weight(kernel)
+            if reduce_w is None or spatial is None or not by_branch[kernel]:
                 continue
-            basis = _reduction_basis(corr, clusters, reduce_w.shape[0])
+            basis = _reduction_basis(corr, by_branch[kernel], reduce_w.shape[0])
             _set_filters(reduce_w, list(basis))
-            spatial = branch[1].conv.weight
-            _set_filters(spatial, [_spatial_filter(c, basis, spatial.shape[-1]) for c in clusters])
+            _set_filters(spatial, [_spatial_filter(c, basis, spatial.shape[-1]) for c in by_branch[kernel]])
     return module
-
-
-def _input_1x1_weights(module: Inception) -> tuple[torch.Tensor | None, ...]:
-    """Views of the weights of branch1 and the two reductions, in either layout."""
-    spec = module.spec
-    if module.fused1x1 is not None:
-        weight = module.fused1x1.conv.weight
-        pieces = torch.split(weight, [spec.ch1x1, spec.ch3x3red, spec.ch5x5red], dim=0)
-        return tuple(p if p.shape[0] else None for p in pieces)
-    return (
-        module.branch1.conv.weight if module.branch1 is not None else None,
-        module.branch2[0].conv.weight if module.branch2 is not None else None,
-        module.branch3[0].conv.weight if module.branch3 is not None else None,
-    )
 
 
 def _channel_vector(cluster: Cluster, channels: int) -> np.ndarray:

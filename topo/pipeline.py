@@ -8,25 +8,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
 
 import builders
-from analysis import count_macs
-from builders.spec import NetworkSpec
+from analysis.plots import branch_widths
+from analysis.report import write_report
+from analysis.tables import comparison_frame, layer_frame, to_markdown
+from builders.cost import count_macs, inception_macs
+from builders.from_clusters import from_clusters
+from builders.spec import InceptionSpec, NetworkSpec
 from topo import distributed as dist_info
-from topo.construct import ConstructConfig, clustering_to_dict, construct
+from topo.construct import ConstructConfig, LayerClusters, clustering_to_dict, construct, layer_record, window_for
 from topo.data import DataBundle, load, make_loader, resolve_device
 from topo.errors import SpecError, UserError
 from topo.hooks import record
 from topo.io import atomic_write_json, atomic_write_text
-from topo.rundir import RunDir
+from topo.rundir import AnalysisFiles, RunDir
 from topo.stats import LayerStats
-from topo.train import TrainConfig, train
+from topo.train import TrainConfig, TrainResult, train
+
+log = logging.getLogger(__name__)
 
 REFERENCES = ("auto", "googlenet-small", "googlenet-paper", "googlenet-torchvision")
 SMALL_IMAGES = 64  # at or below this size the small-input GoogLeNet is the reference
@@ -115,8 +122,25 @@ def network_costs(spec: NetworkSpec, image_hw: tuple[int, int]) -> tuple[int, in
     return params, count_macs(model, (1, spec.in_channels, *image_hw))
 
 
+def comparison_row(name: str, spec: NetworkSpec, result: TrainResult, image_hw: tuple[int, int]) -> dict[str, Any]:
+    """A trained network's row of the comparison table (see `analysis.tables.ComparisonRow`)."""
+    params, macs = network_costs(spec, image_hw)
+    final = result.final
+    return {
+        "network": name,
+        "params": int(params),
+        "macs": int(macs),
+        "top1": float(final.get("val_top1", float("nan"))),
+        "top5": float(final.get("val_top5", float("nan"))),
+        "ema_top1": _maybe_float(final.get("ema_val_top1")),
+        "train_time_s": float(result.train_time_s),
+        "wall_time_s": float(result.wall_time_s),
+        "throughput": float(result.throughput),
+    }
+
+
 # --------------------------------------------------------------------------- stages
-def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir, *, log: Callable[[str], None]) -> NetworkSpec:
+def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> NetworkSpec:
     """Construct the topology (or read it back if this stage is done)."""
     if "construct" in run.completed():
         return read_spec(run.topology)
@@ -138,40 +162,29 @@ def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir, *, log: 
         input_hw=tuple(bundle.image_size),
         loader=stats_loader,
         trainer=brief_training,
-        out_dir=run.construction,
+        out_dir=run.construction.root,
         device=device,
         progress=config.train.progress,
-        log=log,
     )
     if dist_info.rank() == 0:
         atomic_write_text(run.topology, result.spec.to_json() + "\n")
-        atomic_write_json(run.construction / "records.json", result.records)
+        atomic_write_json(run.construction.records, result.records)
         run.mark_done("construct", {"modules": len(result.records)})
     return result.spec
 
 
-def train_stage(name: str, spec: NetworkSpec, config: RunConfig, bundle: DataBundle, run: RunDir,
-                *, log: Callable[[str], None]) -> dict[str, Any]:
+def train_stage(name: str, spec: NetworkSpec, config: RunConfig, bundle: DataBundle, run: RunDir) -> dict[str, Any]:
     """Train one network with the run's recipe and return its comparison row (cached once done)."""
     done = run.completed()
     if f"train:{name}" in done:
         return done[f"train:{name}"]
-    log(f"training {name} ({config.train.epochs} epochs)")
+    log.info("training %s (%d epochs)", name, config.train.epochs)
+    if dist_info.rank() == 0:
+        atomic_write_text(run.training.spec(name), spec.to_json() + "\n")
     torch.manual_seed(config.seed)
     model = builders.build(spec)
-    result = train(model, bundle.train, bundle.val, config.train, run_dir=run.training, name=name)
-    params, macs = network_costs(spec, tuple(bundle.image_size))
-    final = result.final
-    row = {
-        "network": name,
-        "params": int(params),
-        "macs": int(macs),
-        "top1": float(final.get("val_top1", float("nan"))),
-        "top5": float(final.get("val_top5", float("nan"))),
-        "ema_top1": _maybe_float(final.get("ema_val_top1")),
-        "train_time_s": float(result.train_time_s),
-        "throughput": float(result.throughput),
-    }
+    result = train(model, bundle.train, bundle.val, config.train, run_dir=run.training.root, name=name)
+    row = comparison_row(name, spec, result, tuple(bundle.image_size))
     if dist_info.rank() == 0:
         run.mark_done(f"train:{name}", row)
     return row
@@ -186,7 +199,7 @@ def _maybe_float(value: Any) -> float | None:
 def histories(run: RunDir, names: list[str]) -> dict[str, pd.DataFrame]:
     out = {}
     for name in names:
-        path = run.training / f"{name}_metrics.csv"
+        path = run.training.metrics(name)
         if path.is_file():
             out[name] = pd.read_csv(path)
     return out
@@ -196,8 +209,7 @@ def correlations(run: RunDir, records: list[dict[str, Any]]) -> dict[str, dict[s
     """Each constructed layer's correlation matrix with its cluster order, from the saved files."""
     out = {}
     for rec in records:
-        stats_path = run.construction / f"{rec['name']}_stats.pt"
-        clusters_path = run.construction / f"{rec['name']}_clusters.json"
+        stats_path, clusters_path = run.construction.stats(rec["name"]), run.construction.clusters(rec["name"])
         if stats_path.is_file() and clusters_path.is_file():
             clusters = json.loads(clusters_path.read_text())
             out[rec["name"]] = {
@@ -208,12 +220,13 @@ def correlations(run: RunDir, records: list[dict[str, Any]]) -> dict[str, dict[s
     return out
 
 
-def report_stage(run: RunDir, *, log: Callable[[str], None]) -> Path:
-    """Write the comparison tables, figures and report.md from what the run directory holds."""
-    from analysis.report import comparison_frame, to_markdown, write_report
+def report_stage(run: RunDir) -> tuple[Path, pd.DataFrame | None]:
+    """Write the comparison tables, figures and report.md from what the run directory holds.
 
+    Returns the report's path and the comparison table (None where no network was trained).
+    """
     config = run.read_config()
-    records_path = run.construction / "records.json"
+    records_path = run.construction.records
     records = json.loads(records_path.read_text()) if records_path.is_file() else []
     done = run.completed()
     rows = [done[k] for k in ("train:discovered", "train:reference") if k in done]
@@ -225,30 +238,25 @@ def report_stage(run: RunDir, *, log: Callable[[str], None]) -> Path:
         corr_by_layer=correlations(run, records),
         config=config,
     )
-    if rows:
-        log("\n" + to_markdown(comparison_frame(rows)))
-    log(f"report: {report}")
-    return report
+    return report, comparison_frame(rows) if rows else None
 
 
-def _quiet(message: str) -> None:
-    """The log of processes other than rank 0."""
+def run_all(config: RunConfig, run: RunDir) -> tuple[Path, pd.DataFrame | None] | None:
+    """The whole job: construct, train the discovered and the reference network, compare, report.
 
-
-def run_all(config: RunConfig, run: RunDir, *, log: Callable[[str], None] = print) -> Path | None:
-    """The whole job: construct, train the discovered and the reference network, compare, report."""
+    Returns what `report_stage` returns, on rank 0 (None on the other processes).
+    """
     bundle = load_data(config)
     reference = reference_spec(config, bundle)  # a bad --reference fails before anything is written
     is_main = dist_info.rank() == 0
     if is_main and not run.config_path.is_file():
         run.write_config(config.to_dict())
-    log = log if is_main else _quiet
-    discovered = construct_stage(config, bundle, run, log=log)
-    train_stage("discovered", discovered, config, bundle, run, log=log)
-    train_stage("reference", reference, config, bundle, run, log=log)
+    discovered = construct_stage(config, bundle, run)
+    train_stage("discovered", discovered, config, bundle, run)
+    train_stage("reference", reference, config, bundle, run)
     if not is_main:
         return None
-    return report_stage(run, log=log)
+    return report_stage(run)
 
 
 # --------------------------------------------------------------------------- analyse
@@ -263,74 +271,50 @@ def analyze(
     device: str = "auto",
     workers: int | str = "auto",
     progress: bool = True,
-    log: Callable[[str], None] = print,
 ) -> pd.DataFrame:
     """Record and cluster the input of every Inception module of a (trained) network.
 
     For each module, the widths the data suggests (at the module's own
     multiply-add cost) are reported beside the hand-chosen ones, as a table,
-    JSON records and a branch-width figure in ``out_dir``.
+    JSON records and a branch-width figure in ``out_dir`` (`topo.rundir.AnalysisFiles`).
     """
-    from analysis import inception_macs
-    from analysis.plots import branch_widths
-    from analysis.report import layer_frame, to_markdown
-    from topo.construct import module_from_clustering, window_for
-    from topo.cluster import UnitClustering
-
-    model = builders.build(spec)
-    if weights is not None:
-        load_weights(model, weights)
-    dev = resolve_device(device)
-    model.to(dev)
     modules = spec.inception_modules()
     if not modules:
         raise UserError(f"network {spec.name or 'spec'} has no Inception modules to analyse")
+    dev = resolve_device(device)
+    model = builders.build(spec)
+    if weights is not None:
+        load_weights(model, weights)
+    model.to(dev)
     loader = make_loader(bundle.train, batch_size=batch_size, train=False, seed=construct_config.seed,
                          workers=workers, device=dev, distributed=False)
     layers = [f"{m.name}:input" for m in modules]
     stats = record(model, loader, layers, max_batches=construct_config.stats_batches,
                    positions=construct_config.positions, seed=construct_config.seed, progress=progress)
+    files = AnalysisFiles(Path(out_dir))
     shapes = spec.input_shapes(tuple(bundle.image_size))
-    out = Path(out_dir)
-    records = []
-    for module, layer in zip(modules, layers):
-        layer_stats = stats[layer]
-        map_hw = tuple(shapes[module.name][1:])
-        clustering = UnitClustering(
-            method=construct_config.method,
-            window=window_for(map_hw, construct_config.window),
-            n_clusters=construct_config.n_clusters,
-            max_clusters=construct_config.max_clusters,
-            random_state=construct_config.seed,
-            progress=progress,
-        ).fit(layer_stats)
-        hand_macs = inception_macs(module, *map_hw, kernel5x5=spec.kernel5x5)
-        suggested = module_from_clustering(clustering, layer_stats, budget=hand_macs,
-                                           round_to=construct_config.round_to, in_channels=module.in_channels,
-                                           name=module.name, reference=module, log=log)
-        atomic_write_json(out / f"{module.name}_clusters.json", clustering_to_dict(clustering))
-        records.append({
-            "name": module.name,
-            "in_channels": module.in_channels,
-            "spatial_shape": list(map_hw),
-            "observations": int(layer_stats.count),
-            "dead_units": int(len(layer_stats.dead_units)),
-            "method": construct_config.method,
-            "n_clusters": int(clustering.n_clusters_),
-            "kernel_counts": {str(k): int(v) for k, v in clustering.kernel_counts_.items()},
-            "spec": suggested.to_dict(),
-            "reference": module.to_dict(),
-            "macs": int(inception_macs(suggested, *map_hw)),
-            "budget_macs": int(hand_macs),
-            "fallback": not clustering.n_clusters_,
-        })
-        log(f"{module.name}: {clustering.n_clusters_} clusters {dict(clustering.kernel_counts_)}")
+    records = [suggest_module(module, stats[layer], tuple(shapes[module.name][1:]), spec.kernel5x5,
+                              construct_config, files, progress) for module, layer in zip(modules, layers)]
     frame = layer_frame(records)
-    atomic_write_json(out / "analysis.json", records)
-    atomic_write_text(out / "analysis.md", to_markdown(frame) + "\n")
-    branch_widths(records, out / "branch_widths")
-    log("\n" + to_markdown(frame))
+    atomic_write_json(files.records, records)
+    atomic_write_text(files.table, to_markdown(frame) + "\n")
+    branch_widths(records, files.branch_widths)
     return frame
+
+
+def suggest_module(module: InceptionSpec, stats: LayerStats, map_hw: tuple[int, int], kernel5x5: int,
+                   config: ConstructConfig, files: AnalysisFiles, progress: bool) -> dict[str, Any]:
+    """Cluster the input of a hand-designed ``module``; the record of the module the data suggests at its cost."""
+    window = window_for(map_hw, config.window)
+    found = LayerClusters(window, config.clustering(window, progress=progress).fit(stats))
+    hand_macs = inception_macs(module, *map_hw, kernel5x5=kernel5x5)
+    suggested = from_clusters(found.clustering, stats, budget=hand_macs, round_to=config.round_to,
+                              in_channels=module.in_channels, name=module.name, fallback=module)
+    atomic_write_json(files.clusters(module.name), clustering_to_dict(found.clustering))
+    record_ = layer_record(module.name, stats, found, suggested, module, budget=hand_macs,
+                           in_channels=module.in_channels, map_hw=map_hw)
+    log.info("%s: %d clusters %s", module.name, found.clustering.n_clusters_, dict(found.clustering.kernel_counts_))
+    return record_
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:

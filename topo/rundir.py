@@ -5,10 +5,14 @@ Layout (every file is written atomically through `topo.io`)::
     RUN_DIR/
       config.json        resolved configuration, library versions, git revision
       state.json         the stages completed so far (what --resume reads)
-      construction/      per-layer statistics (.pt), clusters (.json), records, progress
+      construction/      per module: statistics (MODULE_stats.pt), clusters (MODULE_clusters.json);
+                         records.json, progress.json, prefix.pt   (ConstructionFiles)
       topology.json      the discovered NetworkSpec
-      training/          per network: checkpoint (NAME.ckpt) and per-epoch metrics (NAME_metrics.csv)
+      training/          per network: spec (NAME.spec.json), checkpoint (NAME.ckpt), per-epoch metrics (NAME_metrics.csv),
+                         tensorboard/NAME/   (TrainingFiles)
       comparison.{csv,md,tex}, figures/, report.md
+
+Every file name is spelled here and nowhere else.
 """
 from __future__ import annotations
 
@@ -59,6 +63,81 @@ def _git_revision() -> str | None:
     return out.stdout.strip() or None
 
 
+@dataclass(frozen=True)
+class ConstructionFiles:
+    """The files of a construction folder: per module its statistics and clusters, and the progress."""
+
+    root: Path
+
+    def stats(self, module: str) -> Path:
+        return self.root / f"{module}_stats.pt"
+
+    def clusters(self, module: str) -> Path:
+        return self.root / f"{module}_clusters.json"
+
+    @property
+    def progress(self) -> Path:
+        return self.root / "progress.json"
+
+    @property
+    def prefix(self) -> Path:
+        """The weights of the network grown so far (what a resumed construction continues from)."""
+        return self.root / "prefix.pt"
+
+    @property
+    def records(self) -> Path:
+        return self.root / "records.json"
+
+
+@dataclass(frozen=True)
+class TrainingFiles:
+    """The files of a training folder: per network its checkpoint, metrics and TensorBoard log."""
+
+    root: Path
+
+    def checkpoint(self, name: str) -> Path:
+        return self.root / f"{name}.ckpt"
+
+    def networks(self) -> list[str]:
+        """Names of the networks that have a checkpoint here, sorted."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name.removesuffix(".ckpt") for p in self.root.glob("*.ckpt"))
+
+    def spec(self, name: str) -> Path:
+        """The NetworkSpec the network was built from (what `topo.load_run` rebuilds it with)."""
+        return self.root / f"{name}.spec.json"
+
+    def metrics(self, name: str) -> Path:
+        return self.root / f"{name}_metrics.csv"
+
+    def tensorboard(self, name: str) -> Path:
+        return self.root / "tensorboard" / name
+
+
+@dataclass(frozen=True)
+class AnalysisFiles:
+    """The files ``topo-build analyze`` writes: per module its clusters, then the table and the figure."""
+
+    root: Path
+
+    def clusters(self, module: str) -> Path:
+        return self.root / f"{module}_clusters.json"
+
+    @property
+    def records(self) -> Path:
+        return self.root / "analysis.json"
+
+    @property
+    def table(self) -> Path:
+        return self.root / "analysis.md"
+
+    @property
+    def branch_widths(self) -> Path:
+        """The stem of the branch-width figure (``.png`` and ``.pdf``)."""
+        return self.root / "branch_widths"
+
+
 @dataclass
 class RunDir:
     """Paths of a run directory and its record of completed stages."""
@@ -85,12 +164,12 @@ class RunDir:
         return self.root / CONFIG_FILE
 
     @property
-    def construction(self) -> Path:
-        return self.root / "construction"
+    def construction(self) -> ConstructionFiles:
+        return ConstructionFiles(self.root / "construction")
 
     @property
-    def training(self) -> Path:
-        return self.root / "training"
+    def training(self) -> TrainingFiles:
+        return TrainingFiles(self.root / "training")
 
     @property
     def figures(self) -> Path:
@@ -99,6 +178,10 @@ class RunDir:
     @property
     def topology(self) -> Path:
         return self.root / "topology.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"
 
     # Configuration and stages -----------------------------------------------
     def write_config(self, config: dict[str, Any]) -> None:

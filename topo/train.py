@@ -33,10 +33,11 @@ from tqdm.auto import tqdm
 
 from topo import distributed as dist_info
 from topo.data import take_skipped
-from topo.data.loader import ShardSampler, make_loader, resolve_device
+from topo.data.loader import EpochLoader, ShardSampler, make_loader, resolve_device
 from topo.errors import UserError
 from topo.io import atomic_path, atomic_torch_save
 from topo.progress import progress_bar
+from topo.rundir import TrainingFiles
 from topo.seeding import capture_rng_state, restore_rng_state, seed_everything
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class TrainConfig:
     caches.
     """
 
-    epochs: int = 10
+    epochs: int = 15
     batch_size: int = 64
     lr: float = 0.05
     momentum: float = 0.9
@@ -119,11 +120,18 @@ class TrainConfig:
 
 @dataclass
 class TrainResult:
-    """What :func:`train` returns. ``model`` is trained and in eval mode; ``ema_model`` too (or None)."""
+    """What :func:`train` returns. ``model`` is trained and in eval mode; ``ema_model`` too (or None).
+
+    ``train_time_s``: seconds spent in the training passes (evaluation excluded),
+    summed over epochs; ``throughput``: training images per second of those
+    passes; ``wall_time_s``: seconds of the whole epochs, evaluation included.
+    Epochs trained before a resume count too.
+    """
 
     history: pd.DataFrame
     final: dict[str, float]
     train_time_s: float
+    wall_time_s: float
     throughput: float
     model: nn.Module
     ema_model: nn.Module | None = field(default=None, repr=False)
@@ -250,12 +258,13 @@ def _write_history(path: Path, history: list[dict[str, float]]) -> None:
         pd.DataFrame(history, columns=HISTORY_COLUMNS).to_csv(tmp, index=False)
 
 
-def _tensorboard(run_dir: Path, name: str) -> Any:
+def _tensorboard(directory: Path) -> Any:
+    """A TensorBoard writer into ``directory``, or None where tensorboard is not installed (it is optional)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # tensorboard is optional
+    except ImportError:
         return None
-    return SummaryWriter(str(run_dir / "tensorboard" / name))
+    return SummaryWriter(str(directory))
 
 
 def _gather_rng_states() -> list[dict[str, Any]]:
@@ -357,6 +366,140 @@ def _train_epoch(
     return loss_sum, correct, count
 
 
+def _check_processes(config: TrainConfig) -> tuple[int, int]:
+    """(rank, world size), with one-line errors for a half-initialised launch or an indivisible batch."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and not dist_info.is_distributed():
+        raise UserError(
+            f"launched as one of {launched} processes (WORLD_SIZE) but torch.distributed is not initialised; "
+            f"initialise the process group before calling train"
+        )
+    world = dist_info.world_size()
+    if config.batch_size % world:
+        raise UserError(f"batch size {config.batch_size} is not divisible by the {world} processes; choose a multiple")
+    return dist_info.rank(), world
+
+
+def _resume(training: _TrainingState, path: Path, config: TrainConfig, name: str) -> tuple[int, list[dict]]:
+    """Load the checkpoint at ``path`` into ``training``; returns (epochs done, history so far)."""
+    # RNG states must stay on the CPU; load_state_dict moves the rest to the model's device
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    _check_resumable(state["config"], config, path)
+    training.load_state_dict(state)
+    rank, world = dist_info.rank(), dist_info.world_size()
+    if len(state["rng"]) == world:
+        restore_rng_state(state["rng"][rank])
+    else:
+        log.warning("checkpoint %s has RNG states for %d processes, not %d: random streams restart",
+                    path, len(state["rng"]), world)
+    log.info("resuming %s from %s after epoch %d of %d", name, path, state["epoch"], config.epochs)
+    return state["epoch"], list(state["history"])
+
+
+def _wrap(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
+    """The model as the training step calls it: DDP-wrapped under torchrun, compiled with ``config.compile``."""
+    net: nn.Module = model
+    if dist_info.is_distributed():
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if config.compile:
+        # fresh caches: networks trained one after another in a process (the construction's prefixes) would
+        # otherwise reach dynamo's recompile limit (8 per function) and silently run uncompiled from then on
+        torch.compiler.reset()
+        net = torch.compile(net)
+    return net
+
+
+def _epoch_row(epoch: int, lr: float, train_sums: tuple[float, float, float], metrics: dict[str, float],
+               ema_metrics: dict[str, float] | None, epoch_time: float, train_time: float) -> dict[str, float]:
+    """One row of the history (see HISTORY_COLUMNS)."""
+    loss_sum, correct, count = train_sums
+    return {
+        "epoch": epoch + 1,
+        "lr": lr,
+        "train_loss": loss_sum / count,
+        "train_top1": correct / count,
+        "val_loss": metrics["loss"],
+        "val_top1": metrics["top1"],
+        "val_top5": metrics["top5"],
+        "ema_val_top1": ema_metrics["top1"] if ema_metrics else math.nan,
+        "ema_val_top5": ema_metrics["top5"] if ema_metrics else math.nan,
+        "epoch_time_s": epoch_time,
+        "train_time_s": train_time,
+        "train_images": int(count),
+    }
+
+
+def _run_epoch(net: nn.Module, training: _TrainingState, loaders: tuple[EpochLoader, EpochLoader],
+               datasets: tuple[Dataset, Dataset], config: TrainConfig, device: torch.device, epoch: int,
+               name: str) -> dict[str, float]:
+    """Train one epoch, evaluate the model (and its EMA), and return the epoch's history row."""
+    train_loader, val_loader = loaders
+    start = time.perf_counter()
+    train_loader.set_epoch(epoch)
+    lr = training.optimizer.param_groups[0]["lr"]
+    bar = progress_bar(train_loader, desc=f"{name} {epoch + 1}/{config.epochs}", leave=False,
+                       disable=not (config.progress and dist_info.rank() == 0))
+    sums = _train_epoch(net, training, bar, config, device)
+    train_time = time.perf_counter() - start
+
+    # DDP syncs BatchNorm statistics only before each forward: evaluate rank 0's model everywhere
+    model, ema = training.model, training.ema
+    dist_info.broadcast_buffers(model)
+    if ema is not None:
+        dist_info.broadcast_buffers(ema)
+    metrics = evaluate(model, val_loader, device=device, config=config)
+    skipped = _skipped_images(datasets, device)  # collective: every rank
+    ema_metrics = None
+    if ema is not None:
+        ema_metrics = evaluate(ema.module, val_loader, device=device, config=config)
+        take_skipped(datasets[1])  # the same validation images again: counted once
+    row = _epoch_row(epoch, lr, sums, metrics, ema_metrics, time.perf_counter() - start, train_time)
+    log.info("%s epoch %d/%d: train loss %.4f top-1 %.4f, val loss %.4f top-1 %.4f top-5 %.4f",
+             name, epoch + 1, config.epochs, row["train_loss"], row["train_top1"],
+             row["val_loss"], row["val_top1"], row["val_top5"])
+    if any(skipped) and dist_info.rank() == 0:
+        log.warning("%s epoch %d: skipped unreadable images, %d in training and %d in validation",
+                    name, epoch + 1, *skipped)
+    return row
+
+
+def _save_epoch(files: TrainingFiles | None, name: str, training: _TrainingState, config: TrainConfig,
+                history: list[dict[str, float]], writer: Any) -> None:
+    """Checkpoint and metrics after an epoch (rank 0 writes; every rank joins the RNG gather)."""
+    if files is None:
+        return
+    rng_states = _gather_rng_states()  # collective: every rank
+    if dist_info.rank() != 0:
+        return
+    checkpoint = {"format": 1, "epoch": len(history), **training.state_dict(), "rng": rng_states,
+                  "config": config.to_dict(), "history": history}
+    atomic_torch_save(checkpoint, files.checkpoint(name))
+    _write_history(files.metrics(name), history)
+    if writer is not None:
+        for key, value in history[-1].items():
+            if key != "epoch" and not (isinstance(value, float) and math.isnan(value)):
+                writer.add_scalar(f"{name}/{key}", value, len(history))
+        writer.flush()
+
+
+def _result(training: _TrainingState, history: list[dict[str, float]]) -> TrainResult:
+    frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
+    train_time = float(frame["train_time_s"].sum())
+    images = float(frame["train_images"].sum())
+    training.model.eval()
+    if training.ema is not None:
+        training.ema.eval()
+    return TrainResult(
+        history=frame,
+        final=dict(history[-1]) if history else {},
+        train_time_s=train_time,
+        wall_time_s=float(frame["epoch_time_s"].sum()),
+        throughput=images / train_time if train_time > 0 else 0.0,
+        model=training.model,
+        ema_model=training.ema.module if training.ema is not None else None,
+    )
+
+
 def train(
     model: nn.Module,
     train_data: Dataset,
@@ -371,138 +514,45 @@ def train(
 
     With ``run_dir``, rank 0 writes ``{name}.ckpt`` (model, optimiser, scheduler,
     scaler, EMA, RNG states of every process, epoch, config, history) and
-    ``{name}_metrics.csv`` atomically after every epoch, and ``resume=True``
-    continues from an existing checkpoint. On CPU a resumed run ends with
-    exactly the weights and metrics of an uninterrupted one.
+    ``{name}_metrics.csv`` atomically after every epoch (`topo.rundir.TrainingFiles`),
+    and ``resume=True`` continues from an existing checkpoint. On CPU a resumed
+    run ends with exactly the weights and metrics of an uninterrupted one.
     """
     device = resolve_device(config.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and not dist_info.is_distributed():
-        raise UserError(
-            f"launched as one of {launched} processes (WORLD_SIZE) but torch.distributed is not initialised; "
-            f"initialise the process group before calling train"
-        )
-    rank, world = dist_info.rank(), dist_info.world_size()
-    is_main = rank == 0
-    if config.batch_size % world:
-        raise UserError(f"batch size {config.batch_size} is not divisible by the {world} processes; choose a multiple")
-    per_process_batch = config.batch_size // world
-    run_path = Path(run_dir) if run_dir is not None else None
-    ckpt_path = run_path / f"{name}.ckpt" if run_path else None
-    csv_path = run_path / f"{name}_metrics.csv" if run_path else None
+    rank, world = _check_processes(config)
+    files = TrainingFiles(Path(run_dir)) if run_dir is not None else None
 
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     seed_everything(config.seed + rank)
-    train_loader = make_loader(
-        train_data, batch_size=per_process_batch, train=True, seed=config.seed, workers=config.workers, device=device
+    per_process_batch = config.batch_size // world
+    loaders = (
+        make_loader(train_data, batch_size=per_process_batch, train=True, seed=config.seed, workers=config.workers,
+                    device=device),
+        make_loader(val_data, batch_size=per_process_batch, train=False, workers=config.workers, device=device),
     )
-    val_loader = make_loader(val_data, batch_size=per_process_batch, train=False, workers=config.workers, device=device)
-    steps_per_epoch = len(train_loader)
-    if steps_per_epoch == 0:
+    if len(loaders[0]) == 0:
         raise UserError(
             f"batch size {config.batch_size} exceeds the {len(train_data)} training samples; use a smaller batch"
         )
 
-    training = _TrainingState.create(model, config, device, steps_per_epoch)
-    history: list[dict[str, float]] = []
-    start_epoch = 0
-    if ckpt_path is not None and resume and ckpt_path.exists():
-        # RNG states must stay on the CPU; load_state_dict moves the rest to the model's device
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        _check_resumable(state["config"], config, ckpt_path)
-        training.load_state_dict(state)
-        if len(state["rng"]) == world:
-            restore_rng_state(state["rng"][rank])
-        else:
-            log.warning("checkpoint %s has RNG states for %d processes, not %d: random streams restart",
-                        ckpt_path, len(state["rng"]), world)
-        start_epoch, history = state["epoch"], list(state["history"])
-        log.info("resuming %s from %s after epoch %d of %d", name, ckpt_path, start_epoch, config.epochs)
-
-    net: nn.Module = model
-    if dist_info.is_distributed():
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    if config.compile:
-        # fresh caches: networks trained one after another in a process (the construction's prefixes) would
-        # otherwise reach dynamo's recompile limit (8 per function) and silently run uncompiled from then on
-        torch.compiler.reset()
-        net = torch.compile(net)
-    writer = _tensorboard(run_path, name) if (run_path is not None and is_main) else None
-    ema = training.ema
+    training = _TrainingState.create(model, config, device, len(loaders[0]))
+    start_epoch, history = 0, []
+    if files is not None and resume and files.checkpoint(name).exists():
+        start_epoch, history = _resume(training, files.checkpoint(name), config, name)
+    net = _wrap(model, config, device)
+    writer = _tensorboard(files.tensorboard(name)) if (files is not None and rank == 0) else None
     for data in (train_data, val_data):
         take_skipped(data)  # unreadable images met before training (statistics, another run) are not this run's
 
     for epoch in range(start_epoch, config.epochs):
-        epoch_start = time.perf_counter()
-        train_loader.set_epoch(epoch)
-        lr = training.optimizer.param_groups[0]["lr"]
-        bar = progress_bar(train_loader, desc=f"{name} {epoch + 1}/{config.epochs}", leave=False,
-                           disable=not (config.progress and is_main))
-        train_loss, train_correct, train_count = _train_epoch(net, training, bar, config, device)
-        train_time = time.perf_counter() - epoch_start
-
-        # DDP syncs BatchNorm statistics only before each forward: evaluate rank 0's model everywhere
-        dist_info.broadcast_buffers(model)
-        if ema is not None:
-            dist_info.broadcast_buffers(ema)
-        metrics = evaluate(model, val_loader, device=device, config=config)
-        skipped = _skipped_images((train_data, val_data), device)  # collective: every rank
-        ema_metrics = None
-        if ema is not None:
-            ema_metrics = evaluate(ema.module, val_loader, device=device, config=config)
-            take_skipped(val_data)  # the same validation images again: counted once
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr,
-            "train_loss": train_loss / train_count,
-            "train_top1": train_correct / train_count,
-            "val_loss": metrics["loss"],
-            "val_top1": metrics["top1"],
-            "val_top5": metrics["top5"],
-            "ema_val_top1": ema_metrics["top1"] if ema_metrics else math.nan,
-            "ema_val_top5": ema_metrics["top5"] if ema_metrics else math.nan,
-            "epoch_time_s": time.perf_counter() - epoch_start,
-            "train_time_s": train_time,
-            "train_images": int(train_count),
-        }
-        history.append(row)
-        log.info("%s epoch %d/%d: train loss %.4f top-1 %.4f, val loss %.4f top-1 %.4f top-5 %.4f",
-                 name, epoch + 1, config.epochs, row["train_loss"], row["train_top1"],
-                 row["val_loss"], row["val_top1"], row["val_top5"])
-        if any(skipped) and is_main:
-            log.warning("%s epoch %d: skipped unreadable images, %d in training and %d in validation",
-                        name, epoch + 1, *skipped)
-        rng_states = _gather_rng_states() if ckpt_path is not None else []  # collective: every rank
-        if ckpt_path is not None and is_main:
-            checkpoint = {"format": 1, "epoch": epoch + 1, **training.state_dict(), "rng": rng_states,
-                          "config": config.to_dict(), "history": history}
-            atomic_torch_save(checkpoint, ckpt_path)
-            _write_history(csv_path, history)
-            if writer is not None:
-                for key, value in row.items():
-                    if key != "epoch" and not (isinstance(value, float) and math.isnan(value)):
-                        writer.add_scalar(f"{name}/{key}", value, epoch + 1)
-                writer.flush()
+        history.append(_run_epoch(net, training, loaders, (train_data, val_data), config, device, epoch, name))
+        _save_epoch(files, name, training, config, history, writer)
     if writer is not None:
         writer.close()
-    if ckpt_path is not None and is_main and not history:
-        _write_history(csv_path, history)
-
-    model.eval()
-    if ema is not None:
-        ema.eval()
-    frame = pd.DataFrame(history, columns=HISTORY_COLUMNS)
-    train_time = float(frame["train_time_s"].sum()) if len(frame) else 0.0
-    images = float(frame["train_images"].sum()) if len(frame) else 0.0
-    return TrainResult(
-        history=frame,
-        final=dict(history[-1]) if history else {},
-        train_time_s=float(frame["epoch_time_s"].sum()) if len(frame) else 0.0,
-        throughput=images / train_time if train_time > 0 else 0.0,
-        model=model,
-        ema_model=ema.module if ema is not None else None,
-    )
+    if files is not None and rank == 0 and not history:
+        _write_history(files.metrics(name), history)
+    return _result(training, history)
