@@ -309,7 +309,7 @@ PINNED_VAL_LABEL_SUM = 1618
 
 
 def test_every_named_data_set_is_registered() -> None:
-    assert set(DATASETS) == {"imagenet", "folder", "cifar10", "cifar100", "digits", "fake"}
+    assert set(DATASETS) == {"imagenet", "folder", "cifar10", "cifar100", "digits", "fake", "tensors", "planted"}
 
 
 # ----------------------------------------------------------------------------- loaders

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -14,7 +13,9 @@ from torch.utils.data import Dataset, TensorDataset
 
 from topo import distributed as dist_info
 from topo.data import transforms as T
+from topo.data.bundle import DataBundle, image_hw
 from topo.data.folders import ImageTree, check_tree
+from topo.data.tensors import load_npz, planted_data
 from topo.errors import DataError
 
 #: The constant that fixes the digits train/val split forever (never change it).
@@ -22,34 +23,9 @@ DIGITS_SPLIT_SEED = 0
 DIGITS_VAL_FRACTION = 0.2
 
 
-@dataclass
-class DataBundle:
-    """A data set ready for training: both splits and what the network needs to know.
-
-    ``image_size`` is the (height, width) of the tensors the network receives.
-    """
-
-    train: Dataset
-    val: Dataset
-    num_classes: int
-    in_channels: int
-    image_size: tuple[int, int]
-    class_names: list[str]
-    name: str
-
-
 def default_data_dir() -> Path:
     """``$TOPO_DATA_DIR``, else ``~/.cache/topo/data``: where downloadable data sets go."""
     return Path(os.environ.get("TOPO_DATA_DIR", Path.home() / ".cache" / "topo" / "data")).expanduser()
-
-
-def _size(image_size: int | tuple[int, int] | None, default: int) -> tuple[int, int]:
-    if image_size is None:
-        return (default, default)
-    if isinstance(image_size, int):
-        return (image_size, image_size)
-    height, width = image_size
-    return (int(height), int(width))
 
 
 def _square(size: tuple[int, int], name: str) -> int:
@@ -76,7 +52,7 @@ def digits(image_size: int | tuple[int, int] | None = None) -> DataBundle:
     train_idx, val_idx = np.sort(train_idx), np.sort(val_idx)
     mean, std = images[train_idx].mean(), images[train_idx].std()
     x = torch.from_numpy((images - mean) / std).unsqueeze(1)
-    size = _size(image_size, 8)
+    size = image_hw(image_size, 8)
     if size != (8, 8):
         x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     y = torch.from_numpy(labels)
@@ -108,7 +84,7 @@ def image_folders(
     if data_dir is None:
         raise DataError(f"the {name} data set needs a directory; pass --data-dir with train/ and val/ class folders")
     train_dir, val_dir, classes = check_tree(data_dir)
-    size = _square(_size(image_size, 224), name)
+    size = _square(image_hw(image_size, 224), name)
     train = ImageTree(train_dir, T.imagenet_train(size), strict=strict, verify=verify)
     val = ImageTree(val_dir, T.imagenet_eval(size), strict=strict, verify=verify)
     return DataBundle(train, val, len(classes), 3, (size, size), classes, name)
@@ -150,7 +126,7 @@ def cifar(
     title, archive, folder, mean, std = _CIFAR[name]
     cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
-    size = _square(_size(image_size, 32), name)
+    size = _square(image_hw(image_size, 32), name)
 
     def build(fetch: bool) -> tuple[Dataset, Dataset]:
         train = cls(str(root), train=True, transform=T.cifar_train(mean, std, size), download=fetch)
@@ -230,7 +206,7 @@ def fake(
     """torchvision's FakeData (random images, deterministic per index and seed): smoke tests, throughput."""
     from torchvision.datasets import FakeData
 
-    size = _size(image_size, 224)
+    size = image_hw(image_size, 224)
     shape = (3, *size)
     offset = seed * (sizes[0] + sizes[1])
     train = FakeData(sizes[0], shape, num_classes, transform=T.plain(), random_offset=offset)
@@ -245,6 +221,8 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
     "cifar100": lambda data_dir, **kw: cifar("cifar100", data_dir, **kw),
     "digits": lambda data_dir, **kw: digits(**kw),
     "fake": lambda data_dir, **kw: fake(**kw),
+    "tensors": lambda data_dir, **kw: load_npz(data_dir, **kw),
+    "planted": lambda data_dir, **kw: planted_data(**kw),
 }
 
 
@@ -271,6 +249,10 @@ def load(
     - ``digits``: no files; ``image_size`` resizes the 8x8 digits.
     - ``fake``: ``num_classes``, ``fake_sizes`` (train, val) and ``seed``
       choose the random images.
+    - ``tensors``: ``data_dir`` is an ``.npz`` file with ``x`` (N, C, H, W) and
+      ``y`` (N,), see :mod:`topo.data.tensors`; ``image_size`` must match it.
+    - ``planted``: no files; the planted deep network's data drawn with ``seed``
+      (:func:`topo.data.tensors.planted_data`).
     """
     if name == "imagenet" and image_size is None:
         image_size = 224
@@ -281,6 +263,8 @@ def load(
         options.update(download=download)
     elif name == "fake":
         options.update(num_classes=num_classes, sizes=tuple(fake_sizes), seed=seed)
+    elif name == "planted":
+        options.update(seed=seed)
     elif name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
     return DATASETS[name](data_dir, **options)
