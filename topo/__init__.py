@@ -13,6 +13,7 @@ _EXPORTS = {
     "LayerStats": "topo.stats",
     "UnitClustering": "topo.cluster",
     "UserError": "topo.errors",
+    "load_run": "topo.runs",
 }
 
 __all__ = sorted(_EXPORTS)
