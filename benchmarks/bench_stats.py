@@ -1,10 +1,14 @@
 """Cost of recording activation statistics, measured side by side in one run.
 
-(a) overhead: GoogLeNet's forward pass alone vs forward + ``topo.record`` of all
-    nine Inception outputs with the default settings (max_offset=4, positions=DEFAULT_POSITIONS);
+(a) overhead: GoogLeNet's forward pass alone vs forward + the statistics of all
+    nine Inception outputs (max_offset=4, positions="auto" for a recording of
+    ``--budget-images`` images unless ``--positions`` says otherwise);
 (b) against the naive way (keep every activation, then ``numpy.corrcoef`` on
     shifted copies for each offset) for one layer at growing numbers of images:
-    time of the statistics and peak memory (each measurement in a fresh process).
+    time of the statistics and peak memory (each measurement in a fresh process);
+(c) one exact ``LayerStats.update`` against its bound: the same products done as
+    one fused matrix multiply each (float64 sums, float32 co-firing counts) on a
+    shifted stack built beforehand, interleaved in one process.
 
     python benchmarks/bench_stats.py                       # CPU, small variant, 32x32
     python benchmarks/bench_stats.py --device cuda --size 224
@@ -20,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from topo.stats import DEFAULT_POSITIONS
+from topo.stats import DEFAULT_POSITIONS, PositionBudget, half_offsets
 
 INCEPTION = ["inception3a", "inception3b", "inception4a", "inception4b", "inception4c",
              "inception4d", "inception4e", "inception5a", "inception5b"]
@@ -51,25 +55,62 @@ def overhead(args) -> dict:
     Steady state: the nine LayerStats are allocated by a warm-up batch, then each
     batch runs once without and once with the hooks, alternately, so both see the
     same machine load; the ratio is the sum of the second over the sum of the
-    first (pending rows are flushed inside the timed part). A whole ``record``
-    call, which also allocates the statistics, is timed once for comparison.
+    first (pending rows are flushed inside the timed part). With ``positions="auto"``
+    each layer's choice is made for a recording of ``--budget-images`` images (the
+    model's forward multiply-adds counted once). With an explicit ``--positions``
+    a whole ``record`` call (threshold 0: one pass), which also allocates the
+    statistics, is timed once for comparison.
     """
-    from topo.hooks import record
+    from topo.hooks import forward_macs, record
     from topo.stats import LayerStats
 
     model = make_model(args.size, args.device)
     batches = make_batches(args.batches, args.batch_size, args.size, args.device)
-    positions = None if args.positions == "all" else int(args.positions) if args.positions else DEFAULT_POSITIONS
-    stats = {name: LayerStats(positions=positions, name=name) for name in INCEPTION}
+    positions = positions_arg(args.positions)
+    budget = None
+    if positions == "auto":
+        with torch.no_grad():
+            budget = PositionBudget(forward_macs(model, batches[0][:1]),
+                                    args.budget_images or len(batches) * args.batch_size)
+    stats = {name: LayerStats(positions=positions, budget=budget, threshold=0.0, name=name) for name in INCEPTION}
+    fwd, rec = _interleaved(model, batches, stats, args)
+    state_mb = sum(t.numel() * t.element_size() for s in stats.values() for t in s._state.values()) / 2**20
+    result = {"forward_s": sum(fwd), "record_s": sum(rec), "ratio": sum(rec) / sum(fwd), "state_mb": state_mb,
+              "positions": positions, "budget": budget,
+              "used": {name: (s.positions_used, s.exact) for name, s in stats.items()}}
+    if positions != "auto":
+        _sync(args.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+        _sync(args.device)
+        result["forward_once_s"] = time.perf_counter() - start
+        start = time.perf_counter()
+        record(model, batches, INCEPTION, positions=positions, threshold=0.0, progress=False)
+        _sync(args.device)
+        result["record_once_s"] = time.perf_counter() - start
+    return result
+
+
+def positions_arg(text: str | None):
+    """``--positions``: None (the default, "auto"), "auto", "all" or an int."""
+    if text in (None, "auto"):
+        return DEFAULT_POSITIONS
+    return None if text == "all" else int(text)
+
+
+def _interleaved(model, batches, stats, args) -> tuple[list[float], list[float]]:
+    """Each batch once without and once with the statistics hooks, alternately (after a warm-up)."""
     enabled = [False]
     modules = dict(model.named_modules())
+    names = {modules[name]: name for name in stats}
 
     def hook(module, _inputs, output):
         if enabled[0]:
             stats[names[module]].update(output)
 
-    names = {modules[name]: name for name in INCEPTION}
-    handles = [modules[name].register_forward_hook(hook) for name in INCEPTION]
+    handles = [modules[name].register_forward_hook(hook) for name in stats]
 
     def timed(x, hooks: bool, flush: bool = False) -> float:
         enabled[0] = hooks
@@ -94,21 +135,7 @@ def overhead(args) -> dict:
                     fwd.append(timed(x, False)), rec.append(timed(x, True, flush=last))
     for handle in handles:
         handle.remove()
-    state_mb = sum(t.numel() * t.element_size() for s in stats.values() for t in s._state.values()) / 2**20
-
-    _sync(args.device)
-    start = time.perf_counter()
-    with torch.no_grad():
-        for x in batches:
-            model(x)
-    _sync(args.device)
-    forward_once = time.perf_counter() - start
-    start = time.perf_counter()
-    record(model, batches, INCEPTION, positions=positions, progress=False)
-    _sync(args.device)
-    record_once = time.perf_counter() - start
-    return {"forward_s": sum(fwd), "record_s": sum(rec), "ratio": sum(rec) / sum(fwd), "state_mb": state_mb,
-            "forward_once_s": forward_once, "record_once_s": record_once, "positions": positions}
+    return fwd, rec
 
 
 # ---------------------------------------------------------------------- (b) naive vs streaming
@@ -177,7 +204,12 @@ def _stream_job(layer: str, n_images: int, batch_size: int, size: int, max_offse
     torch.set_grad_enabled(False)
     model = make_model(size, "cpu")
     batches = make_batches(n_images // batch_size, batch_size, size, "cpu")
-    stats = LayerStats(max_offset=max_offset, positions=positions, name=layer)
+    budget = None
+    if positions == "auto":  # planned for the images of this run, as record() would
+        from topo.hooks import forward_macs
+
+        budget = PositionBudget(forward_macs(model, batches[0][:1]), n_images)
+    stats = LayerStats(max_offset=max_offset, positions=positions, budget=budget, threshold=0.0, name=layer)
     spent = [0.0]
     handle = _timed_hook(dict(model.named_modules())[layer], stats.update, spent)
     base = _reset_peak()
@@ -209,6 +241,57 @@ def naive_vs_stream(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------- (c) exact update vs its bound
+def shifted_stack(x: torch.Tensor, offsets, shift: torch.Tensor, dtype: torch.dtype):
+    """The bound's inputs, built with plain torch: anchor rows (rows, C) of ``x - shift`` and the
+    zero-padded shifted stack (rows, D*C) whose block d holds the map at p + d (0 outside the map)."""
+    n, c, h, w = x.shape
+    ry, rx = max(d[0] for d in offsets), max(abs(d[1]) for d in offsets)
+    maps = x.permute(0, 2, 3, 1).to(dtype) - shift.to(dtype)
+    padded = torch.zeros(n, h + ry, w + 2 * rx, c, dtype=dtype, device=x.device)
+    padded[:, :h, rx : rx + w] = maps
+    stack = torch.empty(n, h, w, len(offsets), c, dtype=dtype, device=x.device)
+    for i, (dy, dx) in enumerate(offsets):
+        stack[:, :, :, i] = padded[:, dy : dy + h, rx + dx : rx + dx + w]
+    return maps.reshape(-1, c), stack.reshape(n * h * w, -1)
+
+
+def exact_vs_bound(args) -> dict:
+    """One exact ``LayerStats.update`` vs the same products as one fused matrix multiply each
+    (float64 moments and float32 co-firing counts, on shifted stacks built beforehand), interleaved."""
+    from topo.stats import LayerStats
+
+    c, size, batch = args.bound_channels, args.bound_size, args.bound_batch
+    x = torch.randn(batch, c, size, size, generator=torch.Generator().manual_seed(0)).relu().to(args.device)
+    offsets = half_offsets(4, (size, size))
+    stats = LayerStats(max_offset=4, positions=None, threshold=0.0).update(x)  # allocates the sums
+    a, b = shifted_stack(x, offsets, stats._state["shift"], torch.float64)
+    fa, fb = shifted_stack((x > 0).float(), offsets, torch.zeros(c, device=x.device), torch.float32)
+    out64 = torch.zeros(c, b.shape[1], dtype=torch.float64, device=x.device)
+    out32 = torch.zeros(c, b.shape[1], device=x.device)
+
+    def timed(work) -> float:
+        _sync(args.device)
+        start = time.perf_counter()
+        work()
+        _sync(args.device)
+        return time.perf_counter() - start
+
+    def bound():
+        out64.addmm_(a.T, b)
+        out32.addmm_(fa.T, fb)
+
+    timed(bound), timed(lambda: stats.update(x))  # warm-up
+    update_s, bound_s = [], []
+    for repeat in range(args.bound_repeats):
+        if repeat % 2:
+            update_s.append(timed(lambda: stats.update(x))), bound_s.append(timed(bound))
+        else:
+            bound_s.append(timed(bound)), update_s.append(timed(lambda: stats.update(x)))
+    return {"update_s": sum(update_s) / len(update_s), "bound_s": sum(bound_s) / len(bound_s),
+            "ratio": sum(update_s) / sum(bound_s), "offsets": len(offsets), "rows": a.shape[0]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -216,36 +299,63 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--positions", default=None, help="override the default (an int or 'all')")
+    parser.add_argument("--positions", default=None, help="override the default 'auto' (an int or 'all')")
+    parser.add_argument("--budget-images", type=int, default=10_000,
+                        help="(a) with positions 'auto': plan for a recording of this many images (0: the ones timed)")
     parser.add_argument("--naive-layer", default="inception3a")
     parser.add_argument("--naive-images", type=int, nargs="*", default=[16, 32, 64])
     parser.add_argument("--naive-batch-size", type=int, default=8)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--bound-channels", type=int, default=128)
+    parser.add_argument("--bound-size", type=int, default=16)
+    parser.add_argument("--bound-batch", type=int, default=16)
+    parser.add_argument("--bound-repeats", type=int, default=8)
+    parser.add_argument("--skip-bound", action="store_true")
     args = parser.parse_args(argv)
 
     torch.set_grad_enabled(False)
     print(f"# bench_stats  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}  {platform.machine()} "
           f"{platform.processor() or ''}  torch {torch.__version__}  threads {torch.get_num_threads()}  "
           f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
-    res = overhead(args)
-    print(f"(a) GoogLeNet {args.size}x{args.size}, {args.batches} x {args.batch_size} images x {args.repeats} repeats, "
-          f"nine Inception outputs, max_offset=4, positions={res['positions']}, statistics {res['state_mb']:.0f} MB:")
-    print(f"    steady state, interleaved: forward {res['forward_s']:.2f} s   forward + statistics "
-          f"{res['record_s']:.2f} s   ratio {res['ratio']:.2f}x (target <= 1.5x)")
-    print(f"    one record() call incl. allocating the statistics: forward {res['forward_once_s']:.2f} s   "
-          f"record {res['record_once_s']:.2f} s   ratio {res['record_once_s'] / res['forward_once_s']:.2f}x")
+    if not args.skip_bound:
+        print_bound(exact_vs_bound(args), args)
+    print_overhead(overhead(args), args)
     if args.skip_naive or args.device != "cpu":
         return
     print(f"(b) {args.naive_layer}: naive (keep activations, numpy.corrcoef of shifted copies) vs streaming "
-          "(exact, and default positions), 41 offsets, same images. Time: spent in the hooks plus computing "
+          "(exact, and positions 'auto' planned for these images), 41 offsets, same images. Time: spent in the hooks plus computing "
           "every offset's correlation (the forward pass, common to both, excluded); memory: peak RSS of the run "
           "above the RSS before it (forward pass included), each in a fresh process:")
-    print("    images | naive s  peak MB | exact s  peak MB | default s  peak MB | speed-up exact  default")
+    print("    images | naive s  peak MB | exact s  peak MB |    auto s  peak MB | speed-up exact     auto")
     for row in naive_vs_stream(args):
         n, e, d = row["naive"], row["exact"], row["default"]
         print(f"    {row['images']:6d} | {n['stats_s']:7.2f} {n['peak_mb']:8.0f} | {e['stats_s']:7.2f} "
               f"{e['peak_mb']:8.0f} | {d['stats_s']:9.2f} {d['peak_mb']:8.0f} | "
               f"{n['stats_s'] / e['stats_s']:13.1f}x {n['stats_s'] / d['stats_s']:7.1f}x")
+
+
+def print_bound(res: dict, args) -> None:
+    print(f"(c) one exact update, C={args.bound_channels}, {args.bound_size}x{args.bound_size} maps, batch "
+          f"{args.bound_batch} ({res['rows']} rows), {res['offsets']} offsets, {args.bound_repeats} interleaved repeats:")
+    print(f"    exact update {res['update_s']:.4g} s   fused-GEMM bound {res['bound_s']:.4g} s   "
+          f"ratio {res['ratio']:.2f}x (target <= 1.5x)")
+
+
+def print_overhead(res: dict, args) -> None:
+    plan = ""
+    if res["budget"] is not None:
+        plan = (f" (planned for {res['budget'].num_images:,} images, forward {res['budget'].forward_macs:,} "
+                "multiply-adds per image)")
+    print(f"(a) GoogLeNet {args.size}x{args.size}, {args.batches} x {args.batch_size} images x {args.repeats} repeats, "
+          f"nine Inception outputs, max_offset=4, positions={res['positions']}{plan}, "
+          f"statistics {res['state_mb']:.0f} MB:")
+    print("    positions used per image: " + ", ".join(
+        f"{name} {used}{' (all)' if exact else ''}" for name, (used, exact) in res["used"].items()))
+    print(f"    steady state, interleaved: forward {res['forward_s']:.2f} s   forward + statistics "
+          f"{res['record_s']:.2f} s   ratio {res['ratio']:.2f}x (target <= 1.5x)")
+    if "record_once_s" in res:
+        print(f"    one record() call incl. allocating the statistics: forward {res['forward_once_s']:.2f} s   "
+              f"record {res['record_once_s']:.2f} s   ratio {res['record_once_s'] / res['forward_once_s']:.2f}x")
 
 
 if __name__ == "__main__":

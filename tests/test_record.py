@@ -69,14 +69,16 @@ def test_record_matches_statistics_of_the_captured_activations(digits):
     assert np.nanmax(np.diag(lift)) > 1.0
 
 
-def test_record_default_subsampling_on_googlenet_small(digits):
+def test_record_defaults_on_googlenet_small(digits):
     builders = pytest.importorskip("builders")
     model = builders.googlenet(variant="small", num_classes=10, in_channels=1, width_mult=0.25)
     loader = DataLoader(digits, batch_size=32)
     stats = topo.record(model, loader, ["inception3a", "inception5b", "avgpool:input"], max_batches=2, progress=False)
     c3a = stats["inception3a"]
     assert c3a.positions == DEFAULT_POSITIONS and c3a.spatial_shape == (8, 8)
-    assert c3a.count == 64 * DEFAULT_POSITIONS
+    # 64 images of 8x8 cannot give MIN_PAIRS pairs at the (4, 4) offset by sampling: every position is used
+    assert c3a.exact and c3a.positions_used == 64
+    assert c3a.count == 64 * c3a.positions_used
     assert stats["avgpool:input"].num_channels == stats["inception5b"].num_channels
     np.testing.assert_allclose(stats["avgpool:input"].cov(), stats["inception5b"].cov())
     assert np.isfinite(c3a.cross_corr(4, -4)).all()
@@ -134,7 +136,7 @@ def test_tuple_outputs_take_the_first_tensor_and_max_batches_stops(digits):
     model = nn.Sequential(_TupleOut())
     loader = DataLoader(digits, batch_size=16)
     stats = topo.record(model, loader, ["0"], max_batches=3, progress=False)
-    assert stats["0"].count == 3 * 16 * DEFAULT_POSITIONS and stats["0"].num_channels == 4
+    assert stats["0"].count == 3 * 16 * stats["0"].positions_used and stats["0"].num_channels == 4
     exact = topo.record(model, [x for x, _ in loader][:1], ["0"], positions="all", progress=False)["0"]
     assert exact.count == 16 * 36 and exact.spatial_shape == (6, 6)
 
@@ -156,9 +158,17 @@ class _CountingLoader:
 @pytest.mark.parametrize("progress", [True, False])
 def test_record_iterates_the_data_once(digits, progress):
     loader = _CountingLoader(DataLoader(digits, batch_size=64))
-    stats = topo.record(small_cnn(), loader, ["1"], progress=progress)
+    stats = topo.record(small_cnn(), loader, ["1"], threshold=0.0, progress=progress)  # no calibration pass
     assert loader.started == 1
-    assert stats["1"].count == 192 * DEFAULT_POSITIONS
+    assert stats["1"].count == 192 * stats["1"].positions_used
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_record_with_calibration_iterates_the_data_twice(digits, progress):
+    loader = _CountingLoader(DataLoader(digits, batch_size=64))
+    stats = topo.record(small_cnn(), loader, ["1"], progress=progress)  # fire_quantile=0.9: calibrate, then record
+    assert loader.started == 2
+    assert stats["1"].count == 192 * stats["1"].positions_used
 
 
 @pytest.mark.gpu

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from topo.errors import StatsError
-from topo.stats import DEAD_EPS, LayerStats, from_activations, half_offsets, sample_anchors
+from topo.stats import (
+    DEAD_EPS,
+    LayerStats,
+    from_activations,
+    half_offsets,
+    sample_anchors,
+)
 
 
 def correlated_maps(n=6, c=5, h=7, w=6, mean=0.0, seed=0, dtype=np.float64) -> np.ndarray:
@@ -71,9 +77,9 @@ def test_large_mean_is_stable(dtype):
     stats = from_activations(list(torch.from_numpy(x).split(3)), positions=None)
     x64 = x.astype(np.float64)
     flat = x64.transpose(0, 2, 3, 1).reshape(-1, x.shape[1])
-    np.testing.assert_allclose(stats.corr(), np.corrcoef(flat.T), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(stats.corr(), np.corrcoef(flat.T), rtol=0, atol=1e-12)
     for dy, dx in [(1, 1), (-2, 3)]:
-        np.testing.assert_allclose(stats.cross_corr(dy, dx), numpy_cross_corr(x64, dy, dx), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(stats.cross_corr(dy, dx), numpy_cross_corr(x64, dy, dx), rtol=0, atol=1e-12)
 
 
 def test_coactivation_matches_direct_count():
@@ -188,7 +194,7 @@ def test_save_load_round_trip(tmp_path):
 
 def test_subsampled_path_matches_numpy_on_the_same_anchors():
     x = correlated_maps(n=5, seed=9)
-    stats = from_activations(torch.from_numpy(x), positions=4, seed=3)
+    stats = from_activations(torch.from_numpy(x), positions=4, seed=3, threshold=0.0)
     offsets = half_offsets(4, (7, 6))
     anchors, targets, valid = sample_anchors(5, (7, 6), offsets, 4, torch.Generator().manual_seed(3))
     flat = x.reshape(5, 5, -1)
@@ -232,9 +238,9 @@ def test_counts_switch_to_float64_before_float32_stops_being_exact(monkeypatch):
 
     monkeypatch.setattr(stats_module, "_FLOAT32_EXACT", 100)
     x = correlated_maps(n=4, seed=12)
-    small = from_activations(torch.from_numpy(x[:1]), positions=None)  # 42 rows: float32 counts
+    small = from_activations(torch.from_numpy(x[:1]), positions=None, threshold=0.0)  # 42 rows: float32 counts
     assert small._state["joint"].dtype == torch.float32
-    stats = from_activations(list(torch.from_numpy(x).split(1)), positions=None)  # 168 rows
+    stats = from_activations(list(torch.from_numpy(x).split(1)), positions=None, threshold=0.0)  # 168 rows
     assert stats._state["joint"].dtype == torch.float64
     assert small.merge(stats)._state["joint"].dtype == torch.float64
     a, b = pairs(x, 1, 1)

@@ -1,11 +1,15 @@
 """LayerStats.all_reduce over two gloo processes equals one process on the same data."""
 from __future__ import annotations
 
+import pytest
+
 import numpy as np
 import torch
 from gloo_group import run_two
 
 from topo.stats import LayerStats, from_activations
+
+pytestmark = pytest.mark.slow  # subprocesses or whole constructions: seconds each
 
 OFFSETS = [(0, 0), (1, -2), (-3, 1)]
 

@@ -4,20 +4,40 @@ Layers are named as in ``model.named_modules()``. ``"inception3a"`` (or
 ``"inception3a:output"``) records what the module returns; ``"head:input"`` records
 the tensor entering it (its first positional argument), which is how the
 construction loop reads the output of the last stage through the head.
+
+By default ``record`` makes two passes over the data: a calibration pass that
+estimates each unit's firing threshold (its ``fire_quantile``-quantile), then the
+recording pass; both see the same batches in the same order (see
+:func:`record`). Positions per map are chosen per layer from the model's counted
+forward multiply-adds (``positions="auto"``, :func:`topo.stats.choose_positions`).
 """
 from __future__ import annotations
 
 import difflib
 import itertools
-from typing import Any, Iterable, Sequence
+import logging
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from topo.distributed import every_rank, is_distributed
+from topo import distributed as dist_info
 from topo.errors import StatsError
 from topo.progress import progress_bar
-from topo.stats import DEFAULT_POSITIONS, LayerStats
+from topo.stats import (
+    DEFAULT_FIRE_QUANTILE,
+    DEFAULT_POSITIONS,
+    ActivationSample,
+    LayerStats,
+    PositionBudget,
+    check_fire_quantile,
+)
+
+log = logging.getLogger(__name__)
 
 _WHERE = ("output", "input")
 
@@ -32,6 +52,31 @@ def parse_layer(spec: str) -> tuple[str, str]:
     return name, where
 
 
+def forward_macs(model: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-adds of one forward pass of ``model`` on ``example``, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2, as in ``builders.cost``:
+    convolutions and matrix products). A deterministic count: the same on every machine."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(example)
+    return counter.get_total_flops() // 2
+
+
+@dataclass
+class _HookState:
+    """Shared with the hooks of one pass: the current batch, and whether to send activations on."""
+
+    batch_index: int = 0
+    enabled: bool = True
+
+
+@dataclass
+class _Pass:
+    """What one pass over the data saw on this process."""
+
+    images: int = 0
+    failure: Exception | None = None
+
+
 def record(
     model: nn.Module,
     data: Iterable[Any],
@@ -40,82 +85,177 @@ def record(
     max_offset: int = 4,
     max_batches: int | None = None,
     device: str | torch.device | None = None,
-    threshold: float = 0.0,
+    threshold: float | None = None,
+    fire_quantile: float | None = DEFAULT_FIRE_QUANTILE,
     positions: int | str | None = DEFAULT_POSITIONS,
     seed: int = 0,
     progress: bool = True,
     all_reduce: bool = True,
 ) -> dict[str, LayerStats]:
-    """Run ``data`` through ``model`` and return the statistics of each layer in ``layers``.
+    """Run ``data`` through ``model`` and return the statistics of each layer in ``layers`` (keyed by those strings).
 
-    ``data`` is a DataLoader or any iterable of input tensors or (input, target, ...)
-    tuples. The model runs in eval mode under ``torch.no_grad()``; its train/eval
-    modes are restored and the hooks removed afterwards, also on error. Inputs are
-    moved to ``device`` (default: the device of the model's parameters; the model
-    itself is not moved), and the statistics accumulate there. ``positions`` random
-    anchor positions per map and image are used (``None`` = all, exact). Under
-    ``torch.distributed`` with ``all_reduce=True`` the statistics are summed over
-    ranks, each of which should see its own shard of the data; when one rank's shard
-    gave a layer nothing, or one rank fails (e.g. a NaN in its shard), every rank
-    raises. Keys of the result are the strings given in ``layers``.
-    """
+    ``data``: a DataLoader or any iterable of input tensors or (input, target, ...) tuples. The model runs in
+    eval mode under ``torch.no_grad()`` (modes restored, hooks removed afterwards, also on error); inputs go to
+    ``device`` (default: the model's), where the statistics accumulate.
+
+    Firing: an explicit scalar ``threshold`` wins (one pass; ``fire_quantile`` unused). Otherwise, with
+    ``fire_quantile=q`` (default 0.9), a calibration pass over the same batches first estimates each unit's
+    q-quantile from a bounded, seeded subsample; a unit fires above it (a ReLU unit whose quantile is 0 fires
+    when positive). The global CPU RNG and the loader's generators are put back before the second pass, so
+    both see the same batches (persistent loader workers keep their own random state: same images and order,
+    other augmentations). ``threshold=None, fire_quantile=None``: threshold 0, one pass.
+
+    ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted
+    once, on one image) and the number of images (:func:`topo.stats.choose_positions`; logged, and kept in
+    ``positions_used`` / ``exact``); an int samples that many anchor positions per map and image; ``None``
+    uses all. Under ``torch.distributed`` with ``all_reduce=True`` the statistics are summed over ranks (each
+    with its own shard), thresholds come from every rank's samples, and when one rank fails (or saw nothing
+    of a layer) every rank raises. See docs/statistics.md."""
     specs = [layers] if isinstance(layers, str) else list(layers)
     if not specs:
         raise StatsError("no layers given to record; pass module names from model.named_modules()")
     modules = dict(model.named_modules())
     targets = {spec: _find_module(model, modules, *parse_layer(spec)) for spec in specs}
-    if device is None:
-        device = _model_device(model)
-    stats = {
-        spec: LayerStats(max_offset=max_offset, threshold=threshold, positions=positions, seed=seed, name=spec)
-        for spec in specs
-    }
-    batch_index = [0]
-    modes = {m: m.training for m in model.modules()}
-    total = _length(data, max_batches)
-    batches = data if max_batches is None else itertools.islice(data, max_batches)
-    handles = []
-    reduce = all_reduce and is_distributed()
-    failure: Exception | None = None
-    try:
-        for spec, (module, where) in targets.items():
-            handles.append(_attach(module, where, stats[spec], batch_index))
-        model.eval()
-        with torch.no_grad():
-            for index, batch in enumerate(progress_bar(batches, total=total, desc="record", unit="batch", disable=not progress)):
-                batch_index[0] = index
-                model(_inputs(batch).to(device, non_blocking=True))
-    except Exception as error:
-        if not reduce:
-            raise
-        failure = error  # raised after the other ranks have heard of it: they would wait for this one forever
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, training in modes.items():
-            module.training = training
-    _check_outcome(stats, reduce, failure)
-    if reduce:
-        for layer in stats.values():
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise StatsError(f"threshold={threshold!r} is invalid; record takes a number (or None to calibrate)")
+    quantile = check_fire_quantile(fire_quantile) if threshold is None else None
+    LayerStats(max_offset=max_offset, positions=positions, seed=seed)  # a bad setting fails before any pass
+    run = _Run(model, data, targets, max_batches, device or _model_device(model), progress,
+               all_reduce and dist_info.is_distributed())
+    auto = positions == "auto"
+    with _evaluating(model):
+        thresholds = run.calibrate(quantile, seed, probe=auto) if quantile is not None else {}
+        stats = {
+            spec: LayerStats(max_offset=max_offset, threshold=thresholds.get(spec, threshold or 0.0),
+                             positions=positions, seed=seed, name=spec, fire_quantile=quantile)
+            for spec in specs
+        }
+        run.record(stats, auto=auto)
+    for layer in stats.values():
+        layer.release_buffers()
+        if run.distributed:
             layer.all_reduce()
     return stats
 
 
-def _check_outcome(stats: dict[str, LayerStats], distributed: bool, failure: Exception | None) -> None:
-    """Raise ``failure``, or a StatsError for the first layer that saw nothing. With ``distributed``,
-    every rank first learns every rank's outcome (one collective), so that all of them raise when one
-    fails, the failed rank its own error and the others a StatsError naming it."""
-    counts = [layer.count for layer in stats.values()]
+@contextmanager
+def _evaluating(model: nn.Module):
+    """Eval mode under ``torch.no_grad()``; every submodule's own train/eval flag is restored afterwards,
+    also on error."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes.items():
+            module.training = training
+
+
+class _Run:
+    """The passes of one :func:`record` call over the same data."""
+
+    def __init__(self, model, data, targets, max_batches, device, progress, distributed) -> None:
+        self.model, self.data, self.targets = model, data, targets
+        self.max_batches, self.device, self.progress, self.distributed = max_batches, device, progress, distributed
+        self.images: int | None = None  # over all processes, once a pass has counted them
+        self.forward_macs: int | None = None
+        self._generators = _generator_states(data)
+
+    def calibrate(self, quantile: float, seed: int, probe: bool) -> dict[str, Any]:
+        """The calibration pass: each layer's per-unit ``quantile``, the same on every rank (and, with
+        ``probe``, the forward pass's multiply-adds)."""
+        samples = {spec: ActivationSample(seed=seed, stream=dist_info.rank(), name=spec) for spec in self.targets}
+        seen = self._pass(samples, "calibrate", probe=probe)
+        self.images = _check_outcome({s: x.count for s, x in samples.items()}, seen, self.distributed)
+        if self.distributed:
+            for sample in samples.values():
+                sample.all_gather()
+        return {spec: sample.quantile(quantile) for spec, sample in samples.items()}
+
+    def record(self, stats: dict[str, LayerStats], auto: bool) -> None:
+        """The recording pass (after a calibration pass: the same batches again)."""
+        if self.images is not None:
+            _restore_generators(self._generators)
+
+        def budget(x: torch.Tensor) -> None:
+            images = self.images or _images_lower_bound(self.data, self.max_batches, x.shape[0])
+            plan = PositionBudget(forward_macs=self.forward_macs, num_images=images)
+            for layer in stats.values():
+                layer.budget = plan
+
+        seen = self._pass(stats, "record", probe=auto, on_first=budget if auto else None)
+        _check_outcome({spec: layer.count for spec, layer in stats.items()}, seen, self.distributed)
+
+    def _pass(self, sinks: dict[str, Any], desc: str, *, probe: bool, on_first=None) -> _Pass:
+        """One pass of the data through the model, each layer's activations sent to ``sinks[layer]``."""
+        seen, state = _Pass(), _HookState()
+        handles = [_attach(module, where, sinks[spec], state) for spec, (module, where) in self.targets.items()]
+        batches = self.data if self.max_batches is None else itertools.islice(self.data, self.max_batches)
+        total = _length(self.data, self.max_batches)
+        try:
+            for index, batch in enumerate(progress_bar(batches, total=total, desc=desc, unit="batch",
+                                                       disable=not self.progress)):
+                x = _inputs(batch).to(self.device, non_blocking=True)
+                if index == 0 and probe and self.forward_macs is None:
+                    state.enabled = False
+                    self.forward_macs = forward_macs(self.model, x[:1])
+                    state.enabled = True
+                if index == 0 and on_first is not None:
+                    on_first(x)
+                state.batch_index = index
+                self.model(x)
+                seen.images += x.shape[0]
+        except Exception as error:
+            if not self.distributed:
+                raise
+            seen.failure = error  # raised after the other ranks have heard of it: they would wait for it forever
+        finally:
+            for handle in handles:
+                handle.remove()
+        return seen
+
+
+def _images_lower_bound(data: Any, max_batches: int | None, first_batch: int) -> int:
+    """Images a pass will see, at least, from the number of batches and the first one's size (times the
+    number of processes, each with its own shard); the first batch alone where the data has no length."""
+    batches = _length(data, max_batches)
+    per_process = first_batch if batches is None else (batches - 1) * first_batch + 1
+    return max(1, per_process * dist_info.world_size())
+
+
+def _generator_states(data: Any) -> list[tuple[torch.Generator | None, torch.Tensor]]:
+    """The global CPU RNG and the data's own generators (a DataLoader's, its sampler's), with their states."""
+    found = [getattr(data, "generator", None), getattr(getattr(data, "sampler", None), "generator", None)]
+    unique = {id(g): g for g in found if isinstance(g, torch.Generator)}
+    return [(None, torch.get_rng_state())] + [(g, g.get_state()) for g in unique.values()]
+
+
+def _restore_generators(states: list[tuple[torch.Generator | None, torch.Tensor]]) -> None:
+    for generator, state in states:
+        if generator is None:
+            torch.set_rng_state(state)
+        else:
+            generator.set_state(state)
+
+
+def _check_outcome(counts: dict[str, int], seen: _Pass, distributed: bool) -> int:
+    """Raise ``seen.failure``, or a StatsError for the first layer that saw nothing; else the number of
+    images over all processes. With ``distributed``, every rank first learns every rank's outcome (one
+    collective), so that all of them raise when one fails, the failed rank its own error and the others a
+    StatsError naming it."""
+    failure = seen.failure
     message = None if failure is None else f"{type(failure).__name__}: {failure}"
-    per_rank = every_rank((counts, message)) if distributed else [(counts, message)]
+    per_rank = dist_info.every_rank((list(counts.values()), seen.images, message)) if distributed else [
+        (list(counts.values()), seen.images, message)]
     if failure is not None:
         raise failure
-    failed = [(rank, text) for rank, (_, text) in enumerate(per_rank) if text is not None]
+    failed = [(rank, text) for rank, (_, _, text) in enumerate(per_rank) if text is not None]
     if failed:
         rank, text = failed[0]
         raise StatsError(f"rank {rank} of {len(per_rank)} failed while recording, so this one stops too: {text}")
-    for index, spec in enumerate(stats):
-        empty = [rank for rank, (seen, _) in enumerate(per_rank) if seen[index] == 0]
+    for index, spec in enumerate(counts):
+        empty = [rank for rank, (seen_counts, _, _) in enumerate(per_rank) if seen_counts[index] == 0]
         if not empty:
             continue
         if not distributed:
@@ -128,18 +268,22 @@ def _check_outcome(stats: dict[str, LayerStats], distributed: bool, failure: Exc
             "was empty or the module was never called in forward; give every process a non-empty shard "
             "(more data or fewer processes)"
         )
+    return sum(images for _, images, _ in per_rank)
 
 
-def _attach(module: nn.Module, where: str, stats: LayerStats, batch_index: list[int]):
+def _attach(module: nn.Module, where: str, sink: Any, state: _HookState):
+    """A hook sending the module's input or output to ``sink.update`` while ``state.enabled``."""
     if where == "input":
 
         def pre_hook(_module, args):
-            stats.update(_first_tensor(args, stats.name), batch_index=batch_index[0])
+            if state.enabled:
+                sink.update(_first_tensor(args, sink.name), batch_index=state.batch_index)
 
         return module.register_forward_pre_hook(pre_hook)
 
     def hook(_module, _args, output):
-        stats.update(_first_tensor(output, stats.name), batch_index=batch_index[0])
+        if state.enabled:
+            sink.update(_first_tensor(output, sink.name), batch_index=state.batch_index)
 
     return module.register_forward_hook(hook)
 
