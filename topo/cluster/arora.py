@@ -11,32 +11,76 @@ with the fewest edges inside the set until every member is adjacent to at
 least ``density`` of the others. Nodes adjacent to all but at most one
 member of the cleaned set are then added back (a member with one missing edge to the
 pair is still a member) and the set is peeled once more.
+
+The peeling is sequential for each set (who goes next depends on who went
+before), but the sets of one anchor are independent: `dense_cores` peels them
+side by side, one vectorised step removing the next member of every set still
+peeling, so a dense neighbourhood costs as many NumPy steps as its largest set
+has members rather than one Python step per member of every set.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
+from scipy import sparse
+
+_GONE = np.iinfo(np.int32).max
+_BATCH_BYTES = 1 << 24  # at most this many bytes of stacked sub-adjacency per peeling batch
+_BATCH_SPREAD = 2.0  # a batch holds sets of at most this ratio of sizes (padding stays cheap)
 
 
 def dense_core(adj: np.ndarray, members: np.ndarray, density: float) -> np.ndarray:
     """Peel the lowest-degree member until each remaining one meets ``density``.
 
-    Degrees inside the set are updated as members leave, so peeling n members
-    costs O(n^2), not O(n^3). Ties go to the earliest member.
+    ``adj`` is a symmetric boolean adjacency (an undirected graph, as the Hebbian
+    graph is); ``members`` are sorted node indices; ties go to the earliest
+    member, and peeling stops at two members.
     """
-    members = np.asarray(members)
-    sub = adj[np.ix_(members, members)].astype(np.int32)
-    degree = sub.sum(axis=1)
-    kept = np.ones(len(members), dtype=bool)
-    remaining = len(members)
-    gone = np.iinfo(np.int32).max
-    while remaining > 2:
-        worst = int(np.argmin(np.where(kept, degree, gone)))
-        if degree[worst] >= density * (remaining - 1):
-            break
-        kept[worst] = False
-        degree -= sub[:, worst]
-        remaining -= 1
-    return members[kept]
+    return dense_cores(adj, [np.asarray(members)], density)[0]
+
+
+def dense_cores(adj: np.ndarray, member_sets: Sequence[np.ndarray], density: float) -> list[np.ndarray]:
+    """`dense_core` of every set in ``member_sets``, peeled in batches of similar size."""
+    sizes = np.array([len(m) for m in member_sets], dtype=np.int64)
+    cores: list[np.ndarray] = [np.asarray(m) for m in member_sets]
+    order = np.argsort(sizes, kind="stable")
+    start = 0
+    while start < len(order):
+        smallest = max(int(sizes[order[start]]), 1)
+        stop = start + 1
+        while (stop < len(order) and sizes[order[stop]] <= _BATCH_SPREAD * smallest
+               and (stop - start + 1) * int(sizes[order[stop]]) ** 2 <= _BATCH_BYTES):
+            stop += 1
+        batch = order[start:stop]
+        kept = _peel([cores[i] for i in batch], adj, density)
+        for row, i in enumerate(batch):
+            cores[i] = cores[i][kept[row, : sizes[i]]]
+        start = stop
+    return cores
+
+
+def _peel(sets: list[np.ndarray], adj: np.ndarray, density: float) -> np.ndarray:
+    """Kept-member masks (S, m) of the sets, padded to the largest size m, peeled side by side."""
+    width = max(len(s) for s in sets)
+    kept = np.zeros((len(sets), width), dtype=bool)
+    sub = np.zeros((len(sets), width, width), dtype=bool)
+    for row, s in enumerate(sets):
+        kept[row, : len(s)] = True
+        sub[row, : len(s), : len(s)] = adj.take(s, axis=0).take(s, axis=1)  # faster than one fancy index
+    degree = sub.sum(axis=2, dtype=np.int32)
+    remaining = kept.sum(axis=1)
+    active = np.flatnonzero(remaining > 2)
+    while len(active):
+        masked = np.where(kept[active], degree[active], _GONE)
+        worst = masked.argmin(axis=1)  # the first minimum: ties go to the earliest member
+        low = masked[np.arange(len(active)), worst] < density * (remaining[active] - 1)
+        active, worst = active[low], worst[low]
+        kept[active, worst] = False
+        degree[active] -= sub[active, worst]  # the row is the column: the graph is undirected
+        remaining[active] -= 1
+        active = active[remaining[active] > 2]
+    return kept
 
 
 def grow(adj: np.ndarray, core: np.ndarray, density: float) -> np.ndarray:
@@ -45,41 +89,67 @@ def grow(adj: np.ndarray, core: np.ndarray, density: float) -> np.ndarray:
     A support member with one missing edge (to the pair's second unit) is not a
     common neighbour, yet it is adjacent to the rest of its support. Requiring
     all but one link (not merely ``density``) keeps two supports that share a
-    few channels from fusing.
+    few channels from fusing. The core must contain node 0 (the anchor); a
+    regrown set that loses it keeps the core.
     """
-    outside = np.setdiff1d(np.arange(adj.shape[0]), core)
-    if len(outside) == 0 or len(core) < 2:
-        return core
-    links = adj[np.ix_(outside, core)].sum(axis=1)
-    extra = outside[links >= len(core) - 1]
-    if len(extra) == 0:
-        return core
-    grown = dense_core(adj, np.union1d(core, extra), density)
-    return grown if 0 in grown else core
+    return grow_all(adj, [np.asarray(core)], density)[0]
+
+
+def grow_all(adj: np.ndarray, cores: Sequence[np.ndarray], density: float) -> list[np.ndarray]:
+    """`grow` of every core (each containing node 0), the second peeling batched."""
+    if not cores:
+        return []
+    sizes = np.array([len(c) for c in cores])
+    inside = sparse.csr_matrix((np.ones(sizes.sum(), dtype=np.int32), np.concatenate(cores),
+                                np.concatenate([[0], np.cumsum(sizes)])), shape=(len(cores), adj.shape[0]))
+    links = (inside @ sparse.csr_matrix(adj.T, dtype=np.int32)).toarray()  # links[r, v]: edges from v into core r
+    member = inside.toarray() > 0
+    extra = (links >= sizes[:, None] - 1) & ~member
+    rows = np.flatnonzero((sizes >= 2) & extra.any(axis=1))
+    unions = [np.flatnonzero(extra[r] | member[r]) for r in rows]
+    distinct = _distinct(unions)  # e.g. every pair core {0, k} grows back to the whole neighbourhood
+    peeled = dict(zip((u.tobytes() for u in distinct), dense_cores(adj, distinct, density)))
+    out = list(cores)
+    for r, union in zip(rows, unions):
+        grown = peeled[union.tobytes()]
+        if len(grown) and grown[0] == 0:
+            out[r] = grown
+    return out
+
+
+def pair_sets(adj: np.ndarray) -> list[np.ndarray]:
+    """The distinct sets {0, k} plus the common neighbours of 0 and k, k = 1..n-1, in order of first k."""
+    n = adj.shape[0]
+    if n < 2:
+        return []
+    rows = adj[1:] & adj[0][None, :]
+    rows[:, 0] = True
+    rows[np.arange(n - 1), np.arange(1, n)] = True
+    _, first = np.unique(np.packbits(rows, axis=1), axis=0, return_index=True)
+    return [np.flatnonzero(rows[i]) for i in np.sort(first)]
 
 
 def anchored_groups(adj: np.ndarray, density: float) -> list[np.ndarray]:
     """Candidate clusters around the anchor (node 0) of an anchored local graph.
 
     ``adj`` is (n+1) x (n+1) boolean with node 0 the anchor, adjacent to every
-    other node. Returns arrays of node indices, each containing the anchor.
+    other node. Returns distinct arrays of node indices, each containing the
+    anchor, in the order of the first pair (0, k) that gives them.
     """
-    n = adj.shape[0]
-    seen: set[tuple[int, ...]] = set()
-    grown: dict[bytes, np.ndarray | None] = {}  # pairs with the same common neighbourhood give the same group
-    groups = []
-    for k in range(1, n):
-        common = np.flatnonzero(adj[k] & adj[0])
-        members = np.union1d(np.array([0, k]), common)
-        key = members.tobytes()
-        if key not in grown:
-            core = dense_core(adj, members, density)
-            grown[key] = grow(adj, core, density) if 0 in core else None
-        core = grown[key]
-        if core is None:
-            continue
-        group_key = tuple(core.tolist())
-        if group_key not in seen:
-            seen.add(group_key)
-            groups.append(core)
-    return groups
+    sets = pair_sets(adj)
+    cores = [c for c in dense_cores(adj, sets, density) if c[0] == 0]
+    distinct = _distinct(cores)
+    grown = dict(zip((c.tobytes() for c in distinct), grow_all(adj, distinct, density)))
+    return _distinct([grown[c.tobytes()] for c in cores])
+
+
+def _distinct(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """The distinct arrays of ``arrays``, in order of first appearance."""
+    seen: set[bytes] = set()
+    out = []
+    for a in arrays:
+        key = a.tobytes()
+        if key not in seen:
+            seen.add(key)
+            out.append(a)
+    return out

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
+from threadpoolctl import threadpool_limits
 
 from topo.cluster.arora import anchored_groups
 from topo.cluster.clusters import Cluster
+from topo.cluster.evidence import assess, warn_if_weak
 from topo.cluster.partition import METHODS as PARTITION_METHODS
 from topo.cluster.partition import partition
 from topo.cluster.select import add_candidate, merge_candidates, select_clusters
@@ -54,6 +57,13 @@ class UnitClustering(BaseEstimator):
         (unassigned, then dead channels last), for cluster-ordered correlation plots.
     dead_units_ : channels left out as dead.
     lift_threshold_ : the lift threshold the Hebbian graph used.
+    n_edges_ : Hebbian edges of the window graph (each pair of variables once, up to translation).
+    evidence_ : `topo.cluster.evidence.Evidence`: observations, median firing rate, the co-firings a
+        typical pair needs to pass the test against those a pair at the lift floor shows, whether
+        the test is powered, whether the layer is dense (``fit`` warns about both).
+    n_candidates_ : candidate groups found over all anchors (before merging).
+    n_window_cuts_ : of those, how many had a footprint wider than the window and were cut to it.
+    cut_kernel_counts_ : {1: n, 3: n, 5: n} clusters per kernel whose footprint some anchor found as such a cut.
     """
 
     def __init__(self, method: str = "arora", window: int = 5, n_clusters: int | str = "auto",
@@ -109,9 +119,7 @@ class UnitClustering(BaseEstimator):
                 "varied inputs, or from a trained (not freshly initialised) layer"
             )
         spatial = bool(getattr(stats, "spatial", True)) and self.window > 1
-        need = self.window - 1
-        if spatial and getattr(stats, "spatial_shape", None):
-            need = min(need, min(stats.spatial_shape) - 1)  # a small map holds no pairs further apart
+        need = self._reach(stats, spatial)
         if spatial and int(stats.max_offset) < need:
             raise StatsError(
                 f"UnitClustering: window {self.window} needs statistics with max_offset >= {need}, "
@@ -119,29 +127,62 @@ class UnitClustering(BaseEstimator):
             )
         return spatial, dead
 
+    def _reach(self, stats, spatial: bool) -> int:
+        """The largest offset the window needs: ``window - 1``, less on a smaller map, 0 without space."""
+        if not spatial:
+            return 0
+        if getattr(stats, "spatial_shape", None):
+            return min(self.window - 1, min(stats.spatial_shape) - 1)  # a small map holds no pairs further apart
+        return self.window - 1
+
+    def _check_null(self, stats, null, reach: int) -> None:
+        """The null must describe the same layer (units, map) with enough observations and offsets."""
+        from topo.stats import LayerStats
+
+        if not isinstance(null, LayerStats):
+            raise UserError(f"UnitClustering.fit: null must be a topo.stats.LayerStats of the same layer "
+                            f"recorded on a null input, not {type(null).__name__}")
+        mine = (stats.num_channels, getattr(stats, "spatial_shape", None))
+        theirs = (null.num_channels, getattr(null, "spatial_shape", None))
+        if mine != theirs:
+            raise StatsError(f"UnitClustering: the null statistics have (C, map) = {theirs}, the layer's are {mine}; "
+                             "record the null from the same layer on inputs of the same size")
+        if int(null.count) < self.min_observations:
+            raise StatsError(f"UnitClustering: the null statistics hold only {int(null.count)} observations; "
+                             f"record at least {self.min_observations} before testing against them")
+        if int(null.max_offset) < reach:
+            raise StatsError(f"UnitClustering: the null statistics have max_offset {null.max_offset}, window "
+                             f"{self.window} needs {reach}; record the null with max_offset={reach}")
+
     # -------------------------------------------------------------------- fit
-    def fit(self, stats) -> "UnitClustering":
-        """Cluster the units described by ``stats`` (a `topo.stats.LayerStats`)."""
+    def fit(self, stats, null=None) -> "UnitClustering":
+        """Cluster the units described by ``stats`` (a `topo.stats.LayerStats`).
+
+        ``null``: statistics of the same layer recorded on a null input (matched-moment
+        noise, or the data with its pixels shuffled); each pair is then tested against
+        what the null shows for it instead of against independence (docs/clustering.md).
+        """
         self._check_params()
         spatial, dead = self._check_stats(stats)
+        reach = self._reach(stats, spatial)
+        if null is not None:
+            self._check_null(stats, null, reach)
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
-        reach = self.window - 1 if spatial else 0
-        if spatial and getattr(stats, "spatial_shape", None):
-            # a map smaller than the window holds no pairs further apart than its side
-            reach = min(reach, min(stats.spatial_shape) - 1)
         graph = build_window_graph(stats, reach, min_lift=self.min_lift, alpha=self.alpha,
                                    max_degree=self.max_degree,
-                                   need_corr=self.method in ("spectral", "agglomerative"), dead=dead)
-        C = stats.num_channels
+                                   need_corr=self.method in ("spectral", "agglomerative"), dead=dead, null=null)
+        self.evidence_ = assess(stats, graph.alive, len(graph.offsets), min_lift=self.min_lift, alpha=self.alpha,
+                                null=null)
+        warn_if_weak(self.evidence_, stacklevel=2)
         if not spatial and self.method != "arora":
-            clusters = self._global_partition(graph, seed)
+            clusters, cuts = self._global_partition(graph, seed), WindowCuts()
         else:
-            clusters = self._anchored(graph, seed)
-        self._finish(clusters, C, dead, graph)
+            clusters, cuts = self._anchored(graph, seed)
+        self._finish(clusters, stats.num_channels, dead, graph, cuts)
         return self
 
-    def fit_predict(self, stats) -> np.ndarray:
-        return self.fit(stats).channel_labels_
+    def fit_predict(self, stats, null=None) -> np.ndarray:
+        return self.fit(stats, null=null).channel_labels_
 
     def _global_partition(self, graph, seed: int) -> list[Cluster]:
         """Non-spatial hard methods: partition all live channels at once."""
@@ -160,36 +201,50 @@ class UnitClustering(BaseEstimator):
             clusters = clusters[: self.max_clusters]
         return clusters
 
-    def _anchored(self, graph, seed: int) -> list[Cluster]:
+    def _anchored(self, graph, seed: int) -> tuple[list[Cluster], "WindowCuts"]:
         """Anchor every live channel at offset 0, find its clusters locally, merge translated copies."""
         from topo.progress import progress_bar
 
         candidates: dict = {}
+        cuts = WindowCuts()
         anchors = np.flatnonzero(graph.alive)
-        for anchor in progress_bar(anchors, desc=f"clustering ({self.method})", disable=not self.progress):
-            chans, offs = graph.neighbours(int(anchor))
-            if len(chans) < self.min_size - 1:
-                continue
-            all_chans = np.concatenate([[anchor], chans])
-            all_offs = np.concatenate([np.zeros((1, 2), dtype=np.int64), offs])
-            if self.method == "arora":
-                adj = graph.local(graph.edges, all_chans, all_offs, False)
-                groups = anchored_groups(adj, self.density)
-            else:
-                corr = graph.local(graph.corr, chans, offs, 0.0) if graph.corr is not None else None
-                adj = graph.local(graph.edges, chans, offs, False) if self.method == "louvain" else None
-                labels = partition(self.method, corr=corr, adj=adj, n_groups=None,
-                                   k_max=max(2, len(chans) // 2), min_corr=self.min_corr, seed=seed)
-                groups = [np.concatenate([[0], 1 + np.flatnonzero(labels == g)]) for g in np.unique(labels)]
-            for group in groups:
-                members = _fit_window(all_chans[group], all_offs[group], self.window)
-                if len(members) >= self.min_size:
-                    add_candidate(candidates, members, int(anchor))
+        # local problems are small: several BLAS threads on them mostly wait for each other (on a shared
+        # machine 6-12x slower spectral clustering of a dense layer than one thread, docs/benchmarks/cluster.md)
+        with threadpool_limits(limits=1, user_api="blas"):
+            for anchor in progress_bar(anchors, desc=f"clustering ({self.method})", disable=not self.progress):
+                self._add_anchor(graph, int(anchor), seed, candidates, cuts)
         merged = merge_candidates(candidates, self.merge_jaccard, self.merge_containment)
-        return select_clusters(merged, min_votes=self.min_votes, min_size=self.min_size,
-                               n_clusters=self.n_clusters, max_clusters=self.max_clusters)
+        clusters = select_clusters(merged, min_votes=self.min_votes, min_size=self.min_size,
+                                   n_clusters=self.n_clusters, max_clusters=self.max_clusters)
+        return clusters, cuts
 
-    def _finish(self, clusters: list[Cluster], C: int, dead: np.ndarray, graph) -> None:
+    def _add_anchor(self, graph, anchor: int, seed: int, candidates: dict, cuts: "WindowCuts") -> None:
+        """The candidate groups around one anchor channel, cut to the window, into ``candidates``."""
+        chans, offs = graph.neighbours(anchor)
+        if len(chans) < self.min_size - 1:
+            return
+        all_chans = np.concatenate([[anchor], chans])
+        all_offs = np.concatenate([np.zeros((1, 2), dtype=np.int64), offs])
+        for group in self._local_groups(graph, chans, offs, all_chans, all_offs, seed):
+            members, cut = _fit_window(all_chans[group], all_offs[group], self.window)
+            cuts.groups += 1
+            cuts.cut += cut
+            if len(members) >= self.min_size:
+                key = add_candidate(candidates, members, anchor)
+                if cut:
+                    cuts.keys.add(key)
+
+    def _local_groups(self, graph, chans, offs, all_chans, all_offs, seed: int) -> list[np.ndarray]:
+        """Groups of one anchor's neighbourhood, as indices into (anchor, neighbours...)."""
+        if self.method == "arora":
+            return anchored_groups(graph.local(graph.edges, all_chans, all_offs, False), self.density)
+        corr = graph.local(graph.corr, chans, offs, 0.0) if graph.corr is not None else None
+        adj = graph.local(graph.edges, chans, offs, False) if self.method == "louvain" else None
+        labels = partition(self.method, corr=corr, adj=adj, n_groups=None,
+                           k_max=max(2, len(chans) // 2), min_corr=self.min_corr, seed=seed)
+        return [np.concatenate([[0], 1 + np.flatnonzero(labels == g)]) for g in np.unique(labels)]
+
+    def _finish(self, clusters: list[Cluster], C: int, dead: np.ndarray, graph, cuts: "WindowCuts") -> None:
         if self.n_clusters != "auto" and len(clusters) < int(self.n_clusters):
             warnings.warn(f"UnitClustering: n_clusters={self.n_clusters} asked, but the statistics support only "
                           f"{len(clusters)} clusters ({self.method}); keeping those", UserWarning, stacklevel=3)
@@ -210,20 +265,37 @@ class UnitClustering(BaseEstimator):
         key = np.where(labels >= 0, labels, big) + is_dead * (big + 1)
         self.channel_order_ = np.lexsort((np.arange(C), key))
         self.lift_threshold_ = graph.lift_threshold
+        self.n_edges_ = graph.n_edges
+        self.n_candidates_ = cuts.groups
+        self.n_window_cuts_ = cuts.cut
+        self.cut_kernel_counts_ = {k: sum(1 for c in clusters if c.kernel_size == k and c.members in cuts.keys)
+                                   for k in sizes}
 
 
-def _fit_window(chans: np.ndarray, offs: np.ndarray, window: int) -> list[tuple[int, int, int]]:
-    """Members inside the k x k placement (containing the anchor, element 0) that holds the most of them."""
+@dataclass
+class WindowCuts:
+    """Candidate groups seen over all anchors, how many were wider than the window, and the cut keys."""
+
+    groups: int = 0
+    cut: int = 0
+    keys: set = field(default_factory=set)
+
+
+def _fit_window(chans: np.ndarray, offs: np.ndarray, window: int) -> tuple[list[tuple[int, int, int]], bool]:
+    """Members inside the k x k placement (containing the anchor, element 0) that holds the most of them.
+
+    Returns the members and whether the footprint had to be cut (it was wider than the window).
+    Of equally full placements the first (top-most, then left-most) wins.
+    """
     if len(offs) == 0:
-        return []
-    ext = (offs.max(axis=0) - offs.min(axis=0)).max() + 1
-    if ext > window:
-        best, best_mask = -1, None
-        for ty in range(-(window - 1), 1):
-            for tx in range(-(window - 1), 1):
-                mask = ((offs[:, 0] >= ty) & (offs[:, 0] < ty + window)
-                        & (offs[:, 1] >= tx) & (offs[:, 1] < tx + window))
-                if mask.sum() > best:
-                    best, best_mask = int(mask.sum()), mask
-        chans, offs = chans[best_mask], offs[best_mask]
-    return [(int(c), int(dy), int(dx)) for c, (dy, dx) in zip(chans, offs)]
+        return [], False
+    cut = bool((offs.max(axis=0) - offs.min(axis=0)).max() + 1 > window)
+    if cut:
+        corner = np.arange(-(window - 1), 1)  # placements [t, t + window) that hold offset 0
+        in_y = (offs[None, :, 0] >= corner[:, None]) & (offs[None, :, 0] < corner[:, None] + window)
+        in_x = (offs[None, :, 1] >= corner[:, None]) & (offs[None, :, 1] < corner[:, None] + window)
+        held = in_y[:, None, :] & in_x[None, :, :]  # (ty, tx, member)
+        best = np.unravel_index(int(held.sum(axis=2).argmax()), held.shape[:2])
+        keep = held[best]
+        chans, offs = chans[keep], offs[keep]
+    return list(zip(chans.tolist(), offs[:, 0].tolist(), offs[:, 1].tolist())), cut

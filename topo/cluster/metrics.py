@@ -8,10 +8,10 @@ import numpy as np
 Member = tuple[int, int, int]
 
 
-# A member (c, dy, dx) as one integer: c * 2**16 + (dy + 64) * 2**8 + (dx + 64). Two codes of one
-# channel differ by dy' * 2**8 + dx' (|.| < 2**15), codes of different channels by more.
+# A member (c, dy, dx) as one integer: c * 2**16 + (dy + 64) * 2**8 + (dx + 64): ``code >> 16`` is the
+# channel, and two codes of one channel differ by dy' * 2**8 + dx' (their shift).
 _OFFSET_LIMIT = 64
-_SAME_CHANNEL = 1 << 15
+_BINCOUNT_LIMIT = 1 << 22  # (set, shift) bins counted densely up to this many
 
 
 def member_codes(members: Iterable[Member]) -> np.ndarray:
@@ -24,11 +24,42 @@ def member_codes(members: Iterable[Member]) -> np.ndarray:
 
 def codes_overlap(a: np.ndarray, b: np.ndarray) -> int:
     """`aligned_overlap` of two sets given as `member_codes`."""
-    diff = np.subtract.outer(a, b).ravel()
-    diff = diff[np.abs(diff) < _SAME_CHANNEL]
-    if not diff.size:
-        return 0
-    return int(np.unique(diff, return_counts=True)[1].max())
+    return int(codes_overlaps(a, [b])[0])
+
+
+def codes_overlaps(a: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
+    """`codes_overlap` of ``a`` with each of ``others``, in one pass (int64, one entry per other set).
+
+    Only same-channel members can line up, so the members of ``a`` and of the
+    others are joined on the channel (a sorted search) rather than paired all
+    with all; each joined couple votes for its shift, and an overlap is the
+    most voted shift's count.
+    """
+    out = np.zeros(len(others), dtype=np.int64)
+    if not len(a) or not len(others):
+        return out
+    a = np.sort(a)
+    flat = np.concatenate(others)
+    a_chan, flat_chan = a >> 16, flat >> 16
+    lo = np.searchsorted(a_chan, flat_chan, side="left")
+    count = np.searchsorted(a_chan, flat_chan, side="right") - lo
+    total = int(count.sum())
+    if not total:
+        return out
+    b_idx = np.repeat(np.arange(len(flat)), count)
+    diff = a[np.repeat(lo - (np.cumsum(count) - count), count) + np.arange(total)] - flat[b_idx]
+    group = np.repeat(np.arange(len(others)), [len(b) for b in others])[b_idx]
+    # a same-channel difference is dy * 2**8 + dx, |dy|, |dx| < 2**7: count each (set, dy, dx) in a small box
+    dy = (diff + 128) >> 8
+    dx = diff - (dy << 8)
+    width = int(dx.max() - dx.min()) + 1
+    box = (int(dy.max() - dy.min()) + 1) * width
+    key = group * box + (dy - dy.min()) * width + (dx - dx.min())
+    if len(others) * box > _BINCOUNT_LIMIT:  # far-apart offsets: count the keys present only
+        key, counts = np.unique(key, return_counts=True)
+        np.maximum.at(out, key // box, counts)
+        return out
+    return np.bincount(key, minlength=len(others) * box).reshape(len(others), box).max(axis=1)
 
 
 def aligned_overlap(a: Iterable[Member], b: Iterable[Member]) -> int:
