@@ -309,7 +309,8 @@ PINNED_VAL_LABEL_SUM = 1618
 
 
 def test_every_named_data_set_is_registered() -> None:
-    assert set(DATASETS) == {"imagenet", "folder", "cifar10", "cifar100", "digits", "fake", "tensors", "planted"}
+    assert set(DATASETS) == {"imagenet", "folder", "cifar10", "cifar100", "digits", "fake", "tensors", "planted",
+                             "patches"}
 
 
 # ----------------------------------------------------------------------------- loaders

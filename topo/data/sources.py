@@ -15,6 +15,7 @@ from topo import distributed as dist_info
 from topo.data import transforms as T
 from topo.data.bundle import DataBundle, image_hw
 from topo.data.folders import ImageTree, check_tree
+from topo.data.patches import patches
 from topo.data.tensors import load_npz, planted_data
 from topo.errors import DataError
 
@@ -220,6 +221,7 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
     "cifar10": lambda data_dir, **kw: cifar("cifar10", data_dir, **kw),
     "cifar100": lambda data_dir, **kw: cifar("cifar100", data_dir, **kw),
     "digits": lambda data_dir, **kw: digits(**kw),
+    "patches": lambda data_dir, **kw: patches(**kw),
     "fake": lambda data_dir, **kw: fake(**kw),
     "tensors": lambda data_dir, **kw: load_npz(data_dir, **kw),
     "planted": lambda data_dir, **kw: planted_data(**kw),
@@ -247,6 +249,8 @@ def load(
     - ``cifar10``/``cifar100``: ``data_dir`` holds torchvision's files;
       ``download`` as in :func:`cifar`.
     - ``digits``: no files; ``image_size`` resizes the 8x8 digits.
+    - ``patches``: no files (scikit-image's shipped photographs); ``image_size``
+      (default 20) resizes the 32-pixel patches.
     - ``fake``: ``num_classes``, ``fake_sizes`` (train, val) and ``seed``
       choose the random images.
     - ``tensors``: ``data_dir`` is an ``.npz`` file with ``x`` (N, C, H, W) and
