@@ -30,6 +30,7 @@ from topo.rundir import RunDir
 from topo.train import TrainConfig, train
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.usefixtures("one_thread"),
     pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),  # recent torch (2.14 here)
 ]

@@ -22,7 +22,7 @@ from topo.rundir import RunDir
 from topo.runs import run_spec, timed_evaluate, trained_networks
 from topo.train import TrainConfig, evaluate, train
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 EPOCHS = 2
 

@@ -17,7 +17,7 @@ import builders
 from builders import NetworkOutput
 from topo.data import load
 from topo.errors import UserError
-from topo.train import LRSchedule, TrainConfig, evaluate, split_output, train
+from topo.train import DivergenceError, LRSchedule, TrainConfig, evaluate, split_output, train
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,11 @@ def test_config_round_trips_through_json() -> None:
         ({"batch_size": 0}, "batch size"),
         ({"amp_dtype": "int8"}, "amp_dtype"),
         ({"workers": "many"}, "workers"),
+        ({"momentum": 1.0}, "momentum"),
+        ({"weight_decay": -1e-4}, "weight_decay"),
+        ({"warmup_epochs": -1.0}, "warmup_epochs"),
+        ({"decay_factor": 1.5}, "decay_factor"),
+        ({"grad_clip": 0.0}, "grad_clip"),
     ],
 )
 def test_bad_config_is_a_one_line_user_error(options, fragment) -> None:
@@ -294,6 +299,45 @@ def test_run_directory_gets_checkpoint_and_metrics(digits, tmp_path) -> None:
         train(small_cnn(), digits.train, digits.val, quiet(epochs=2, ema_decay=0.9, lr=0.2), run_dir=tmp_path, name="cnn")
 
 
+class TurnsNaN(nn.Module):
+    """``small_cnn`` whose training outputs become NaN after ``steps`` training steps."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.net, self.steps, self.calls = small_cnn(), steps, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.net(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.steps:
+                out = out * float("nan")
+        return out
+
+
+def test_a_diverging_epoch_stops_training_and_keeps_the_last_good_checkpoint(digits, tmp_path) -> None:
+    steps = len(digits.train) // 64  # epoch 1 trains cleanly, epoch 2 turns NaN
+    with pytest.raises(DivergenceError) as error:
+        train(TurnsNaN(steps), digits.train, digits.val, quiet(epochs=3), run_dir=tmp_path, name="cnn")
+    message = str(error.value)
+    assert "\n" not in message and isinstance(error.value, UserError)
+    assert message.startswith("cnn diverged in epoch 2 of 3: the training loss is nan and the validation loss is nan")
+    assert f"the checkpoint of epoch 1 is kept in {tmp_path / 'cnn.ckpt'}" in message and "grad_clip" in message
+    checkpoint = torch.load(tmp_path / "cnn.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 1 and all(torch.isfinite(v).all() for v in checkpoint["model"].values())
+    history = pd.read_csv(tmp_path / "cnn_metrics.csv")
+    assert list(history["epoch"]) == [1] and history[["train_loss", "val_loss"]].notna().all().all()
+
+
+def test_a_checkpoint_of_another_network_is_refused_in_one_line(digits, tmp_path) -> None:
+    train(small_cnn(), digits.train, digits.val, quiet(), run_dir=tmp_path, name="cnn")
+    wider = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 64, 10))
+    with pytest.raises(UserError) as error:
+        train(wider, digits.train, digits.val, quiet(), run_dir=tmp_path, name="cnn")
+    message = str(error.value)
+    assert "\n" not in message and f"checkpoint {tmp_path / 'cnn.ckpt'} holds another network" in message
+
+
 def test_torchrun_without_a_process_group_is_a_user_error(digits, monkeypatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(UserError, match="not initialised"):
@@ -309,6 +353,7 @@ def test_batch_size_larger_than_the_data_is_a_user_error(digits) -> None:
 # ----------------------------------------------------------------------------- real training
 
 
+@pytest.mark.slow
 def test_small_googlenet_learns_digits(digits) -> None:
     torch.manual_seed(0)
     model = builders.googlenet(variant="small", in_channels=1, num_classes=10, width_mult=0.25)

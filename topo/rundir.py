@@ -6,29 +6,45 @@ Layout (every file is written atomically through `topo.io`)::
       config.json        resolved configuration, library versions, git revision
       state.json         the stages completed so far (what --resume reads)
       construction/      per module: statistics (MODULE_stats.pt), clusters (MODULE_clusters.json);
-                         records.json, progress.json, prefix.pt   (ConstructionFiles)
+                         records.json, progress.json, prefixN.pt (the weights after N modules)   (ConstructionFiles)
       topology.json      the discovered NetworkSpec
       training/          per network: spec (NAME.spec.json), checkpoint (NAME.ckpt), per-epoch metrics (NAME_metrics.csv),
                          tensorboard/NAME/   (TrainingFiles)
       comparison.{csv,md,tex}, figures/, report.md
 
-Every file name is spelled here and nowhere else.
+Every file name is spelled here and nowhere else; every file is read back
+through `topo.files`. ``config.json`` also records the run format and the
+topo-build version that wrote the directory: a run is only continued by the
+same ones (`RunDir.check_compatible`).
 """
 from __future__ import annotations
 
-import json
+import importlib.metadata
 import platform
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from topo.errors import UserError
+from topo.files import read_config, read_state
 from topo.io import atomic_write_json
 
 STATE_FILE = "state.json"
 CONFIG_FILE = "config.json"
+#: The layout of a run directory and of its files; a run of another format is not continued.
+RUN_FORMAT = 1
+NEW_RUN = "start a new run with another --out"
+
+
+def topo_version() -> str | None:
+    """The installed topo-build version (None when run from a source tree that is not installed)."""
+    try:
+        return importlib.metadata.version("topo-build")
+    except importlib.metadata.PackageNotFoundError:
+        return None
 
 
 def environment_info() -> dict[str, Any]:
@@ -79,10 +95,16 @@ class ConstructionFiles:
     def progress(self) -> Path:
         return self.root / "progress.json"
 
-    @property
-    def prefix(self) -> Path:
-        """The weights of the network grown so far (what a resumed construction continues from)."""
-        return self.root / "prefix.pt"
+    def prefix(self, modules: int) -> Path:
+        """The weights of the network grown so far, after ``modules`` modules (what a resume continues from).
+
+        One file per step, so that the step ``progress.json`` names is intact until the next one is recorded.
+        """
+        return self.root / f"prefix{modules}.pt"
+
+    def prefixes(self) -> list[Path]:
+        """Every prefix file here (the current one, and an older one a kill left behind)."""
+        return sorted(self.root.glob("prefix*.pt")) if self.root.is_dir() else []
 
     @property
     def records(self) -> Path:
@@ -158,6 +180,38 @@ class RunDir:
             )
         return cls(root)
 
+    def check_writable(self) -> None:
+        """A one-line error now, before any work, where the run directory cannot be created or written."""
+        root = self.root
+        if root.exists() and not root.is_dir():
+            raise UserError(f"output directory {root} is an existing file; give --out a folder (new or a run's)")
+        existing = next(p for p in (root, *root.parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"output directory {root} cannot be made: {existing} is a file, not a folder; "
+                            "choose another --out")
+        try:
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as e:
+            raise UserError(f"output directory {root} cannot be written ({e.strerror} in {existing}); "
+                            "choose another --out or make it writable") from None
+
+    def check_compatible(self, *commands: str) -> None:
+        """Refuse (one line) a folder written in another run format, by another topo-build version, or by
+        another command than ``commands``."""
+        document = read_config(self.config_path)
+        written = (document.get("format", 0), document.get("topo_version"))
+        if written != (RUN_FORMAT, topo_version()):
+            raise UserError(
+                f"run {self.root} was written by topo-build {written[1] or 'unknown'} (run format {written[0]}), "
+                f"this is topo-build {topo_version() or 'unknown'} (run format {RUN_FORMAT}): finish it with "
+                f"that version, or {NEW_RUN}"
+            )
+        command = document.get("command", "run")
+        if commands and command not in commands:
+            raise UserError(f"{self.root} holds the output of topo-build {command}, not of {' or '.join(commands)}; "
+                            f"{NEW_RUN}")
+
     # Paths ------------------------------------------------------------------
     @property
     def config_path(self) -> Path:
@@ -184,18 +238,65 @@ class RunDir:
         return self.root / "report.md"
 
     # Configuration and stages -----------------------------------------------
-    def write_config(self, config: dict[str, Any]) -> None:
-        atomic_write_json(self.config_path, {"config": config, "environment": environment_info()})
+    @property
+    def state_path(self) -> Path:
+        return self.root / STATE_FILE
+
+    def write_config(self, config: dict[str, Any], *, command: str = "run") -> None:
+        """Write ``config.json``: the configuration, the command, the run format, the topo-build version and the
+        environment."""
+        atomic_write_json(self.config_path, {"format": RUN_FORMAT, "topo_version": topo_version(), "command": command,
+                                             "config": config, "environment": environment_info()})
 
     def read_config(self) -> dict[str, Any]:
-        return json.loads(self.config_path.read_text())["config"]
+        """The configuration saved in ``config.json`` (a one-line error if the file is damaged)."""
+        return read_config(self.config_path)["config"]
 
     def completed(self) -> dict[str, Any]:
         """Stages completed so far, each with the small result it produced."""
-        path = self.root / STATE_FILE
-        return json.loads(path.read_text()) if path.is_file() else {}
+        return read_state(self.state_path)
 
     def mark_done(self, stage: str, result: Any = None) -> None:
         state = self.completed()
         state[stage] = result
-        atomic_write_json(self.root / STATE_FILE, state)
+        atomic_write_json(self.state_path, state)
+
+
+@dataclass(frozen=True)
+class StudyFiles:
+    """The files of a study folder (every name spelled here)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return self.root / "study.json"
+
+    def unit(self, name: str) -> RunDir:
+        return RunDir(self.root / "units" / name)
+
+    def result(self, name: str) -> Path:
+        """Written when the unit has finished: its row of study.csv."""
+        return self.root / "units" / name / "result.json"
+
+    @property
+    def rows(self) -> Path:
+        return self.root / "study.csv"
+
+    @property
+    def summary(self) -> Path:
+        """Stem of study_summary.{csv,md,tex}."""
+        return self.root / "study_summary"
+
+    @property
+    def tests(self) -> Path:
+        """Stem of study_tests.{csv,md,tex}."""
+        return self.root / "study_tests"
+
+    @property
+    def figure(self) -> Path:
+        return self.root / "figures" / "study"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report.md"

@@ -25,6 +25,7 @@ import builders
 from builders.spec import NetworkSpec
 from topo.data import DataBundle
 from topo.errors import SpecError, UserError
+from topo.files import read_checkpoint, read_metrics, read_spec, state_mismatch
 from topo.rundir import RunDir
 from topo.train import HISTORY_COLUMNS, TrainConfig, evaluate
 
@@ -56,8 +57,6 @@ def run_spec(run_dir: str | Path | RunDir, network: str = "discovered") -> Netwo
     network's is ``topology.json`` and the reference's is rebuilt from
     ``config.json`` (runs that predate the spec files).
     """
-    from topo.pipeline import read_spec
-
     run = _open(run_dir)
     path = run.training.spec(network)
     if path.is_file():
@@ -77,10 +76,10 @@ def _reference_from_config(run: RunDir) -> NetworkSpec:
     The data's class count, channels and image size are those of the discovered
     spec, which the construction derives from the reference.
     """
-    from topo.pipeline import RunConfig, read_spec, reference_spec
+    from topo.pipeline import RunConfig, reference_spec
 
     discovered = read_spec(run.topology)
-    config = RunConfig.from_dict(run.read_config())
+    config = RunConfig.of_run(run)
     size = discovered.input_size
     shape = DataBundle(train=None, val=None, num_classes=discovered.head.num_classes,  # type: ignore[arg-type]
                        in_channels=discovered.in_channels, image_size=(size, size), class_names=[], name=config.data)
@@ -89,19 +88,6 @@ def _reference_from_config(run: RunDir) -> NetworkSpec:
 
 
 # --------------------------------------------------------------------------- checkpoints
-def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """A trainer checkpoint (``weights_only``), with a one-line error for an unreadable file."""
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # noqa: BLE001 - a damaged file is the user's to restore, whatever torch raises
-        raise UserError(
-            f"checkpoint {path} is truncated or corrupt ({type(e).__name__}); restore it or train the network again"
-        ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("model"), dict):
-        raise UserError(f"checkpoint {path} is not a topo training checkpoint (it has no 'model' state dict)")
-    return checkpoint
-
-
 def _weights(checkpoint: dict[str, Any], path: Path, ema: bool) -> dict[str, torch.Tensor]:
     if not ema:
         return checkpoint["model"]
@@ -117,11 +103,10 @@ def build_with_weights(spec: NetworkSpec, state: dict[str, torch.Tensor], *, sou
     """``builders.build(spec)`` with ``state`` loaded strictly; a one-line :class:`SpecError` if it does not fit."""
     model = builders.build(spec)
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True)  # the network's own loading maps e.g. fused onto unfused layouts
     except RuntimeError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        detail = lines[1] if len(lines) > 1 else lines[0]
-        raise SpecError(f"{spec_source} does not match the weights in {source} ({detail})") from None
+        raise SpecError(f"{spec_source} does not match the weights in {source} ({state_mismatch(model, state, e)})"
+                        ) from None
     return model
 
 
@@ -140,7 +125,7 @@ def _warn_if_unfinished(checkpoint: dict[str, Any], path: Path, run: RunDir) -> 
 def _metrics(run: RunDir, name: str, checkpoint: dict[str, Any]) -> pd.DataFrame:
     path = run.training.metrics(name)
     if path.is_file():
-        return pd.read_csv(path)
+        return read_metrics(path)
     return pd.DataFrame(list(checkpoint.get("history", [])), columns=HISTORY_COLUMNS)
 
 

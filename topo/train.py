@@ -35,6 +35,7 @@ from topo import distributed as dist_info
 from topo.data import take_skipped
 from topo.data.loader import EpochLoader, ShardSampler, make_loader, resolve_device
 from topo.errors import UserError
+from topo.files import read_checkpoint
 from topo.io import atomic_path, atomic_torch_save
 from topo.progress import progress_bar
 from topo.rundir import TrainingFiles
@@ -49,6 +50,10 @@ HISTORY_COLUMNS = [
     "epoch", "lr", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5",
     "ema_val_top1", "ema_val_top5", "epoch_time_s", "train_time_s", "train_images",
 ]
+
+
+class DivergenceError(UserError):
+    """Training produced a NaN or infinite loss; the message names the epoch, the checkpoint kept and the fix."""
 
 
 @dataclass
@@ -105,6 +110,17 @@ class TrainConfig:
             raise UserError(f"workers {self.workers!r} must be 'auto' or a number of processes (0 or more)")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"label_smoothing {self.label_smoothing} must be in [0, 1)")
+        if not 0.0 <= self.momentum < 1.0:
+            raise UserError(f"momentum {self.momentum} (--momentum) must be in [0, 1)")
+        for name, flag in (("weight_decay", "--weight-decay"), ("warmup_epochs", "--warmup"),
+                           ("aux_weight", "--aux-weight")):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} {getattr(self, name)} ({flag}) is negative: use 0 or more")
+        if not 0.0 < self.decay_factor <= 1.0:
+            raise UserError(f"decay_factor {self.decay_factor} (--decay-factor) must be in (0, 1]: the 'paper' "
+                            "schedule lowers the rate")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise UserError(f"grad_clip {self.grad_clip} (--grad-clip) must be positive (or None: no clipping)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -383,9 +399,14 @@ def _check_processes(config: TrainConfig) -> tuple[int, int]:
 def _resume(training: _TrainingState, path: Path, config: TrainConfig, name: str) -> tuple[int, list[dict]]:
     """Load the checkpoint at ``path`` into ``training``; returns (epochs done, history so far)."""
     # RNG states must stay on the CPU; load_state_dict moves the rest to the model's device
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = read_checkpoint(path, resumable=True)
     _check_resumable(state["config"], config, path)
-    training.load_state_dict(state)
+    try:
+        training.load_state_dict(state)
+    except (RuntimeError, KeyError, ValueError, TypeError) as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), type(e).__name__)
+        raise UserError(f"checkpoint {path} holds another network or optimiser than this training ({detail}); "
+                        "train into a new run directory, or move the checkpoint away to start over") from None
     rank, world = dist_info.rank(), dist_info.world_size()
     if len(state["rng"]) == world:
         restore_rng_state(state["rng"][rank])
@@ -463,6 +484,22 @@ def _run_epoch(net: nn.Module, training: _TrainingState, loaders: tuple[EpochLoa
     return row
 
 
+def _check_finite(row: dict[str, float], name: str, config: TrainConfig, files: TrainingFiles | None) -> None:
+    """A :class:`DivergenceError` if the epoch's training or validation loss is NaN or infinite."""
+    losses = {"training": row["train_loss"], "validation": row["val_loss"]}
+    bad = [f"the {kind} loss is {value}" for kind, value in losses.items() if not math.isfinite(value)]
+    if not bad:
+        return
+    epoch = int(row["epoch"])
+    kept = (f"the checkpoint of epoch {epoch - 1} is kept in {files.checkpoint(name)}"
+            if files is not None and epoch > 1 else "no checkpoint was written")
+    raise DivergenceError(
+        f"{name} diverged in epoch {epoch} of {config.epochs}: {' and '.join(bad)}; {kept}. Lower the learning "
+        f"rate (now {config.lr:g}) or clip the gradients (grad_clip / --grad-clip, e.g. 1), and train into a new "
+        "run directory"
+    )
+
+
 def _save_epoch(files: TrainingFiles | None, name: str, training: _TrainingState, config: TrainConfig,
                 history: list[dict[str, float]], writer: Any) -> None:
     """Checkpoint and metrics after an epoch (rank 0 writes; every rank joins the RNG gather)."""
@@ -500,6 +537,22 @@ def _result(training: _TrainingState, history: list[dict[str, float]]) -> TrainR
     )
 
 
+def _loaders(train_data: Dataset, val_data: Dataset, config: TrainConfig, device: torch.device,
+             world: int) -> tuple[EpochLoader, EpochLoader]:
+    """The training and validation loaders of this process; a one-line error where no batch can be filled."""
+    per_process_batch = config.batch_size // world
+    loaders = (
+        make_loader(train_data, batch_size=per_process_batch, train=True, seed=config.seed, workers=config.workers,
+                    device=device),
+        make_loader(val_data, batch_size=per_process_batch, train=False, workers=config.workers, device=device),
+    )
+    if len(loaders[0]) == 0:
+        raise UserError(
+            f"batch size {config.batch_size} exceeds the {len(train_data)} training samples; use a smaller batch"
+        )
+    return loaders
+
+
 def train(
     model: nn.Module,
     train_data: Dataset,
@@ -516,7 +569,9 @@ def train(
     scaler, EMA, RNG states of every process, epoch, config, history) and
     ``{name}_metrics.csv`` atomically after every epoch (`topo.rundir.TrainingFiles`),
     and ``resume=True`` continues from an existing checkpoint. On CPU a resumed
-    run ends with exactly the weights and metrics of an uninterrupted one.
+    run ends with exactly the weights and metrics of an uninterrupted one. An
+    epoch whose training or validation loss is NaN or infinite stops training
+    with a :class:`DivergenceError` before it is saved (the last good checkpoint stays).
     """
     device = resolve_device(config.device)
     if device.type == "cuda":
@@ -528,16 +583,7 @@ def train(
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
     seed_everything(config.seed + rank)
-    per_process_batch = config.batch_size // world
-    loaders = (
-        make_loader(train_data, batch_size=per_process_batch, train=True, seed=config.seed, workers=config.workers,
-                    device=device),
-        make_loader(val_data, batch_size=per_process_batch, train=False, workers=config.workers, device=device),
-    )
-    if len(loaders[0]) == 0:
-        raise UserError(
-            f"batch size {config.batch_size} exceeds the {len(train_data)} training samples; use a smaller batch"
-        )
+    loaders = _loaders(train_data, val_data, config, device, world)
 
     training = _TrainingState.create(model, config, device, len(loaders[0]))
     start_epoch, history = 0, []
@@ -548,11 +594,15 @@ def train(
     for data in (train_data, val_data):
         take_skipped(data)  # unreadable images met before training (statistics, another run) are not this run's
 
-    for epoch in range(start_epoch, config.epochs):
-        history.append(_run_epoch(net, training, loaders, (train_data, val_data), config, device, epoch, name))
-        _save_epoch(files, name, training, config, history, writer)
-    if writer is not None:
-        writer.close()
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            row = _run_epoch(net, training, loaders, (train_data, val_data), config, device, epoch, name)
+            _check_finite(row, name, config, files)  # a diverged epoch is never saved
+            history.append(row)
+            _save_epoch(files, name, training, config, history, writer)
+    finally:
+        if writer is not None:
+            writer.close()
     if files is not None and rank == 0 and not history:
         _write_history(files.metrics(name), history)
     return _result(training, history)
