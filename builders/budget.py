@@ -1,11 +1,15 @@
 """Meeting a multiply-add budget with one scale factor on a module's widths."""
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+from typing import Callable, Mapping
 
 from builders.cost import inception_macs
 from builders.spec import InceptionSpec
 from topo.errors import StatsError
+
+OUTPUTS = ("ch1x1", "ch3x3", "ch5x5", "pool_proj")
+"""The fields of `InceptionSpec` that are output channels of the module."""
 
 
 def fit_to_budget(make: Callable[[float], InceptionSpec], budget: float, height: int, width: int,
@@ -51,3 +55,27 @@ def round_width(width: float, round_to: int | None, cap: int | None = None) -> i
 def scaled_widths(spec: InceptionSpec, scale: float, round_to: int | None = 8) -> InceptionSpec:
     """``spec`` with every width times ``scale``, rounded by `round_width`."""
     return InceptionSpec(spec.in_channels, *(round_width(w * scale, round_to) for w in spec.widths), name=spec.name)
+
+
+def fill_budget(module: InceptionSpec, shape: Mapping[str, float], budget: float, hw: tuple[int, int],
+                round_to: int | None, kernel5x5: int = 5) -> InceptionSpec:
+    """Spend what rounding left of ``budget``: ``round_to`` output channels at a time to the branch furthest
+    below its share of ``shape``'s outputs, while the module stays within ``budget``.
+
+    One scale factor moves every width across a multiple of ``round_to`` at nearly the same scale (at once
+    for equal shares), which can leave a module several percent below its budget; absent branches stay absent.
+    """
+    step, total = max(1, round_to or 1), sum(shape[key] for key in OUTPUTS)
+    while True:
+        out = module.out_channels + step
+        fits = []
+        for key in OUTPUTS:
+            width = getattr(module, key)
+            if not width:
+                continue
+            grown = dataclasses.replace(module, **{key: width + step})
+            if inception_macs(grown, *hw, kernel5x5=kernel5x5) <= budget:
+                fits.append((shape[key] / total * out - width, grown))
+        if not fits:
+            return module
+        module = max(fits, key=lambda fit: fit[0])[1]

@@ -1,0 +1,433 @@
+"""The statistics of a study (`topo.study`), its tables, its figure and its sentences.
+
+The input is one **study row** per trained unit (arm x seed, see :class:`StudyRow`):
+accuracies are fractions in [0, 1] as everywhere in `analysis`; the statistics
+work in percentage points. For each arm the summary gives n, the mean and
+standard deviation of top-1 and a confidence interval from the t distribution.
+The discovered arm is compared with every other arm:
+
+* Welch's t-test (`scipy.stats.ttest_ind` with ``equal_var=False``) and an
+  exact permutation test of the difference of means (`scipy.stats.permutation_test`,
+  Monte Carlo past ``EXACT_LIMIT`` arrangements); the verdict uses the
+  permutation test when either arm has fewer than ``SMALL_N`` seeds, Welch's
+  test otherwise;
+* two one-sided Welch tests (TOST) for equivalence within ``margin`` points;
+* against the random topologies, the percentile of the discovered mean among
+  their accuracies (`scipy.stats.percentileofscore`, ``kind="mean"``).
+
+The sentences (:func:`study_findings`) state only what these tests show, with n
+and p; docs/study.md gives every rule.
+"""
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence, TypedDict
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from scipy import stats
+
+from analysis.plots import save_figure
+from analysis.tables import ReportError, accuracy_fraction, as_dict, is_missing, to_latex, to_markdown
+from topo.io import atomic_write_text
+
+#: The arms in the order tables and figures show them (others follow, sorted).
+ARM_ORDER = ("discovered", "reference", "random", "uniform", "shuffled")
+ARM_PHRASES = {
+    "reference": "the reference",
+    "random": "the random topologies",
+    "uniform": "the uniform topology",
+    "shuffled": "the shuffled topologies",
+}
+TEST_NAMES = {"permutation": "an exact permutation test", "welch": "Welch's t-test"}
+ARM_COLORS = {"discovered": "#1f77b4", "reference": "#636363", "random": "#2ca02c", "uniform": "#ff7f0e",
+              "shuffled": "#9467bd"}
+CONFIDENCE = 0.95
+ALPHA = 0.05
+SMALL_N = 5               # below this many seeds in either arm the permutation test decides
+DECIMALS = 9              # points are rounded to this many decimals (an image of a billion is 1e-7 points)
+EXACT_LIMIT = 100_000     # arrangements up to which the permutation test is exact
+STUDY_COLUMNS = ["arm", "seed", "unit", "topology", "topology_id", "params", "macs", "macs_vs_discovered",
+                 "top1", "top5", "train_time_s", "wall_time_s", "construction_time_s", "draws"]
+
+
+class StudyRow(TypedDict, total=False):
+    """One trained unit of a study (a line of study.csv)."""
+
+    arm: str                       # "discovered", "reference", "random", "uniform", "shuffled"
+    seed: int                      # training seed (data order, initialisation)
+    unit: str                      # e.g. "random-s1-k4"
+    topology: int | None           # k of a random topology, else None
+    topology_id: str               # short hash of the spec: equal ids are equal networks
+    params: int
+    macs: int                      # multiply-adds per image at inference
+    macs_vs_discovered: float | None  # macs / those of the seed's discovered network - 1
+    top1: float                    # fraction in [0, 1]
+    top5: float
+    train_time_s: float            # training passes, evaluation excluded
+    wall_time_s: float             # the whole training, evaluation included
+    construction_time_s: float     # making the topology: construction, drawing or fitting
+    draws: int                     # random topologies drawn until one met the cost tolerance
+
+
+# --------------------------------------------------------------------------- inputs
+def ordered_arms(arms: Sequence[str]) -> list[str]:
+    """``arms`` without repeats, in `ARM_ORDER` (unknown arms last, sorted)."""
+    present = set(arms)
+    return [a for a in ARM_ORDER if a in present] + sorted(present - set(ARM_ORDER))
+
+
+def _rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
+    out = [as_dict(r) for r in rows]
+    for i, row in enumerate(out):
+        for key in ("arm", "seed", "top1"):
+            if is_missing(row.get(key)):
+                raise ReportError(f"study row {i} lacks {key!r}; every row needs arm, seed and top1")
+    return out
+
+
+def top1_by_arm(rows: Sequence[Any]) -> dict[str, np.ndarray]:
+    """Top-1 in percentage points per arm (float64), in `ordered_arms` order."""
+    rows = _rows(rows)
+    points: dict[str, list[float]] = {}
+    for row in rows:
+        value = accuracy_fraction(row["top1"], "top1", row.get("unit", row["arm"]))
+        points.setdefault(str(row["arm"]), []).append(100.0 * value)
+    # rounded below any accuracy's resolution, so that equal accuracies compare equal after float arithmetic
+    return {arm: np.round(np.asarray(points[arm], dtype=np.float64), DECIMALS) for arm in ordered_arms(list(points))}
+
+
+# --------------------------------------------------------------------------- statistics
+def mean_ci(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float, float, float]:
+    """``(mean, sd, low, high)``: sample mean, standard deviation (n - 1) and the t-distribution interval.
+
+    With one value the deviation and the interval are NaN; with no spread the interval is the mean.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return (math.nan,) * 4
+    mean = float(x.mean())
+    if x.size < 2:
+        return mean, math.nan, math.nan, math.nan
+    sd = float(x.std(ddof=1))
+    if sd == 0.0:
+        return mean, 0.0, mean, mean
+    low, high = stats.t.interval(confidence, x.size - 1, loc=mean, scale=sd / math.sqrt(x.size))
+    return mean, sd, float(low), float(high)
+
+
+def permutation_pvalue(a: Sequence[float], b: Sequence[float]) -> float:
+    """Two-sided p of the difference of means under random relabelling (exact up to `EXACT_LIMIT` arrangements)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+
+    def difference(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
+        return np.mean(x, axis=axis) - np.mean(y, axis=axis)
+
+    result = stats.permutation_test((a, b), difference, permutation_type="independent", vectorized=True,
+                                    n_resamples=EXACT_LIMIT, alternative="two-sided", rng=0)
+    return float(result.pvalue)
+
+
+def smallest_permutation_pvalue(n_a: int, n_b: int) -> float:
+    """The smallest two-sided p the exact permutation test can give with ``n_a`` and ``n_b`` values."""
+    return min(1.0, 2.0 / math.comb(n_a + n_b, n_a))
+
+
+def tost_pvalue(a: Sequence[float], b: Sequence[float], margin: float) -> tuple[float, float, float]:
+    """``(p, p_lower, p_upper)`` of two one-sided Welch tests that mean(a) - mean(b) lies within ``±margin``.
+
+    ``p_lower`` tests H0: difference <= -margin; ``p_upper`` H0: difference >= margin; ``p`` is the larger.
+    """
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    lower = stats.ttest_ind(a + margin, b, equal_var=False, alternative="greater").pvalue
+    upper = stats.ttest_ind(a - margin, b, equal_var=False, alternative="less").pvalue
+    return float(max(lower, upper)), float(lower), float(upper)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The discovered arm (``a``) against another arm (``b``), in percentage points of top-1."""
+
+    arm: str
+    baseline: str
+    n: int
+    n_baseline: int
+    mean: float
+    mean_baseline: float
+    difference: float          # mean - mean_baseline
+    ci_low: float              # Welch interval of the difference
+    ci_high: float
+    welch_t: float
+    welch_df: float
+    welch_p: float
+    permutation_p: float
+    test: str                  # "permutation" or "welch": the test the verdict uses
+    p: float
+    tost_p: float
+    margin: float
+    percentile: float | None   # of the baseline's mean among this arm's values (random pool only)
+
+    def differs(self, alpha: float = ALPHA) -> bool:
+        return bool(self.p < alpha)
+
+    def equivalent(self, alpha: float = ALPHA) -> bool:
+        return bool(self.tost_p < alpha)
+
+
+def _welch(a: np.ndarray, b: np.ndarray, margin: float, confidence: float) -> tuple[float, ...]:
+    """``(t, df, p, ci_low, ci_high, tost_p)`` of Welch's test, all NaN where it is undefined."""
+    if a.size < 2 or b.size < 2 or not (a.std() > 0 or b.std() > 0):
+        return (math.nan,) * 6
+    with warnings.catch_warnings():  # one arm without spread is a common tie (accuracies are counts), not a loss
+        warnings.filterwarnings("ignore", "Precision loss", RuntimeWarning)
+        welch = stats.ttest_ind(a, b, equal_var=False)
+        interval = welch.confidence_interval(confidence)
+        tost = tost_pvalue(a, b, margin)[0]
+    return (float(welch.statistic), float(welch.df), float(welch.pvalue), float(interval.low),
+            float(interval.high), tost)
+
+
+def compare(a: Sequence[float], b: Sequence[float], *, arm: str, baseline: str, margin: float,
+            confidence: float = CONFIDENCE, percentile: bool = False) -> Comparison:
+    """Compare the values ``b`` of ``arm`` with those of ``baseline`` (``a``); NaN where a test is undefined."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    nan = math.nan
+    welch_t, welch_df, welch_p, ci_low, ci_high, tost_p = _welch(a, b, margin, confidence)
+    perm_p = permutation_pvalue(a, b) if min(a.size, b.size) >= 2 else nan
+    small = min(a.size, b.size) < SMALL_N
+    return Comparison(
+        arm=arm, baseline=baseline, n=int(b.size), n_baseline=int(a.size),
+        mean=float(b.mean()) if b.size else nan, mean_baseline=float(a.mean()) if a.size else nan,
+        difference=round(float(a.mean() - b.mean()), DECIMALS) if a.size and b.size else nan,
+        ci_low=ci_low, ci_high=ci_high, welch_t=welch_t, welch_df=welch_df, welch_p=welch_p,
+        permutation_p=perm_p, test="permutation" if small else "welch", p=perm_p if small else welch_p,
+        tost_p=tost_p, margin=float(margin),
+        percentile=float(stats.percentileofscore(b, round(a.mean(), DECIMALS), kind="mean"))
+        if percentile and a.size and b.size
+        else None,
+    )
+
+
+def compare_arms(rows: Sequence[Any], *, margin: float, baseline: str = "discovered",
+                 confidence: float = CONFIDENCE) -> list[Comparison]:
+    """``baseline`` against every other arm of ``rows`` (none without the baseline)."""
+    values = top1_by_arm(rows)
+    if baseline not in values:
+        return []
+    return [compare(values[baseline], v, arm=arm, baseline=baseline, margin=margin, confidence=confidence,
+                    percentile=arm == "random")
+            for arm, v in values.items() if arm != baseline]
+
+
+def cost_deviations(rows: Sequence[Any], baseline: str = "discovered") -> pd.DataFrame:
+    """Per unit: its multiply-adds against those of the baseline network of the same seed (``deviation``, a fraction).
+
+    Units whose seed has no baseline row get NaN.
+    """
+    frame = pd.DataFrame(_rows(rows))
+    base = frame[frame["arm"] == baseline].groupby("seed")["macs"].first()
+    frame["deviation"] = frame["macs"].astype("float64") / frame["seed"].map(base).astype("float64") - 1.0
+    return frame[["unit", "arm", "seed", "macs", "deviation"]]
+
+
+# --------------------------------------------------------------------------- tables
+def study_frame(rows: Sequence[Any]) -> pd.DataFrame:
+    """study.csv: one row per unit, in arm order then seed and topology."""
+    frame = pd.DataFrame(_rows(rows)).reindex(columns=STUDY_COLUMNS)
+    rank = {arm: i for i, arm in enumerate(ordered_arms(frame["arm"].tolist()))}
+    frame["_rank"] = frame["arm"].map(rank)
+    frame["_k"] = frame["topology"].fillna(-1)
+    return frame.sort_values(["_rank", "seed", "_k"], kind="stable").drop(columns=["_rank", "_k"]).reset_index(
+        drop=True)
+
+
+def summary_frame(rows: Sequence[Any], confidence: float = CONFIDENCE) -> pd.DataFrame:
+    """Per arm: n, top-1 mean, SD and confidence interval (%), top-5, params, MACs, training and construction time."""
+    frame = study_frame(rows)
+    values = top1_by_arm(rows)
+    level = f"{round(100 * confidence)}%"
+    table = []
+    for arm, top1 in values.items():
+        part = frame[frame["arm"] == arm]
+        mean, sd, low, high = mean_ci(top1, confidence)
+        table.append({
+            "Arm": arm, "n": int(top1.size), "Top-1 (%)": mean, "SD (points)": sd,
+            f"{level} CI low (%)": low, f"{level} CI high (%)": high,
+            "Top-5 (%)": 100 * pd.to_numeric(part["top5"], errors="coerce").mean(),
+            "Params (M)": pd.to_numeric(part["params"], errors="coerce").mean() / 1e6,
+            "MACs (M)": pd.to_numeric(part["macs"], errors="coerce").mean() / 1e6,
+            "Train time (s)": pd.to_numeric(part["train_time_s"], errors="coerce").mean(),
+            "Construction time (s)": pd.to_numeric(part["construction_time_s"], errors="coerce").mean(),
+        })
+    out = pd.DataFrame(table)
+    if not out.empty:
+        out["n"] = out["n"].astype("int64")
+    return out
+
+
+def units_frame(rows: pd.DataFrame) -> pd.DataFrame:
+    """The report's per-unit table (from :func:`study_frame`): topology, cost against the discovered network,
+    accuracy, times."""
+    return pd.DataFrame({
+        "Unit": rows["unit"], "Topology id": rows["topology_id"],
+        "Params (M)": rows["params"].astype("float64") / 1e6, "MACs (M)": rows["macs"].astype("float64") / 1e6,
+        "MACs vs discovered (%)": 100 * pd.to_numeric(rows["macs_vs_discovered"], errors="coerce"),
+        "Top-1 (%)": 100 * rows["top1"].astype("float64"), "Top-5 (%)": 100 * rows["top5"].astype("float64"),
+        "Train time (s)": rows["train_time_s"].astype("float64"),
+        "Construction time (s)": rows["construction_time_s"].astype("float64"),
+    })
+
+
+def comparisons_frame(comparisons: Sequence[Comparison]) -> pd.DataFrame:
+    """One row per comparison: n, difference and its Welch interval, every p-value, the test used, percentile."""
+    return pd.DataFrame([{
+        "Comparison": f"{c.baseline} vs {c.arm}", "n": f"{c.n_baseline} vs {c.n}",
+        "Difference (points)": c.difference, "CI low (points)": c.ci_low, "CI high (points)": c.ci_high,
+        "Welch p": c.welch_p, "Permutation p": c.permutation_p, "Test": c.test, "p": c.p,
+        f"TOST p (±{c.margin:g})": c.tost_p,
+        "Percentile": math.nan if c.percentile is None else c.percentile,
+    } for c in comparisons])
+
+
+def write_tables(frame: pd.DataFrame, stem: Path) -> list[Path]:
+    """``stem``.csv, .md and .tex of ``frame``, atomically."""
+    paths = [stem.with_name(f"{stem.name}.{ext}") for ext in ("csv", "md", "tex")]
+    atomic_write_text(paths[0], frame.to_csv(index=False, float_format="%.10g"))
+    atomic_write_text(paths[1], to_markdown(frame) + "\n")
+    atomic_write_text(paths[2], to_latex(frame))
+    return paths
+
+
+# --------------------------------------------------------------------------- figure
+def study_figure(rows: Sequence[Any], path_stem: str | Path, confidence: float = CONFIDENCE) -> list[Path]:
+    """Top-1 by arm (every unit a point, mean and interval beside) and against multiply-adds, as PNG and PDF."""
+    frame = study_frame(rows)
+    if frame.empty:
+        return []
+    fig = Figure(figsize=(10.0, 4.0), layout="constrained")
+    by_arm, by_cost = fig.subplots(1, 2)
+    rng = np.random.default_rng(0)  # horizontal jitter only
+    for i, (arm, top1) in enumerate(top1_by_arm(rows).items()):
+        part = frame[frame["arm"] == arm]
+        color, cloud = ARM_COLORS.get(arm, f"C{i}"), arm == "random"
+        style = {"s": 18 if cloud else 30, "alpha": 0.45 if cloud else 0.9, "color": color, "zorder": 3}
+        by_arm.scatter(i + rng.uniform(-0.12, 0.12, top1.size), top1, **style)
+        mean, _, low, high = mean_ci(top1, confidence)
+        by_arm.errorbar([i + 0.3], [mean], yerr=[[mean - low], [high - mean]] if not math.isnan(low) else None,
+                        fmt="D", color=color, capsize=4, zorder=4)
+        by_cost.scatter(part["macs"].astype("float64") / 1e6, 100 * part["top1"].astype("float64"),
+                        label=f"{arm} (n = {top1.size})", **style)
+    arms = list(top1_by_arm(rows))
+    by_arm.set_xticks(range(len(arms)), arms)
+    by_arm.set_ylabel("top-1 accuracy (%)")
+    by_arm.set_title(f"Top-1 by arm: each unit, mean and {round(100 * confidence)}% interval")
+    by_cost.set_xlabel("multiply-adds per image (M)")
+    by_cost.set_ylabel("top-1 accuracy (%)")
+    by_cost.set_title("Top-1 against multiply-adds")
+    by_cost.legend(fontsize=8, frameon=False)
+    for ax in (by_arm, by_cost):
+        ax.grid(True, alpha=0.3)
+    return save_figure(fig, path_stem)
+
+
+# --------------------------------------------------------------------------- sentences
+def _p(value: float) -> str:
+    return "undefined" if math.isnan(value) else (f"{value:.2g}" if value >= 0.001 else "< 0.001")
+
+
+def comparison_sentence(c: Comparison, alpha: float = ALPHA) -> str:
+    """What the tests of one comparison show, with n and p, and nothing they do not show."""
+    phrase = ARM_PHRASES.get(c.arm, f"the {c.arm} arm")
+    sizes = f"n = {c.n_baseline}" if c.n == c.n_baseline else f"n = {c.n_baseline} and {c.n}"
+    if math.isnan(c.p):
+        return (f"At {sizes}, the {c.baseline} network cannot be tested against {phrase}: "
+                "the test is undefined (too few seeds or no spread between them).")
+    named = f"{TEST_NAMES[c.test]}, p = {_p(c.p)}"
+    if c.differs(alpha):
+        side = "higher" if c.difference > 0 else "lower"
+        text = (f"At {sizes}, the {c.baseline} network's top-1 is {side} than {phrase}'s ({named}; "
+                f"difference of means {c.difference:+.2f} points, {round(100 * CONFIDENCE)}% CI "
+                f"{c.ci_low:+.2f} to {c.ci_high:+.2f}).")
+    else:
+        floor = smallest_permutation_pvalue(c.n_baseline, c.n)
+        limit = (f"; with these n the permutation test cannot give p below {floor:.2g}"
+                 if c.test == "permutation" and floor >= alpha else "")
+        welch = f"; Welch's t-test p = {_p(c.welch_p)}" if c.test == "permutation" else ""
+        text = f"At {sizes}, the {c.baseline} network is not distinguishable from {phrase} ({named}{welch}{limit})."
+    if not math.isnan(c.tost_p):
+        shown = "is shown" if c.equivalent(alpha) else "is not shown"
+        text += f" Equivalence within ±{c.margin:g} points {shown} (TOST p = {_p(c.tost_p)})."
+    if c.percentile is not None:
+        text += (f" The {c.baseline} mean lies at the {c.percentile:.0f}th percentile of the {c.n} random "
+                 "topologies' accuracies.")
+    return text
+
+
+def _cost_sentence(deviations: pd.DataFrame, tolerance: float) -> str:
+    known = deviations.dropna(subset=["deviation"])
+    if known.empty:
+        return ""
+    outside = known[known["deviation"].abs() > tolerance]
+    worst = known.loc[known["deviation"].abs().idxmax()]
+    if outside.empty:
+        return (f"All {len(known)} units cost within {100 * tolerance:g}% of the multiply-adds of their seed's "
+                f"discovered network (largest deviation {100 * worst['deviation']:+.1f}%, {worst['unit']}).")
+    listed = ", ".join(f"{u} ({100 * d:+.1f}%)" for u, d in zip(outside["unit"], outside["deviation"], strict=True))
+    return (f"{len(outside)} of {len(known)} units miss the {100 * tolerance:g}% cost tolerance: {listed}; "
+            "their comparison is not at equal cost.")
+
+
+def _search_sentence(summary: pd.DataFrame) -> str:
+    rows = summary.set_index("Arm")
+    if "discovered" not in rows.index:
+        return ""
+    build, train = rows.loc["discovered", "Construction time (s)"], rows.loc["discovered", "Train time (s)"]
+    if is_missing(build):
+        return ""
+    text = (f"The search cost: constructing the discovered network took {build:.1f} s per seed (wall time), "
+            f"beside {train:.1f} s of training")
+    if "random" in rows.index and not is_missing(rows.loc["random", "Construction time (s)"]):
+        text += f"; drawing and fitting a random topology took {rows.loc['random', 'Construction time (s)']:.2f} s"
+    return text + "."
+
+
+def study_findings(rows: Sequence[Any], comparisons: Sequence[Comparison], *, tolerance: float,
+                   alpha: float = ALPHA, missing: Sequence[str] = ()) -> list[str]:
+    """The report's paragraphs: one per comparison, then cost, search cost and missing units."""
+    paragraphs = [comparison_sentence(c, alpha) for c in comparisons]
+    if not comparisons:
+        paragraphs.append("No comparison can be made yet: the discovered arm has no finished unit.")
+    if any(c.p < alpha for c in comparisons if not math.isnan(c.p)) and len(comparisons) > 1:
+        paragraphs.append(f"The p-values are not adjusted for the {len(comparisons)} comparisons.")
+    paragraphs.append(_cost_sentence(cost_deviations(rows), tolerance))
+    paragraphs.append(_search_sentence(summary_frame(rows)))
+    if missing:
+        paragraphs.append(f"{len(missing)} unit{'s are' if len(missing) != 1 else ' is'} not finished "
+                          f"({', '.join(missing)}); the statistics cover the finished units only.")
+    return [p for p in paragraphs if p]
+
+
+def write_study_report(path: Path, paragraphs: Sequence[str], tables: Mapping[str, pd.DataFrame],
+                       figure: Sequence[Path], config: Mapping[str, Any] | None = None) -> Path:
+    """report.md of a study: findings, then each table (title -> frame), the figure and the configuration."""
+    lines = ["# topo-build study", "", "## Findings", ""]
+    for paragraph in paragraphs:
+        lines += [paragraph, ""]
+    for title, frame in tables.items():
+        if not frame.empty:
+            lines += [f"## {title}", "", to_markdown(frame), ""]
+    png = next((p for p in figure if p.suffix == ".png"), None)
+    if png is not None:
+        rel = png.relative_to(path.parent).as_posix()
+        caption = ("Every unit is a point (the random topologies a cloud); diamonds are arm means with their "
+                   f"{round(100 * CONFIDENCE)}% intervals.")
+        lines += ["## Figure", "", f"![Top-1 by arm and against multiply-adds]({rel})", "", caption, ""]
+    if config is not None:
+        lines += ["## Configuration", "", "```json", json.dumps(config, indent=2, default=str), "```", ""]
+    atomic_write_text(path, "\n".join(lines).rstrip() + "\n")
+    return path
