@@ -13,7 +13,7 @@ each one and why):
   has to carry what that branch's clusters read. It is the number of principal
   components of the covariance of the channels those clusters draw on that
   explain ``variance_share`` (default 0.9) of their variance, and never more than
-  the number of those channels.
+  the number of those channels (with ``reduce_to_channels``: exactly that number).
 * ``pool_proj``: ``pool_units``, the number of clusters found on the 3x3
   max-pooled map with a 1x1 window (the projection is a 1x1 convolution of the
   pooled map, so it covers groups that fire together at one pooled position;
@@ -81,7 +81,7 @@ def reduction_width(cov: np.ndarray, channels, variance_share: float = VARIANCE_
 
 
 def _raw_widths(clusters: list, stats, pool_units: float | None, variance_share: float,
-                pool_share: float) -> tuple[dict[str, float], dict[str, int]]:
+                pool_share: float, reduce_to_channels: bool) -> tuple[dict[str, float], dict[str, int]]:
     """Unscaled widths the clusters call for, and the caps of the two reductions."""
     by_branch = clusters_by_branch(clusters)
     counts = {k: len(found) for k, found in by_branch.items()}
@@ -90,7 +90,10 @@ def _raw_widths(clusters: list, stats, pool_units: float | None, variance_share:
     for k in (3, 5):
         channels = {c for cluster in by_branch[k] for c in cluster.channels}
         caps[k] = len(channels)
-        reductions[k] = reduction_width(cov, channels, variance_share) if counts[k] else 0
+        if not counts[k]:
+            reductions[k] = 0
+        else:
+            reductions[k] = len(channels) if reduce_to_channels else reduction_width(cov, channels, variance_share)
     pool = pool_units if pool_units is not None else pool_share / (1 - pool_share) * sum(counts.values())
     raw = {"ch1x1": counts[1], "ch3x3red": reductions[3], "ch3x3": counts[3], "ch5x5red": reductions[5],
            "ch5x5": counts[5], "pool_proj": pool}
@@ -100,11 +103,14 @@ def _raw_widths(clusters: list, stats, pool_units: float | None, variance_share:
 def from_clusters(clustering, stats, *, budget: float | None = None, round_to: int | None = 8,
                   in_channels: int | None = None, pool_units: float | None = None,
                   variance_share: float = VARIANCE_SHARE, pool_share: float = POOL_SHARE, name: str = "",
-                  fallback: InceptionSpec | None = None) -> InceptionSpec:
+                  fallback: InceptionSpec | None = None, reduce_to_channels: bool = False) -> InceptionSpec:
     """Map a fitted `topo.cluster.UnitClustering` (and its statistics) onto an `InceptionSpec`.
 
     ``pool_units``: clusters found on the pooled map (see the module docstring).
     ``fallback``: the proportions to keep when the clustering found nothing.
+    ``reduce_to_channels``: each reduction as wide as the channels its branch's
+    clusters read (one reduced channel per input channel: the exact decoding a
+    planted network's recovery needs) instead of their principal components.
     """
     if not hasattr(clustering, "clusters_"):
         raise StatsError("from_clusters: the clustering is not fitted; call UnitClustering(...).fit(stats) first")
@@ -117,7 +123,7 @@ def from_clusters(clustering, stats, *, budget: float | None = None, round_to: i
                 "record more observations or lower UnitClustering(min_lift=...)"
             )
         return _fallback_module(fallback, budget, round_to, c_in, name, height, width)
-    raw, cap = _raw_widths(clustering.clusters_, stats, pool_units, variance_share, pool_share)
+    raw, cap = _raw_widths(clustering.clusters_, stats, pool_units, variance_share, pool_share, reduce_to_channels)
 
     def make(scale: float) -> InceptionSpec:
         widths = {k: round_width(v * scale, round_to, cap.get(k)) for k, v in raw.items()}

@@ -14,6 +14,8 @@ from topo.construct import ConstructConfig, construct, parse_skeleton, skeleton_
 from topo.data import load, make_loader
 from topo.errors import UserError
 
+pytestmark = pytest.mark.slow  # subprocesses or whole constructions: seconds each
+
 SKELETON = "1,pool,1"
 
 
@@ -94,13 +96,13 @@ def test_construct_meets_budget_and_builds(reference, digits, tmp_path):
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)
 
 
-def test_same_seed_same_topology(reference, digits):
+def test_same_seed_same_topology(reference, digits, one_thread):
     a = _construct(reference, digits, seed=3)
     b = _construct(reference, digits, seed=3)
     assert a.spec.to_json() == b.spec.to_json()
 
 
-def test_resume_continues_after_the_last_saved_module(reference, digits, tmp_path, monkeypatch):
+def test_resume_continues_after_the_last_saved_module(reference, digits, tmp_path, monkeypatch, one_thread):
     import topo.construct as construct_module
 
     full = _construct(reference, digits, out_dir=tmp_path / "full")

@@ -104,7 +104,7 @@ exec(MODEL_AND_CONFIG, namespace)
 make_model, CONFIG = namespace["make_model"], namespace["CONFIG"]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def test_two_process_training_matches_one_process(tmp_path: Path) -> None:

@@ -5,6 +5,8 @@ nothing here touches the network.
 """
 from __future__ import annotations
 
+import pytest
+
 import json
 import time
 from pathlib import Path
@@ -14,6 +16,8 @@ import torchvision
 from gloo_group import run_two
 
 from topo.data import load, sources
+
+pytestmark = pytest.mark.slow  # subprocesses or whole constructions: seconds each
 
 
 class FakeCIFAR10:

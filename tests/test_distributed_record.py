@@ -18,7 +18,7 @@ LAYERS = ["1", "3", "6:input"]  # two ReLU maps (8x8) and the head's input (one 
 OFFSETS = [(0, 0), (1, -1), (-2, 2), (0, 2)]
 SPLIT = 70  # unequal shards: rank 0 takes 70 images, rank 1 the other 130
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def digits_images() -> torch.Tensor:
@@ -76,7 +76,7 @@ def test_two_process_record_equals_one_process_over_all_the_data(tmp_path):
                 np.testing.assert_allclose(lift, want.coactivation(dy, dx)[1], rtol=1e-12)
     conv = single["3"]
     assert np.abs(conv.corr()[~np.eye(8, dtype=bool)]).max() > 0.3  # the units do correlate
-    assert conv.coactivation(0, 1)[0].max() > 0.1  # and fire together
+    assert np.diag(conv.coactivation(0, 1)[1]).max() > 2.0  # and neighbours fire together, twice chance or more
 
 
 def test_a_rank_with_an_empty_shard_makes_every_rank_raise_the_same_error(tmp_path):

@@ -131,6 +131,7 @@ def test_width_mult_rounds_to_multiples_of_eight():
         builders.googlenet_spec("resnet")
 
 
+@pytest.mark.slow
 def test_no_graph_breaks_under_dynamo():
     torch._dynamo.reset()
     model = builders.googlenet("small", num_classes=10, width_mult=0.25, aux_logits=True).train()

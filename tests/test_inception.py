@@ -133,6 +133,7 @@ def test_compiled_max_pool_leaves_the_layout_to_the_compiler():
     assert "contiguous" not in graph.code and "max_pool2d" in graph.code
 
 
+@pytest.mark.slow
 def test_compiled_channels_last_module_keeps_its_concatenation_channels_last():
     """Inductor lays out a concatenation with a slice among its inputs NCHW (the fused 1x1 output's
     branch1 part), which made the next pooling several times slower; the module must avoid it."""

@@ -195,6 +195,7 @@ def markdown_links(text):
     return re.findall(r"\]\(([^)]+)\)", text)
 
 
+@pytest.mark.slow
 def test_write_report_links_existing_files(tmp_path):
     x = load_digits().data
     x = x[:, x.std(axis=0) > 0]

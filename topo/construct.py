@@ -19,7 +19,6 @@ interrupted construction resumes where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,17 +35,21 @@ from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
 from topo import distributed as dist_info
 from topo.cluster import METHODS, UnitClustering
 from topo.errors import UserError
+from topo.files import read_prefix, read_progress
 from topo.hebbian import hebbian_init_
 from topo.hooks import record
 from topo.io import atomic_torch_save, atomic_write_json
 from topo.rundir import ConstructionFiles
-from topo.stats import LayerStats
+from topo.stats import DEFAULT_FIRE_QUANTILE, DEFAULT_POSITIONS, LayerStats, check_fire_quantile
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SKELETON = "2,pool,5,pool,2"
 INIT_MODES = ("random", "hebbian")
 WINDOWS = (1, 3, 5)
+STEMS = ("reference", "none")
+#: ``budget_macs`` in words: the reference's multiply-adds, or no budget at all (one unit per cluster).
+BUDGETS = ("reference", "none")
 PROBE = "pool_probe"  # the 3x3/1 max pool appended while recording: the next module's pooling path
 #: The proportions a module without clusters keeps when there is no reference module: GoogLeNet's 3a.
 FALLBACK_SHAPE = InceptionSpec(1, *INCEPTION_TABLE[0][1:], name=INCEPTION_TABLE[0][0])
@@ -57,27 +60,36 @@ class ConstructConfig:
     """How the construction loop measures, clusters and budgets.
 
     ``skeleton``: modules per stage and the stride-2 poolings between stages
-    (GoogLeNet's "2,pool,5,pool,2"). ``budget_macs``: multiply-adds per image of
-    the whole network (``None``: those of the reference). ``window``: the largest
+    (GoogLeNet's "2,pool,5,pool,2"). ``stem``: the reference's stem, or
+    ``"none"``: the first module reads the data's channels directly (the
+    theory's first layer). ``budget_macs``: multiply-adds per image of the whole
+    network: a number, ``"reference"`` (those of the reference), or ``"none"``:
+    no budget, every cluster becomes exactly one unit of the next layer (no
+    rescaling, no rounding, each reduction one channel per channel its clusters
+    read), which is what recovering a planted network needs. ``window``: the largest
     window a candidate unit looks at (5: 1x1, 3x3 and 5x5 kernels); it shrinks to
     the map where a map is smaller. ``stats_batches``: batches of training data
     the statistics are recorded over; ``positions``: anchor positions per map
-    and image (``None``: all). ``epochs_per_layer``: brief training of each
+    and image (``None``: all; ``"auto"``: the rule of docs/statistics.md);
+    ``fire_quantile``: a unit fires above its own q-quantile (``None``: when
+    positive). ``epochs_per_layer``: brief training of each
     prefix before its statistics are recorded (0: statistics of the random
     network).
     """
 
     skeleton: str = DEFAULT_SKELETON
+    stem: str = "reference"
     method: str = "arora"
     window: int = 5
     n_clusters: int | str = "auto"
     max_clusters: int | None = None
-    budget_macs: int | None = None
+    budget_macs: int | str = "reference"
     round_to: int = 8
     init: str = "random"
     epochs_per_layer: int = 0
     stats_batches: int | None = 16
-    positions: int | str | None = 16
+    positions: int | str | None = DEFAULT_POSITIONS
+    fire_quantile: float | None = DEFAULT_FIRE_QUANTILE
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -88,10 +100,21 @@ class ConstructConfig:
             raise UserError(f"method {self.method!r} is unknown: use one of {', '.join(METHODS)}")
         if self.window not in WINDOWS:
             raise UserError(f"window {self.window} is not supported: use 1, 3 or 5")
+        check_fire_quantile(self.fire_quantile)
+        if self.stem not in STEMS:
+            raise UserError(f"stem {self.stem!r} is unknown: use one of {', '.join(STEMS)}")
         if self.epochs_per_layer < 0:
             raise UserError(f"epochs per layer {self.epochs_per_layer} is negative: use 0 or more")
-        if self.budget_macs is not None and self.budget_macs <= 0:
+        if isinstance(self.budget_macs, str):
+            if self.budget_macs not in BUDGETS:
+                raise UserError(f"budget {self.budget_macs!r} is neither a number of multiply-adds nor one of "
+                                f"{', '.join(BUDGETS)}")
+        elif isinstance(self.budget_macs, bool) or not self.budget_macs > 0:
             raise UserError(f"budget {self.budget_macs} multiply-adds is not positive")
+
+    @property
+    def budgeted(self) -> bool:
+        return self.budget_macs != "none"
 
     def clustering(self, window: int, *, progress: bool = True) -> UnitClustering:
         """The (unfitted) clustering estimator this configuration asks for, with ``window``."""
@@ -174,6 +197,25 @@ def head_macs(spec: NetworkSpec, input_hw: tuple[int, int]) -> int:
     return network_macs(spec, input_hw) - modules
 
 
+def discovered_base(config: ConstructConfig, reference: NetworkSpec, input_hw: tuple[int, int]) -> NetworkSpec:
+    """What the construction grows from: the reference's stem (or none), no stages, no auxiliary heads.
+
+    The discovered modules use true 5x5 kernels: their clusters were measured in 5x5 windows.
+    """
+    sized = dataclasses.replace(reference, input_size=min(input_hw))
+    stem = sized.stem if config.stem == "reference" else ()
+    return dataclasses.replace(sized, stem=stem, stages=(), aux_heads=(), name="discovered", kernel5x5=5)
+
+
+def total_budget(config: ConstructConfig, reference: NetworkSpec, input_hw: tuple[int, int]) -> float | None:
+    """Multiply-adds per image the discovered network may cost: ``config.budget_macs`` resolved (None: no budget)."""
+    if config.budget_macs == "none":
+        return None
+    if config.budget_macs == "reference":
+        return float(network_macs(reference, input_hw))
+    return float(config.budget_macs)
+
+
 def module_weights(plan: list, reference: NetworkSpec, input_hw: tuple[int, int]) -> list[float]:
     """Relative weights of the modules' budgets: the reference's own split when the counts match."""
     names = [item for item in plan if isinstance(item, str)]
@@ -220,14 +262,21 @@ def prepare_prefix(model: nn.Module, index: int, trainer: Callable[[nn.Module, i
 
 def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: ConstructConfig,
                  device: torch.device, progress: bool) -> tuple[LayerStats, LayerStats]:
-    """Statistics of the prefix's last layer and of its 3x3 max-pooled map, in one pass."""
-    last = spec.layers[-1].name
+    """Statistics of the prefix's output and of its 3x3 max-pooled map, in one pass.
+
+    Both are read at the pooling probe appended to the prefix (its input is the
+    prefix's output, also when the prefix has no layer yet: then it is the data);
+    the first is named after the prefix's last layer (``"input"`` without one).
+    """
     probe = builders.build(dataclasses.replace(spec, stages=spec.stages + (PoolSpec(PROBE, 3, 1, padding=1),)))
     probe.load_state_dict(model.state_dict())
     probe.to(device)
-    stats = record(probe, batches, [last, PROBE], max_batches=config.stats_batches, positions=config.positions,
-                   seed=config.seed, progress=progress)
-    return stats[last], stats[PROBE]
+    stats = record(probe, batches, [f"{PROBE}:input", PROBE], max_batches=config.stats_batches,
+                   positions=config.positions, fire_quantile=config.fire_quantile, seed=config.seed,
+                   progress=progress)
+    layer = stats[f"{PROBE}:input"]
+    layer.name = spec.layers[-1].name if spec.layers else "input"
+    return layer, stats[PROBE]
 
 
 def cluster_layer(config: ConstructConfig, stats: LayerStats, pooled: LayerStats | None,
@@ -240,7 +289,7 @@ def cluster_layer(config: ConstructConfig, stats: LayerStats, pooled: LayerStats
 
 
 def layer_record(name: str, stats: LayerStats, found: LayerClusters, module: InceptionSpec,
-                 reference: InceptionSpec | None, *, budget: float, in_channels: int,
+                 reference: InceptionSpec | None, *, budget: float | None, in_channels: int,
                  map_hw: tuple[int, int]) -> dict[str, Any]:
     """What was measured and decided for one module (see `analysis.tables.LayerRecord`)."""
     clustering = found.clustering
@@ -257,7 +306,7 @@ def layer_record(name: str, stats: LayerStats, found: LayerClusters, module: Inc
         "spec": module.to_dict(),
         "reference": reference.to_dict() if reference is not None else None,
         "macs": int(inception_macs(module, *map_hw)),
-        "budget_macs": int(round(budget)),
+        "budget_macs": None if budget is None else int(round(budget)),
         "fallback": not clustering.n_clusters_,
     }
 
@@ -311,12 +360,9 @@ def construct(
     files = ConstructionFiles(Path(out_dir)) if out_dir is not None else None
     device = torch.device(device)
     plan = skeleton_plan(config.skeleton, reference)
-    sized = dataclasses.replace(reference, input_size=min(input_hw))
-    budget = config.budget_macs or network_macs(sized, input_hw)
+    budget = total_budget(config, dataclasses.replace(reference, input_size=min(input_hw)), input_hw)
     weights = module_weights(plan, reference, input_hw)
-    # the discovered modules use true 5x5 kernels: their clusters were measured in 5x5 windows
-    empty = dataclasses.replace(sized, stages=(), aux_heads=(), name="discovered", kernel5x5=5)
-    spec, records, state = load_progress(files, empty)
+    spec, records, state = load_progress(files, discovered_base(config, reference, input_hw))
     result = Construction(spec=spec, records=records)
     for step, item in enumerate(plan):
         if step < len(spec.stages):  # built before the resume
@@ -329,12 +375,14 @@ def construct(
         model = prepare_prefix(model, index, trainer, loader(train_data), config, device)
         stats, pooled = record_layer(model, spec, loader(train_data), config, device, progress)
         found = cluster_layer(config, stats, pooled, progress)
-        spent = head_macs(spec, input_hw) + sum(r["macs"] for r in records)
-        share = module_budget(budget, spent, weights, index)
+        share = None if budget is None else module_budget(
+            budget, head_macs(spec, input_hw) + sum(r["macs"] for r in records), weights, index)
         reference_module = reference.inception_modules()[index] if index < len(reference.inception_modules()) else None
-        module = from_clusters(found.clustering, stats, budget=share, round_to=config.round_to,
-                               in_channels=spec.out_channels, pool_units=found.pool_clustering.n_clusters_,
-                               name=item, fallback=reference_module or FALLBACK_SHAPE)
+        module = from_clusters(found.clustering, stats, budget=share,
+                               round_to=config.round_to if config.budgeted else None,
+                               reduce_to_channels=not config.budgeted, in_channels=spec.out_channels,
+                               pool_units=found.pool_clustering.n_clusters_, name=item,
+                               fallback=reference_module or FALLBACK_SHAPE)
         records.append(layer_record(item, stats, found, module, reference_module, budget=share,
                                     in_channels=spec.out_channels, map_hw=tuple(stats.spatial_shape or (1, 1))))
         log.info(describe(records[-1]))
@@ -342,11 +390,17 @@ def construct(
         result.stats[stats.name] = stats
         result.clusterings[item] = found.clustering
         save_step(files, item, stats, found.clustering, spec, records, state)
-    total = network_macs(spec, input_hw)
-    log.info("discovered network: %.1fM multiply-adds against a budget of %.1fM (%+.1f%%)",
-             total / 1e6, budget / 1e6, 100 * (total / budget - 1))
+    log.info(describe_total(network_macs(spec, input_hw), budget))
     result.spec, result.records = spec, records
     return result
+
+
+def describe_total(total: float, budget: float | None) -> str:
+    """One line on the discovered network's cost against its budget."""
+    if budget is None:
+        return f"discovered network: {total / 1e6:.2f}M multiply-adds (no budget: one unit per cluster)"
+    return (f"discovered network: {total / 1e6:.1f}M multiply-adds against a budget of {budget / 1e6:.1f}M "
+            f"({100 * (total / budget - 1):+.1f}%)")
 
 
 def calibrate_batchnorm(model: nn.Module, batches: Any, max_batches: int, device: torch.device) -> None:
@@ -394,6 +448,10 @@ def clustering_to_dict(clustering: UnitClustering) -> dict[str, Any]:
         "n_clusters": int(clustering.n_clusters_),
         "kernel_counts": {str(k): int(v) for k, v in clustering.kernel_counts_.items()},
         "dead_units": [int(u) for u in clustering.dead_units_],
+        "n_edges": int(clustering.n_edges_),
+        "evidence": clustering.evidence_.to_dict(),
+        "window_cuts": {"cut": int(clustering.n_window_cuts_), "of": int(clustering.n_candidates_),
+                        "by_kernel": {str(k): int(v) for k, v in clustering.cut_kernel_counts_.items()}},
         "channel_order": [int(c) for c in clustering.channel_order_],
         "channel_labels": [int(c) for c in clustering.channel_labels_],
         "clusters": [
@@ -405,21 +463,34 @@ def clustering_to_dict(clustering: UnitClustering) -> dict[str, Any]:
 
 def save_step(files: ConstructionFiles | None, name: str, stats: LayerStats, clustering: UnitClustering,
               spec: NetworkSpec, records: list[dict[str, Any]], state: dict[str, torch.Tensor]) -> None:
-    """Write one module's statistics and clusters, the grown weights and the progress (rank 0 only)."""
+    """Write one module's statistics and clusters, the grown weights and the progress (rank 0 only).
+
+    ``progress.json`` is written last and names the step; the weights of each
+    step are a new file (``prefixN.pt``), so a kill at any moment leaves the
+    step ``progress.json`` names whole, and `load_progress` resumes from it.
+    """
     if files is None or dist_info.rank() != 0:
         return
     stats.save(files.stats(name))
     atomic_write_json(files.clusters(name), clustering_to_dict(clustering))
-    atomic_torch_save(state, files.prefix)
-    atomic_write_json(files.progress, {"spec": spec.to_dict(), "records": records})
+    prefix = files.prefix(len(records))  # a new file: the step progress.json names stays intact until replaced
+    atomic_torch_save({"modules": len(records), "state": state}, prefix)
+    atomic_write_json(files.progress, {"spec": spec.to_dict(), "records": records})  # the step is recorded
+    for old in files.prefixes():
+        if old != prefix:
+            old.unlink()
 
 
 def load_progress(files: ConstructionFiles | None, empty: NetworkSpec
                   ) -> tuple[NetworkSpec, list[dict[str, Any]], dict[str, torch.Tensor] | None]:
-    """(spec, records, weights) of an interrupted construction, or ``(empty, [], None)`` to start afresh."""
+    """(spec, records, weights) of an interrupted construction, or ``(empty, [], None)`` to start afresh.
+
+    A damaged progress or weights file is a one-line error naming it (`topo.files`), never a fresh start.
+    """
     if files is None or not files.progress.is_file():
         return empty, [], None
-    data = json.loads(files.progress.read_text())
-    state = torch.load(files.prefix, map_location="cpu", weights_only=True) if files.prefix.is_file() else None
-    log.info("resuming construction after %d module(s)", len(data["records"]))
-    return NetworkSpec.from_dict(data["spec"]), data["records"], state
+    progress = read_progress(files.progress)  # damaged files are one-line errors naming them, never a restart
+    modules = len(progress["records"])
+    state = read_prefix(files.prefix(modules), modules)
+    log.info("resuming construction after %d module(s)", modules)
+    return progress["spec"], progress["records"], state

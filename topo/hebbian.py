@@ -7,7 +7,11 @@ with its weight on exactly those units.
 - A 1x1 filter of a 1x1 cluster: equal weight on the cluster's channels.
 - A branch's 1x1 reduction: the leading principal components of the correlation
   of the channels that the branch's clusters draw on (zero elsewhere), so the
-  reduction keeps what those clusters share.
+  reduction keeps what those clusters share. Where the reduction is as wide as
+  those channels (``--budget none``), each reduced channel is one of them: the
+  principal components would span the same space, but the ReLU after the
+  reduction would clip their negative parts; the selection passes every
+  channel's activity through as it is (the exact Hebbian decoding).
 - A 3x3 or 5x5 filter of a cluster: at each member's offset, the member's
   channel expressed in the reduced space.
 
@@ -56,9 +60,12 @@ def _channel_vector(cluster: Cluster, channels: int) -> np.ndarray:
 def _reduction_basis(corr: np.ndarray, clusters: list[Cluster], width: int) -> np.ndarray:
     """``width`` unit vectors over all channels: leading eigenvectors of the clusters' channels' correlation."""
     drawn = sorted({channel for c in clusters for channel, _, _ in c.members})
+    basis = np.zeros((width, corr.shape[0]))
+    if width >= len(drawn):  # as wide as the channels read: select them (see the module docstring)
+        basis[np.arange(len(drawn)), drawn] = 1.0
+        return basis
     eigenvalues, eigenvectors = np.linalg.eigh(corr[np.ix_(drawn, drawn)])
     order = np.argsort(eigenvalues)[::-1]
-    basis = np.zeros((width, corr.shape[0]))
     for row, column in enumerate(order[:width]):
         vector = eigenvectors[:, column]
         basis[row, drawn] = vector if vector.sum() >= 0 else -vector

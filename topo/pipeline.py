@@ -7,8 +7,8 @@ epoch checkpoint. Only rank 0 writes files under ``torchrun``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,11 +22,33 @@ from analysis.report import write_report
 from analysis.tables import comparison_frame, layer_frame, to_markdown
 from builders.cost import count_macs, inception_macs
 from builders.from_clusters import from_clusters
-from builders.spec import InceptionSpec, NetworkSpec
+from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
 from topo import distributed as dist_info
-from topo.construct import ConstructConfig, LayerClusters, clustering_to_dict, construct, layer_record, window_for
+from topo.construct import (
+    ConstructConfig,
+    LayerClusters,
+    clustering_to_dict,
+    construct,
+    discovered_base,
+    head_macs,
+    layer_record,
+    module_weights,
+    skeleton_plan,
+    total_budget,
+    window_for,
+)
 from topo.data import DataBundle, load, make_loader, resolve_device
-from topo.errors import SpecError, UserError
+from topo.errors import DataError, SpecError, UserError
+from topo.files import (
+    read_clusters,
+    read_config,
+    read_metrics,
+    read_records,
+    read_spec,
+    read_stats,
+    read_weights,
+    state_mismatch,
+)
 from topo.hooks import record
 from topo.io import atomic_write_json, atomic_write_text
 from topo.rundir import AnalysisFiles, RunDir
@@ -36,12 +58,18 @@ from topo.train import TrainConfig, TrainResult, train
 log = logging.getLogger(__name__)
 
 REFERENCES = ("auto", "googlenet-small", "googlenet-paper", "googlenet-torchvision")
+AUX_POLICIES = ("none", "reference")
 SMALL_IMAGES = 64  # at or below this size the small-input GoogLeNet is the reference
 
 
 @dataclass
 class RunConfig:
-    """Everything one `topo-build` run needs; saved as the run's config.json."""
+    """Everything one `topo-build` run needs; saved as the run's config.json.
+
+    ``aux_heads``: the one auxiliary-head policy of every trained network: ``"none"``,
+    or ``"reference"`` (each network gets the reference's heads where it has the
+    layers they attach to); see `with_aux_policy`.
+    """
 
     data: str = "digits"
     data_dir: str | None = None
@@ -50,6 +78,7 @@ class RunConfig:
     verify: bool = True
     reference: str = "auto"
     width_mult: float | None = None
+    aux_heads: str = "none"
     seed: int = 0
     construct: ConstructConfig = field(default_factory=ConstructConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -60,12 +89,21 @@ class RunConfig:
         out["train"] = self.train.to_dict()
         return out
 
+    def __post_init__(self) -> None:
+        if self.aux_heads not in AUX_POLICIES:
+            raise UserError(f"auxiliary-head policy {self.aux_heads!r} is unknown: use {' or '.join(AUX_POLICIES)}")
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         data = dict(data)
         data["construct"] = ConstructConfig(**data["construct"])
         data["train"] = TrainConfig.from_dict(data["train"])
         return cls(**data)
+
+    @classmethod
+    def of_run(cls, run: RunDir) -> RunConfig:
+        """The configuration saved in a run directory (a one-line error naming a damaged config.json)."""
+        return read_config(run.config_path, parse=cls.from_dict)
 
 
 # --------------------------------------------------------------------------- inputs
@@ -93,25 +131,18 @@ def reference_spec(config: RunConfig, bundle: DataBundle) -> NetworkSpec:
         choice = "googlenet-small" if size <= SMALL_IMAGES else "googlenet-torchvision"
     variant = choice.split("-", 1)[1]
     width = config.width_mult if config.width_mult is not None else default_width(config.data)
-    return builders.googlenet_spec(
-        variant,
-        num_classes=bundle.num_classes,
-        aux_logits=None,
-        width_mult=width,
-        in_channels=bundle.in_channels,
-        input_size=size,
-    )
-
-
-def read_spec(path: str | Path) -> NetworkSpec:
-    """A `NetworkSpec` from a JSON file, with a one-line error for a missing or invalid file."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"spec file {path} does not exist: give the path of a NetworkSpec .json file")
     try:
-        return NetworkSpec.from_json(path.read_text())
+        return builders.googlenet_spec(variant, num_classes=bundle.num_classes, aux_logits=None, width_mult=width,
+                                       in_channels=bundle.in_channels, input_size=size)
     except SpecError as e:
-        raise SpecError(f"spec file {path}: {e}") from None
+        h, w = bundle.image_size
+        raise SpecError(f"reference {choice} does not fit the {h}x{w} images of {_data_name(config)} ({e}); use "
+                        "larger images (--image-size) or another --reference") from None
+
+
+def with_aux_policy(spec: NetworkSpec, reference: NetworkSpec, policy: str) -> NetworkSpec:
+    """``spec`` with the auxiliary heads ``policy`` gives every trained network: none, or the reference's."""
+    return dataclasses.replace(spec, aux_heads=reference.aux_heads if policy == "reference" else ())
 
 
 def network_costs(spec: NetworkSpec, image_hw: tuple[int, int]) -> tuple[int, int]:
@@ -137,6 +168,112 @@ def comparison_row(name: str, spec: NetworkSpec, result: TrainResult, image_hw: 
         "wall_time_s": float(result.wall_time_s),
         "throughput": float(result.throughput),
     }
+
+
+# --------------------------------------------------------------------------- checks before any work
+def _data_name(config: RunConfig) -> str:
+    return f"{config.data} data" + (f" in {config.data_dir}" if config.data_dir else "")
+
+
+def check_device(device: str) -> torch.device:
+    """The device ``device`` (``--device``) names, or a one-line error where this machine has no such device."""
+    try:
+        resolved = resolve_device(device)
+    except RuntimeError:
+        raise UserError(f"device {device!r} (--device) is not a device name: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
+        raise UserError(f"device {device!r} (--device): this machine has {torch.cuda.device_count()} CUDA "
+                        "device(s); use --device auto or cpu")
+    return resolved
+
+
+def check_training_data(config: RunConfig, bundle: DataBundle) -> None:
+    """One-line errors, before any work, for a one-class data set and a batch the training split cannot fill."""
+    if bundle.num_classes < 2:
+        raise DataError(f"{_data_name(config)} has {bundle.num_classes} class ({', '.join(bundle.class_names)}); "
+                        "a classifier needs at least 2: add a class (a folder per class)")
+    images = len(bundle.train)
+    if config.train.batch_size > images:
+        raise UserError(f"batch size {config.train.batch_size} (--batch-size) is larger than the {images} training "
+                        f"images of {_data_name(config)}: no batch could be filled; use --batch-size {images} or less")
+
+
+def module_maps(config: ConstructConfig, reference: NetworkSpec, image_hw: tuple[int, int]
+                ) -> list[tuple[str, tuple[int, int]]]:
+    """(name, map entering it) of every module of the skeleton; a one-line error where a map would be empty."""
+    base = discovered_base(config, reference, image_hw)
+    _, h, w = base.output_shape(image_hw)
+    where, maps = "the stem", []
+    for item in skeleton_plan(config.skeleton, reference):
+        if isinstance(item, PoolSpec):
+            h, w, where = item.out_size(h), item.out_size(w), item.name
+        elif min(h, w) < 1:
+            raise UserError(
+                f"skeleton {config.skeleton!r} (--skeleton) leaves no map for {item} on {image_hw[0]}x{image_hw[1]} "
+                f"images ({where} makes it {h}x{w}): use fewer poolings, or larger images (--image-size)"
+            )
+        else:
+            maps.append((item, (h, w)))
+    return maps
+
+
+def _narrowest_module(in_channels: int, map_hw: tuple[int, int], width: int) -> int:
+    """Multiply-adds of a module with every branch ``width`` wide: the least any rescaled module costs."""
+    module = InceptionSpec(in_channels, width, width, width, width, width, width)
+    return inception_macs(module, *map_hw, kernel5x5=5)
+
+
+def check_budget(config: ConstructConfig, reference: NetworkSpec, image_hw: tuple[int, int]) -> None:
+    """A one-line error, before anything is recorded, for a budget the skeleton's modules cannot fit in.
+
+    The stem, poolings and head cost what they cost; each module gets a share of
+    the rest in proportion to its weight (`topo.construct.module_weights`) and
+    must at least afford its narrowest form, every branch ``round_to`` wide.
+    """
+    budget = total_budget(config, dataclasses.replace(reference, input_size=min(image_hw)), image_hw)
+    if budget is None:
+        return
+    maps = module_maps(config, reference, image_hw)
+    plan = skeleton_plan(config.skeleton, reference)
+    pools = tuple(item for item in plan if isinstance(item, PoolSpec))
+    base = discovered_base(config, reference, image_hw)
+    fixed = head_macs(dataclasses.replace(base, stages=pools), image_hw)
+    width = config.round_to or 1
+    inputs = [base.out_channels] + [4 * width] * (len(maps) - 1)
+    least = [_narrowest_module(c, hw, width) for c, (_, hw) in zip(inputs, maps)]
+    weights = module_weights(plan, reference, image_hw)
+    need = fixed + max(cost * sum(weights) / weight for cost, weight in zip(least, weights))
+    if budget < need:
+        raise UserError(
+            f"budget {budget:.4g} multiply-adds (--budget) is too small for skeleton {config.skeleton!r}: the stem, "
+            f"poolings and head cost {fixed:.4g} alone, and its {len(maps)} module(s), each at its narrowest (every "
+            f"branch {width} wide) within its share, need {need:.4g} in all; give --budget "
+            f"{math.ceil(need / 1e3) * 1e3:.4g} or more"
+        )
+
+
+def check_window(window: int, maps: list[tuple[str, tuple[int, int]]]) -> None:
+    """A one-line error for a window (``--window``) larger than every map it would look at."""
+    largest = max((min(hw) for _, hw in maps), default=0)
+    if maps and window > largest:
+        shown = ", ".join(f"{name} {h}x{w}" for name, (h, w) in maps[:4])
+        raise UserError(f"window {window} (--window) is larger than every map it would look at ({shown}): "
+                        f"use --window {window_for((largest, largest), window)}")
+
+
+def preflight(config: RunConfig, bundle: DataBundle, reference: NetworkSpec | None, *,
+              window_given: bool = False) -> None:
+    """Every check of the settings against the data and the machine, before any work (``reference``: with a
+    construction)."""
+    check_device(config.train.device)
+    check_training_data(config, bundle)
+    if reference is None:
+        return
+    hw = tuple(bundle.image_size)
+    maps = module_maps(config.construct, reference, hw)
+    if window_given:
+        check_window(config.construct.window, maps)
+    check_budget(config.construct, reference, hw)
 
 
 # --------------------------------------------------------------------------- stages
@@ -197,12 +334,7 @@ def _maybe_float(value: Any) -> float | None:
 
 
 def histories(run: RunDir, names: list[str]) -> dict[str, pd.DataFrame]:
-    out = {}
-    for name in names:
-        path = run.training.metrics(name)
-        if path.is_file():
-            out[name] = pd.read_csv(path)
-    return out
+    return {name: read_metrics(run.training.metrics(name)) for name in names if run.training.metrics(name).is_file()}
 
 
 def correlations(run: RunDir, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -211,9 +343,9 @@ def correlations(run: RunDir, records: list[dict[str, Any]]) -> dict[str, dict[s
     for rec in records:
         stats_path, clusters_path = run.construction.stats(rec["name"]), run.construction.clusters(rec["name"])
         if stats_path.is_file() and clusters_path.is_file():
-            clusters = json.loads(clusters_path.read_text())
+            clusters = read_clusters(clusters_path)
             out[rec["name"]] = {
-                "corr": LayerStats.load(stats_path).corr(),
+                "corr": read_stats(stats_path).corr(),
                 "order": clusters["channel_order"],
                 "labels": clusters["channel_labels"],
             }
@@ -227,7 +359,7 @@ def report_stage(run: RunDir) -> tuple[Path, pd.DataFrame | None]:
     """
     config = run.read_config()
     records_path = run.construction.records
-    records = json.loads(records_path.read_text()) if records_path.is_file() else []
+    records = read_records(records_path) if records_path.is_file() else []
     done = run.completed()
     rows = [done[k] for k in ("train:discovered", "train:reference") if k in done]
     report = write_report(
@@ -241,19 +373,23 @@ def report_stage(run: RunDir) -> tuple[Path, pd.DataFrame | None]:
     return report, comparison_frame(rows) if rows else None
 
 
-def run_all(config: RunConfig, run: RunDir) -> tuple[Path, pd.DataFrame | None] | None:
+def run_all(config: RunConfig, run: RunDir, *, bundle: DataBundle | None = None,
+            window_given: bool = False) -> tuple[Path, pd.DataFrame | None] | None:
     """The whole job: construct, train the discovered and the reference network, compare, report.
 
-    Returns what `report_stage` returns, on rank 0 (None on the other processes).
+    Every setting is checked against the data first (`preflight`), so a doomed
+    run fails before anything is written. Returns what `report_stage` returns,
+    on rank 0 (None on the other processes).
     """
-    bundle = load_data(config)
+    bundle = load_data(config) if bundle is None else bundle
     reference = reference_spec(config, bundle)  # a bad --reference fails before anything is written
+    preflight(config, bundle, reference, window_given=window_given)
     is_main = dist_info.rank() == 0
     if is_main and not run.config_path.is_file():
         run.write_config(config.to_dict())
     discovered = construct_stage(config, bundle, run)
-    train_stage("discovered", discovered, config, bundle, run)
-    train_stage("reference", reference, config, bundle, run)
+    for name, spec in (("discovered", discovered), ("reference", reference)):  # one auxiliary-head policy for both
+        train_stage(name, with_aux_policy(spec, reference, config.aux_heads), config, bundle, run)
     if not is_main:
         return None
     return report_stage(run)
@@ -274,9 +410,11 @@ def analyze(
 ) -> pd.DataFrame:
     """Record and cluster the input of every Inception module of a (trained) network.
 
-    For each module, the widths the data suggests (at the module's own
-    multiply-add cost) are reported beside the hand-chosen ones, as a table,
-    JSON records and a branch-width figure in ``out_dir`` (`topo.rundir.AnalysisFiles`).
+    ``weights``: a state-dict file (`topo.files.read_weights`), or None (the
+    network as initialised). For each module, the widths
+    the data suggests (at the module's own multiply-add cost) are reported
+    beside the hand-chosen ones, as a table, JSON records and a branch-width
+    figure in ``out_dir`` (`topo.rundir.AnalysisFiles`).
     """
     modules = spec.inception_modules()
     if not modules:
@@ -290,7 +428,8 @@ def analyze(
                          workers=workers, device=dev, distributed=False)
     layers = [f"{m.name}:input" for m in modules]
     stats = record(model, loader, layers, max_batches=construct_config.stats_batches,
-                   positions=construct_config.positions, seed=construct_config.seed, progress=progress)
+                   positions=construct_config.positions, fire_quantile=construct_config.fire_quantile,
+                   seed=construct_config.seed, progress=progress)
     files = AnalysisFiles(Path(out_dir))
     shapes = spec.input_shapes(tuple(bundle.image_size))
     records = [suggest_module(module, stats[layer], tuple(shapes[module.name][1:]), spec.kernel5x5,
@@ -318,20 +457,10 @@ def suggest_module(module: InceptionSpec, stats: LayerStats, map_hw: tuple[int, 
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a state dict (or a trainer checkpoint's ``model``) with a one-line error on mismatch."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"weights file {path} does not exist: give a state-dict .pt/.pth file")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise UserError(f"weights file {path} is not a readable PyTorch file ({type(e).__name__})") from None
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
+    """Load a state-dict file (`topo.files.read_weights`) strictly, with a one-line error where it does not fit."""
+    state = read_weights(path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-        raise UserError(
-            f"weights file {path} does not fit the network ({first}); check --model/--variant/--width-mult"
-        ) from None
+        raise UserError(f"weights file {path} does not fit the network ({state_mismatch(model, state, e)}); check "
+                        "--model/--variant/--width-mult/--num-classes") from None

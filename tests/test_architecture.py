@@ -1,0 +1,76 @@
+"""The shape of the code: imports go down the floors, no function-local import dodges a circle,
+functions in topo/ stay short enough to read in one screen."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("topo", "builders", "analysis")
+LONGEST = 60  # lines per function in topo/ (the CLI's parser aside)
+
+
+def _modules() -> dict[str, ast.Module]:
+    out = {}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            out[name] = ast.parse(path.read_text(), filename=str(path))
+    return out
+
+
+def _imports(tree: ast.Module, *, top_level: bool) -> set[str]:
+    """Project modules imported by ``tree``: at module level only, or inside functions only."""
+    nodes = tree.body if top_level else [
+        n for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) for n in ast.walk(f)]
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return {name for name in found if name.split(".")[0] in PACKAGES}
+
+
+def _graph(modules: dict[str, ast.Module], *, top_level: bool) -> dict[str, set[str]]:
+    return {name: {m for m in _imports(tree, top_level=top_level) if m in modules and m != name}
+            for name, tree in modules.items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Every module on a cycle (strongly connected components of more than one module)."""
+    import networkx as nx
+
+    g = nx.DiGraph([(a, b) for a, targets in graph.items() for b in targets])
+    return [sorted(c) for c in nx.strongly_connected_components(g) if len(c) > 1]
+
+
+def test_no_import_circles_even_counting_function_local_imports():
+    modules = _modules()
+    top, local = _graph(modules, top_level=True), _graph(modules, top_level=False)
+    both = {name: top[name] | local[name] for name in modules}
+    # a package's __init__ re-exporting its own modules is not a circle of the design
+    for name in both:
+        both[name] = {m for m in both[name] if not (m == name.rsplit(".", 1)[0] and name.count("."))}
+    assert _cycles(both) == []
+
+
+def test_builders_do_not_import_analysis_and_plots_do_not_import_the_report():
+    modules = _modules()
+    graph = {name: _imports(tree, top_level=True) | _imports(tree, top_level=False) for name, tree in modules.items()}
+    for name, targets in graph.items():
+        if name.startswith("builders"):
+            assert not any(t.startswith("analysis") for t in targets), name
+    assert not any(t.startswith("analysis.report") for t in graph["analysis.plots"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "topo").rglob("*.py")), ids=lambda p: str(p.relative_to(ROOT)))
+def test_functions_in_topo_fit_one_screen(path: Path):
+    tree = ast.parse(path.read_text())
+    long = [(node.name, node.end_lineno - node.lineno + 1) for node in ast.walk(tree)
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > LONGEST
+            and not (path.name == "cli.py" and node.name.startswith("_add"))]
+    assert long == []
