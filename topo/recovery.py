@@ -32,25 +32,11 @@ import numpy as np
 
 from builders.from_clusters import clusters_by_branch
 from topo.cluster import Cluster, aligned_jaccard, recovery_scores
+from topo.cluster.metrics import best_shift
 from topo.cluster.clusters import canonical_members
 from topo.planted import DeepPlanted, PlantedTruth
 
 Member = tuple[int, int, int]
-
-
-def best_shift(a: Sequence[Member], b: Sequence[Member]) -> tuple[int, int]:
-    """The shift ``t`` that makes ``b + t`` share the most members with ``a`` (ties: the smallest |t|, then t)."""
-    votes: dict[tuple[int, int], int] = {}
-    channels_b: dict[int, list[tuple[int, int]]] = {}
-    for c, dy, dx in b:
-        channels_b.setdefault(c, []).append((dy, dx))
-    for c, dy, dx in a:
-        for by, bx in channels_b.get(c, []):
-            t = (dy - by, dx - bx)
-            votes[t] = votes.get(t, 0) + 1
-    if not votes:
-        return (0, 0)
-    return min(votes, key=lambda t: (-votes[t], abs(t[0]) + abs(t[1]), t))
 
 
 @dataclass(frozen=True)

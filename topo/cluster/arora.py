@@ -12,6 +12,27 @@ least ``density`` of the others. Nodes adjacent to all but at most one
 member of the cleaned set are then added back (a member with one missing edge to the
 pair is still a member) and the set is peeled once more.
 
+**Strength tiers.** In a deep network the units of one layer are not
+independent: two members of *sibling* supports (units with a shared parent
+one layer up) fire together whenever that parent is on, so the Hebbian graph
+holds, beside each support's clique, a weaker clique over the union of the
+siblings' supports, and the common neighbourhood of two members of one support
+is that whole union. The edges tell them apart by strength, not by presence:
+an edge's excess co-firing probability (`topo.cluster.window.excess`) is about
+the density of the pair's nearest shared cause, a parent for two members of
+one support, a grandparent for siblings' members (Arora et al.'s rho_{l+1}
+against rho_{l+2}). `tiered_groups` therefore runs the procedure at every
+strength level the anchor's own edges define (strongest first; at level tau
+only edges at least tau strong count). A group's *tier* is the mean strength of
+the edges among its members (`topo.cluster.window.WindowGraph.mean_strength`).
+A support then appears as its own clique at a high level, the union of
+siblings' supports only at the weaker level of their parent and with a lower
+tier, and `topo.cluster.select.drop_unions` replaces a group that holds
+significantly stronger ones by those (the union itself belongs to the next
+layer, which the construction finds after decoding this one). At the weakest
+level the groups are exactly those of the untiered procedure, so a layer
+without such groups gives what it gave before.
+
 The peeling is sequential for each set (who goes next depends on who went
 before), but the sets of one anchor are independent: `dense_cores` peels them
 side by side, one vectorised step removing the next member of every set still
@@ -28,6 +49,8 @@ from scipy import sparse
 _GONE = np.iinfo(np.int32).max
 _BATCH_BYTES = 1 << 24  # at most this many bytes of stacked sub-adjacency per peeling batch
 _BATCH_SPREAD = 2.0  # a batch holds sets of at most this ratio of sizes (padding stays cheap)
+#: Strength levels per anchor at most (beyond, quantiles of the anchor's edge strengths): a bound on the work.
+MAX_LEVELS = 8
 
 
 def dense_core(adj: np.ndarray, members: np.ndarray, density: float) -> np.ndarray:
@@ -153,3 +176,36 @@ def _distinct(arrays: list[np.ndarray]) -> list[np.ndarray]:
             seen.add(key)
             out.append(a)
     return out
+
+
+def strength_levels(strengths: np.ndarray, max_levels: int = MAX_LEVELS) -> np.ndarray:
+    """The levels of `tiered_groups`, strongest first: the distinct positive ``strengths`` (an anchor's
+    edges), or, where there are more than ``max_levels``, that many of their quantiles from the
+    largest to the smallest (the weakest level always keeps every edge)."""
+    values = np.unique(strengths[strengths > 0])[::-1]
+    if len(values) > max_levels:
+        values = np.quantile(values, np.linspace(1.0, 0.0, max_levels), method="inverted_cdf")
+        values = np.unique(values)[::-1]
+    return values
+
+
+def tiered_groups(adj: np.ndarray, strength: np.ndarray, density: float,
+                  max_levels: int = MAX_LEVELS) -> list[tuple[np.ndarray, bool]]:
+    """`anchored_groups` at every strength level of the anchor's edges: [(group, base)].
+
+    ``strength`` is the anchored local graph's edge strength (positive exactly on
+    the edges of ``adj``). At level tau the anchor keeps the neighbours it links to
+    at least tau strongly, and they keep the edges at least tau strong among
+    them; the weakest level keeps every edge. ``base`` says whether that level
+    (the whole graph: `anchored_groups` of ``adj``) finds the group. Groups are listed in order of
+    first appearance (strongest level first).
+    """
+    found: dict[bytes, list] = {}
+    levels = np.append(strength_levels(strength[0, 1:], max_levels)[:-1], 0.0)  # the weakest: every edge
+    for level, tau in enumerate(levels):
+        keep = np.concatenate([[0], 1 + np.flatnonzero(strength[0, 1:] >= tau)])
+        sub = adj[np.ix_(keep, keep)] & (strength[np.ix_(keep, keep)] >= tau)
+        for group in anchored_groups(sub, density):
+            entry = found.setdefault(keep[group].tobytes(), [keep[group], False])
+            entry[1] |= level == len(levels) - 1
+    return [tuple(entry) for entry in found.values()]

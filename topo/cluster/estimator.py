@@ -9,13 +9,13 @@ from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 
-from topo.cluster.arora import anchored_groups
+from topo.cluster.arora import MAX_LEVELS, anchored_groups, tiered_groups
 from topo.cluster.clusters import Cluster
 from topo.cluster.evidence import assess, warn_if_weak
 from topo.cluster.partition import METHODS as PARTITION_METHODS
 from topo.cluster.partition import partition
-from topo.cluster.select import add_candidate, merge_candidates, select_clusters
-from topo.cluster.window import DEFAULT_ALPHA, build_window_graph
+from topo.cluster.select import TierTest, add_candidate, drop_unions, merge_candidates, select_clusters
+from topo.cluster.window import DEFAULT_ALPHA, bonferroni_log_alpha, build_window_graph, pairs_at
 from topo.errors import StatsError, UserError
 
 METHODS = ("arora",) + PARTITION_METHODS
@@ -35,6 +35,9 @@ class UnitClustering(BaseEstimator):
     random_state : seed for the randomised steps (Louvain, spectral); same seed, same clusters.
     min_lift, alpha, max_degree : the Hebbian edge rule (`topo.cluster.window`).
     density : Arora's clean-up: each member adjacent to at least this share of the others.
+    tiers : Arora only: run the procedure at every strength level of each anchor's edges (at most
+        ``max_levels``) and drop groups that are unions of stronger ones (siblings' supports under a
+        shared parent: a unit of the next layer), `topo.cluster.arora.tiered_groups`. False: one level.
     min_size : smallest cluster kept (a pair is an edge, not evidence of a shared cause).
     min_votes : anchors that must recover a cluster for the "auto" rule.
     merge_jaccard : aligned Jaccard at which two candidates are one unit.
@@ -69,6 +72,7 @@ class UnitClustering(BaseEstimator):
     def __init__(self, method: str = "arora", window: int = 5, n_clusters: int | str = "auto",
                  max_clusters: int | None = None, random_state=None, *, min_lift: float | str = "auto",
                  alpha: float = DEFAULT_ALPHA, max_degree: int = 64, density: float = 0.5,
+                 tiers: bool = True, max_levels: int = MAX_LEVELS,
                  min_size: int = 3, min_votes: int = 2, merge_jaccard: float = 0.5, merge_containment: float = 0.8,
                  min_corr: float = 0.1,
                  min_observations: int = 100, progress: bool = True):
@@ -81,6 +85,8 @@ class UnitClustering(BaseEstimator):
         self.alpha = alpha
         self.max_degree = max_degree
         self.density = density
+        self.tiers = tiers
+        self.max_levels = max_levels
         self.min_size = min_size
         self.min_votes = min_votes
         self.merge_jaccard = merge_jaccard
@@ -97,6 +103,9 @@ class UnitClustering(BaseEstimator):
             raise UserError(f"UnitClustering: window must be an odd positive int (1, 3, 5, ...), got {self.window!r}")
         if self.n_clusters != "auto" and (not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 1):
             raise UserError(f"UnitClustering: n_clusters must be 'auto' or a positive int, got {self.n_clusters!r}")
+        if not isinstance(self.max_levels, (int, np.integer)) or self.max_levels < 1:
+            raise UserError(f"UnitClustering: max_levels must be a positive int (strength levels per anchor), "
+                            f"got {self.max_levels!r}")
         if self.max_clusters is not None and self.max_clusters < 1:
             raise UserError(f"UnitClustering: max_clusters must be None or >= 1, got {self.max_clusters!r}")
 
@@ -170,16 +179,21 @@ class UnitClustering(BaseEstimator):
         seed = int(check_random_state(self.random_state).randint(np.iinfo(np.int32).max))
         graph = build_window_graph(stats, reach, min_lift=self.min_lift, alpha=self.alpha,
                                    max_degree=self.max_degree,
-                                   need_corr=self.method in ("spectral", "agglomerative"), dead=dead, null=null)
+                                   need_corr=self.method in ("spectral", "agglomerative"),
+                                   need_strength=self._tiered, dead=dead, null=null)
         self.evidence_ = assess(stats, graph.alive, len(graph.offsets), min_lift=self.min_lift, alpha=self.alpha,
                                 null=null)
         warn_if_weak(self.evidence_, stacklevel=2)
         if not spatial and self.method != "arora":
             clusters, cuts = self._global_partition(graph, seed), WindowCuts()
         else:
-            clusters, cuts = self._anchored(graph, seed)
+            clusters, cuts = self._anchored(graph, seed, self._tier_test(stats, graph))
         self._finish(clusters, stats.num_channels, dead, graph, cuts)
         return self
+
+    @property
+    def _tiered(self) -> bool:
+        return self.method == "arora" and bool(self.tiers)
 
     def fit_predict(self, stats, null=None) -> np.ndarray:
         return self.fit(stats, null=null).channel_labels_
@@ -201,48 +215,67 @@ class UnitClustering(BaseEstimator):
             clusters = clusters[: self.max_clusters]
         return clusters
 
-    def _anchored(self, graph, seed: int) -> tuple[list[Cluster], "WindowCuts"]:
+    def _tier_test(self, stats, graph) -> TierTest | None:
+        """`TierTest` at the Hebbian test's Bonferroni bar, chance co-firing at the median live rate."""
+        if not self._tiered:
+            return None
+        from scipy.stats import norm
+
+        rate = float(np.median(np.asarray(stats.firing_rate, dtype=np.float64)[graph.alive]))
+        log_alpha, _ = bonferroni_log_alpha(int(graph.alive.sum()), len(graph.offsets), self.alpha)
+        return TierTest(observations=pairs_at(stats, 0, 0), expected=rate * rate, z=float(norm.isf(np.exp(log_alpha))))
+
+    def _anchored(self, graph, seed: int, test: TierTest | None = None) -> tuple[list[Cluster], "WindowCuts"]:
         """Anchor every live channel at offset 0, find its clusters locally, merge translated copies."""
         from topo.progress import progress_bar
 
         candidates: dict = {}
+        tiers: dict = {}
+        base: set = set()
         cuts = WindowCuts()
         anchors = np.flatnonzero(graph.alive)
         # local problems are small: several BLAS threads on them mostly wait for each other (on a shared
         # machine 6-12x slower spectral clustering of a dense layer than one thread, docs/benchmarks/cluster.md)
         with threadpool_limits(limits=1, user_api="blas"):
             for anchor in progress_bar(anchors, desc=f"clustering ({self.method})", disable=not self.progress):
-                self._add_anchor(graph, int(anchor), seed, candidates, cuts)
-        merged = merge_candidates(candidates, self.merge_jaccard, self.merge_containment)
+                self._add_anchor(graph, int(anchor), seed, _Candidates(candidates, tiers, base), cuts)
+        candidates = drop_unions(candidates, tiers, base, self.merge_containment, test)
+        merged = merge_candidates(candidates, self.merge_jaccard, self.merge_containment,
+                                  parts=set(candidates) - base)
         clusters = select_clusters(merged, min_votes=self.min_votes, min_size=self.min_size,
                                    n_clusters=self.n_clusters, max_clusters=self.max_clusters)
         return clusters, cuts
 
-    def _add_anchor(self, graph, anchor: int, seed: int, candidates: dict, cuts: "WindowCuts") -> None:
-        """The candidate groups around one anchor channel, cut to the window, into ``candidates``."""
+    def _add_anchor(self, graph, anchor: int, seed: int, found: "_Candidates", cuts: "WindowCuts") -> None:
+        """The candidate groups around one anchor channel, cut to the window, into ``found``."""
         chans, offs = graph.neighbours(anchor)
         if len(chans) < self.min_size - 1:
             return
         all_chans = np.concatenate([[anchor], chans])
         all_offs = np.concatenate([np.zeros((1, 2), dtype=np.int64), offs])
-        for group in self._local_groups(graph, chans, offs, all_chans, all_offs, seed):
+        for group, whole in self._local_groups(graph, chans, offs, all_chans, all_offs, seed):
             members, cut = _fit_window(all_chans[group], all_offs[group], self.window)
-            cuts.groups += 1
-            cuts.cut += cut
+            cuts.groups += whole
+            cuts.cut += cut and whole
             if len(members) >= self.min_size:
-                key = add_candidate(candidates, members, anchor)
-                if cut:
+                key = found.add(members, anchor, graph.mean_strength(members) if self._tiered else 0.0, whole)
+                if cut and whole:
                     cuts.keys.add(key)
 
-    def _local_groups(self, graph, chans, offs, all_chans, all_offs, seed: int) -> list[np.ndarray]:
-        """Groups of one anchor's neighbourhood, as indices into (anchor, neighbours...)."""
+    def _local_groups(self, graph, chans, offs, all_chans, all_offs, seed: int) -> list[tuple[np.ndarray, bool]]:
+        """Groups of one anchor's neighbourhood, as indices into (anchor, neighbours...), with whether the
+        whole graph gives them (without tiers, every group)."""
         if self.method == "arora":
-            return anchored_groups(graph.local(graph.edges, all_chans, all_offs, False), self.density)
+            adj = graph.local(graph.edges, all_chans, all_offs, False)
+            if self._tiered:
+                strength = graph.local(graph.strength, all_chans, all_offs, 0.0)
+                return tiered_groups(adj, strength, self.density, self.max_levels)
+            return [(g, True) for g in anchored_groups(adj, self.density)]
         corr = graph.local(graph.corr, chans, offs, 0.0) if graph.corr is not None else None
         adj = graph.local(graph.edges, chans, offs, False) if self.method == "louvain" else None
         labels = partition(self.method, corr=corr, adj=adj, n_groups=None,
                            k_max=max(2, len(chans) // 2), min_corr=self.min_corr, seed=seed)
-        return [np.concatenate([[0], 1 + np.flatnonzero(labels == g)]) for g in np.unique(labels)]
+        return [(np.concatenate([[0], 1 + np.flatnonzero(labels == g)]), True) for g in np.unique(labels)]
 
     def _finish(self, clusters: list[Cluster], C: int, dead: np.ndarray, graph, cuts: "WindowCuts") -> None:
         if self.n_clusters != "auto" and len(clusters) < int(self.n_clusters):
@@ -270,6 +303,23 @@ class UnitClustering(BaseEstimator):
         self.n_window_cuts_ = cuts.cut
         self.cut_kernel_counts_ = {k: sum(1 for c in clusters if c.kernel_size == k and c.members in cuts.keys)
                                    for k in sizes}
+
+
+@dataclass
+class _Candidates:
+    """Candidate groups over all anchors: who found each (``anchors``), its strength tier, and the set of
+    those found on the whole graph (``base``)."""
+
+    anchors: dict
+    tiers: dict
+    base: set
+
+    def add(self, members, anchor: int, tier: float, whole: bool) -> tuple:
+        key = add_candidate(self.anchors, members, anchor)
+        self.tiers[key] = tier  # the mean strength among the members: the same from every anchor
+        if whole:
+            self.base.add(key)
+        return key
 
 
 @dataclass

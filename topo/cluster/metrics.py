@@ -62,6 +62,27 @@ def codes_overlaps(a: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
     return np.bincount(key, minlength=len(others) * box).reshape(len(others), box).max(axis=1)
 
 
+def best_shift(a: Iterable[Member], b: Iterable[Member]) -> tuple[int, int]:
+    """The shift ``t`` that makes ``b + t`` share the most members with ``a`` (ties: the smallest |t|, then t)."""
+    votes: dict[tuple[int, int], int] = {}
+    channels_b: dict[int, list[tuple[int, int]]] = {}
+    for c, dy, dx in b:
+        channels_b.setdefault(c, []).append((dy, dx))
+    for c, dy, dx in a:
+        for by, bx in channels_b.get(c, []):
+            t = (dy - by, dx - bx)
+            votes[t] = votes.get(t, 0) + 1
+    if not votes:
+        return (0, 0)
+    return min(votes, key=lambda t: (-votes[t], abs(t[0]) + abs(t[1]), t))
+
+
+def covered_members(a: Iterable[Member], b: Iterable[Member]) -> set[Member]:
+    """The members of ``a`` that ``b``, translated by `best_shift`, holds."""
+    ty, tx = best_shift(a, b)
+    return set(a) & {(c, dy + ty, dx + tx) for c, dy, dx in b}
+
+
 def aligned_overlap(a: Iterable[Member], b: Iterable[Member]) -> int:
     """Most members two sets share under any translation of ``b``.
 

@@ -12,6 +12,20 @@
   containment at least ``merge_containment``) is a fragment of it and is
   folded in: overlapping parents knock edges out of a clique, and partitions
   of the gapped clique return pieces of it.
+* Before merging, a candidate that holds *significantly stronger* candidates
+  is replaced by them (`drop_unions`): stronger by its strength tier, the mean
+  excess co-firing among its members (`TierTest`: significantly at the Hebbian
+  test's Bonferroni bar), and held for at least ``merge_containment`` of their
+  members (aligned). Such a group is the union of units of this layer and of
+  members attached to them only at a weaker tier: siblings' supports under
+  their shared parent (a unit of the layer above, found after decoding this
+  one), or a support with a sibling's member stuck to it. The members of one
+  support co-fire as often as one another (about the density of their unit),
+  so a fragment of a support is not significantly stronger than the support
+  and never replaces it. Only the candidates found on the whole graph (the
+  untiered procedure's) and the parts that replace them go on to the merge,
+  where the parts come last, so a layer whose candidates hold no
+  significantly stronger ones gives exactly the untiered clusters.
 * "auto" keeps every merged cluster with at least ``min_votes`` anchors (a
   real unit is recovered from several of its members; a chance coincidence
   rarely is) and at least ``min_size`` members; an integer ``n_clusters`` or
@@ -19,11 +33,13 @@
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from scipy.linalg import eigh
 
 from topo.cluster.clusters import Cluster, Member, canonical_members
-from topo.cluster.metrics import codes_overlaps, member_codes
+from topo.cluster.metrics import codes_overlaps, covered_members, member_codes
 
 
 def eigengap_k(affinity: np.ndarray, k_max: int) -> int:
@@ -46,9 +62,14 @@ def eigengap_k(affinity: np.ndarray, k_max: int) -> int:
 
 
 def merge_candidates(candidates: dict[tuple[Member, ...], set[int]], merge_jaccard: float,
-                     merge_containment: float = 0.8) -> list[tuple[tuple[Member, ...], set[int]]]:
-    """Greedy translation-aware merge of canonical candidates -> [(members, anchors)]."""
-    order = sorted(candidates.items(), key=lambda kv: (-len(kv[1]), -len(kv[0]), kv[0]))
+                     merge_containment: float = 0.8,
+                     parts: set[tuple[Member, ...]] = frozenset()) -> list[tuple[tuple[Member, ...], set[int]]]:
+    """Greedy translation-aware merge of canonical candidates -> [(members, anchors)].
+
+    ``parts`` (the parts that replaced unions, `drop_unions`) come after the other candidates, so
+    a part only represents a unit that no candidate of the whole graph represents.
+    """
+    order = sorted(candidates.items(), key=lambda kv: (kv[0] in parts, -len(kv[1]), -len(kv[0]), kv[0]))
     n_channels = 1 + max((m[0] for members in candidates for m in members), default=0)
     kept: list[tuple[tuple[Member, ...], set[int]]] = []
     kept_codes: list[np.ndarray] = []
@@ -130,6 +151,84 @@ def _absorb_fragments(kept, kept_codes, counts: _ChannelCounts, containment: flo
             kept[best][1].update(kept[i][1])
             gone[i] = True
     return [k for i, k in enumerate(kept) if not gone[i]]
+
+
+@dataclass(frozen=True)
+class TierTest:
+    """When one strength tier is *significantly* above another.
+
+    Tiers are excess co-firing probabilities estimated from ``observations``
+    position pairs; a pair co-firing with probability q is counted about
+    Poisson(q n), so an estimate's variance is about ``q / n``, with ``q`` the
+    tier plus ``expected`` (a typical pair's co-firing by chance). Tier ``hi``
+    is above ``lo`` when ``(hi - lo) / sqrt((hi + lo + 2 expected) / n)``
+    passes the one-sided normal bar ``z`` (the Hebbian test's Bonferroni bar), so
+    two groups of one support, equal up to sampling error, are one tier.
+    """
+
+    observations: float
+    expected: float
+    z: float
+
+    def above(self, hi: np.ndarray, lo: float) -> np.ndarray:
+        sd = np.sqrt(np.maximum(hi + lo + 2 * self.expected, 1e-300) / max(self.observations, 1.0))
+        return (hi - lo) >= self.z * sd
+
+
+def drop_unions(candidates: dict[tuple[Member, ...], set[int]], tiers: dict[tuple[Member, ...], float],
+                base: set[tuple[Member, ...]], containment: float,
+                test: TierTest | None = None) -> dict[tuple[Member, ...], set[int]]:
+    """The ``base`` candidates (found on the whole graph), each that holds significantly stronger candidates
+    replaced by those (see the module docstring); without a ``test``, the ``base`` candidates themselves."""
+    keys = list(candidates)
+    if test is None or len({tiers.get(k, 0.0) for k in keys}) < 2:
+        return {k: candidates[k] for k in keys if k in base}
+    index = _UnionIndex(keys, tiers, containment, test)
+    out: dict[tuple[Member, ...], set[int]] = {}
+    for key in keys:
+        if key in base:
+            for part in index.resolve(key):
+                out[part] = candidates[part]
+    return out
+
+
+class _UnionIndex:
+    """Candidates with their tiers, sizes, codes and channel counts, for `drop_unions`."""
+
+    def __init__(self, keys, tiers, containment: float, test: TierTest) -> None:
+        self.keys, self.containment, self.test = keys, containment, test
+        self.position = {k: i for i, k in enumerate(keys)}
+        self.tier = np.array([tiers.get(k, 0.0) for k in keys])
+        self.sizes = np.array([len(k) for k in keys])
+        self.codes = [member_codes(k) for k in keys]
+        self.counts = _ChannelCounts(1 + max(m[0] for k in keys for m in k))
+        for k in keys:
+            self.counts.append(self.counts.row_of(k))
+
+    def parts(self, key) -> list:
+        """The significantly stronger candidates ``key`` holds, strongest first, each adding members (empty: none)."""
+        g = self.position[key]
+        bound = self.counts.shared(self.counts.rows[g])  # no shift lets a candidate share more members than this
+        c = self.containment
+        stronger = self.test.above(self.tier, float(self.tier[g]))
+        hopeful = np.flatnonzero(stronger & (self.sizes < self.sizes[g]) & (bound >= c * self.sizes))
+        if not len(hopeful):
+            return []
+        held = hopeful[codes_overlaps(self.codes[g], [self.codes[h] for h in hopeful]) >= c * self.sizes[hopeful]]
+        held = held[np.argsort(-self.tier[held], kind="stable")]
+        covered: set = set()
+        chosen = []
+        for h in held:
+            members = covered_members(key, self.keys[h])
+            if members - covered:
+                covered |= members
+                chosen.append(self.keys[h])
+        return chosen
+
+    def resolve(self, key) -> list:
+        """``key`` itself, or the stronger candidates it holds, resolved in turn (tiers rise, so this ends)."""
+        parts = self.parts(key)
+        return [key] if not parts else [p for part in parts for p in self.resolve(part)]
 
 
 def select_clusters(merged: list[tuple[tuple[Member, ...], set[int]]], *, min_votes: int, min_size: int,

@@ -13,6 +13,14 @@ copies of one cluster seen from the same anchor channel coincide.
 An edge is tested against independence (`hebbian_edges`), or, given statistics
 of the same layer on a null input, against what the null shows for that pair
 and offset (`null_edges`).
+
+Every edge also carries its *strength*, the excess co-firing probability
+``prob - expected`` (``expected = p_i p_j`` under independence, the null's
+co-firing carried over to the observed rates with a null): in a sparse
+generative network it is about the density of the pair's nearest shared cause,
+a direct parent (Arora et al.'s rho_{l+1}) for two members of one support,
+only a grandparent (rho_{l+2}) for two siblings' members (`topo.cluster.arora`
+uses it to tell them apart).
 """
 from __future__ import annotations
 
@@ -30,8 +38,10 @@ class WindowGraph:
     """Hebbian edges (and optionally correlations) for every offset in reach.
 
     ``edges[o, i, j]`` is True when unit i at p and unit j at p + offsets[o]
-    fire together more than chance allows; ``corr[o, i, j]`` is the matching
-    cross-correlation (float32), present when a method needs it.
+    fire together more than chance allows; ``strength[o, i, j]`` is that edge's
+    excess co-firing probability (float32, 0 where there is no edge), present
+    when a method needs it; ``corr[o, i, j]`` is the matching cross-correlation
+    (float32), present when a method needs it.
     """
 
     reach: int
@@ -40,6 +50,7 @@ class WindowGraph:
     corr: np.ndarray | None  # (O, C, C) float32
     alive: np.ndarray  # (C,) bool
     lift_threshold: float
+    strength: np.ndarray | None = None  # (O, C, C) float32
 
     @property
     def side(self) -> int:
@@ -80,6 +91,17 @@ class WindowGraph:
         # one flat index into the contiguous stack: several times faster than three index arrays
         flat = (self.index(dy.clip(-r, r), dx.clip(-r, r)) * C + chans[:, None]) * C + chans[None, :]
         return np.where(valid, np.ascontiguousarray(stack).reshape(-1).take(flat), fill)
+
+
+    def mean_strength(self, members) -> float:
+        """Mean strength of the edges among ``members`` ((channel, dy, dx) with offsets within the reach of
+        one another; 0 without edges or without `strength`)."""
+        if self.strength is None or len(members) < 2:
+            return 0.0
+        arr = np.asarray(members, dtype=np.int64).reshape(-1, 3)
+        values = self.local(self.strength, arr[:, 0], arr[:, 1:], 0.0)
+        values = values[values > 0]
+        return float(values.mean()) if len(values) else 0.0
 
 
 def lift_floor(rate_i: np.ndarray, rate_j: np.ndarray, min_lift: float | None = None) -> np.ndarray:
@@ -189,8 +211,8 @@ def pairs_at(stats, dy: int, dx: int) -> float:
 
 
 def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alpha: float = DEFAULT_ALPHA,
-                       max_degree: int = 64, need_corr: bool = False, dead: np.ndarray | None = None,
-                       null=None) -> WindowGraph:
+                       max_degree: int = 64, need_corr: bool = False, need_strength: bool = False,
+                       dead: np.ndarray | None = None, null=None) -> WindowGraph:
     """Query the statistics for every offset within ``reach`` and build the edge stack.
 
     Offsets d and -d come from one query (``M(-d) = M(d).T``). With
@@ -201,6 +223,7 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
     floor when none was needed). With ``null`` (statistics of the same layer on
     a null input) each pair is tested against the null (`null_edges`) instead of
     against independence, and the correlations are the excess over the null's.
+    ``need_strength`` keeps every edge's excess co-firing probability (`WindowGraph.strength`).
     """
     C = stats.num_channels
     side = 2 * reach + 1
@@ -215,16 +238,20 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
     edges = np.zeros((len(offsets), C, C), dtype=bool)
     edge_lift: list[np.ndarray] = [np.zeros(0, dtype=np.float32)] * len(offsets)
     corr = np.zeros((len(offsets), C, C), dtype=np.float32) if need_corr else None
+    strength = np.zeros((len(offsets), C, C), dtype=np.float32) if need_strength else None
     mask = np.outer(alive, alive)
     for o, (dy, dx) in enumerate(offsets):
         if (dy, dx) < (0, 0):
             continue  # filled from the mirrored offset
         o_neg = (-dy + reach) * side + (-dx + reach)
-        ok, lift = _offset_edges(stats, null, int(dy), int(dx), rate, floor, log_alpha)
+        ok, lift, prob = _offset_edges(stats, null, int(dy), int(dx), rate, floor, log_alpha)
         ok &= mask
         if o == o_neg:
             np.fill_diagonal(ok, False)
         edges[o], edge_lift[o] = ok, lift[ok].astype(np.float32)
+        if need_strength:
+            strength[o] = np.where(ok, excess(prob, lift), 0.0)
+            strength[o_neg] = strength[o].T
         if need_corr:
             corr[o] = np.where(mask, _offset_corr(stats, null, int(dy), int(dx)), 0.0)
         if o != o_neg:
@@ -234,20 +261,29 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
     threshold = DEFAULT_MIN_LIFT if min_lift == "auto" else float(min_lift)
     if min_lift == "auto":
         threshold = _cap_degree(edges, edge_lift, max_degree * max(int(alive.sum()), 1), threshold)
+    if need_strength:
+        strength[~edges] = 0.0  # edges the degree cap removed
     return WindowGraph(reach=reach, offsets=offsets, edges=edges, corr=corr, alive=alive,
-                       lift_threshold=threshold)
+                       lift_threshold=threshold, strength=strength)
+
+
+def excess(prob: np.ndarray, lift: np.ndarray) -> np.ndarray:
+    """Excess co-firing probability ``prob - expected`` from ``lift = prob / expected`` (``prob`` where
+    nothing was expected, an infinite lift)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(lift > 0, prob - prob / np.where(lift > 0, lift, 1.0), 0.0)
 
 
 def _offset_edges(stats, null, dy: int, dx: int, rate: np.ndarray, floor, log_alpha: float):
-    """(edges, lift) at one offset: against independence, or against the null recording."""
+    """(edges, lift, co-firing probability) at one offset: against independence, or against the null."""
     prob, _ = stats.coactivation(dy, dx)
     prob = np.asarray(prob, dtype=np.float64)
     if null is None:
-        return hebbian_edges(prob, rate, rate, pairs_at(stats, dy, dx), floor, log_alpha)
+        return (*hebbian_edges(prob, rate, rate, pairs_at(stats, dy, dx), floor, log_alpha), prob)
     null_prob, _ = null.coactivation(dy, dx)
     null_rate = np.asarray(null.firing_rate, dtype=np.float64)
-    return null_edges(prob, np.asarray(null_prob, dtype=np.float64), rate, null_rate, pairs_at(stats, dy, dx),
-                      pairs_at(null, dy, dx), floor, log_alpha)
+    return (*null_edges(prob, np.asarray(null_prob, dtype=np.float64), rate, null_rate, pairs_at(stats, dy, dx),
+                        pairs_at(null, dy, dx), floor, log_alpha), prob)
 
 
 def _offset_corr(stats, null, dy: int, dx: int) -> np.ndarray:

@@ -1,0 +1,212 @@
+"""Deep recovery: a planted deep network recovered layer after layer by the main job's construction.
+
+For each seed, ``load("planted", seed=s)`` (the generator's defaults: 16 observed
+channels, hidden widths 12, 8, 8, degree 3, 16 x 16 maps, 409 training images)
+is run through `topo.construct.construct` with three modules, no stem, Hebbian
+decoding and no budget (every cluster one unit of the next layer), exact
+statistics over all batches; module l is scored against planted layer l with
+`topo.recovery.layer_recovery` (best-match Jaccard in the decoded channels,
+per-kernel counts, the share of true units some decoded channel reads). Also:
+
+* ``--cli``: the same from the command line, ``topo-build construct --data
+  planted --stem none --init hebbian --budget none --skeleton 3 --no-controls``
+  (its defaults otherwise: ``--positions auto``, 16 statistics batches, seed 0),
+  scored from the clusters it writes. Three modules in one stage, so that
+  module l meets layer l at the maps' resolution (the default skeleton pools
+  after two); the controls do not change the real construction;
+* each layer clustered from the *true* maps of the layer below, exact
+  statistics, a unit firing when positive (``threshold=0``): the clustering
+  alone, without the construction's firing rule (``fire_quantile`` 0.9, on
+  standardised inputs at layer 1) and without its decoding, with and without
+  strength tiers;
+* ``--diagnose``: the construction with ``fire_quantile=None``;
+* ``--sweep``: layer-1 recovery as above over depth, top density and degree.
+
+    python benchmarks/bench_recovery.py [--seeds 5] [--cli] [--diagnose] [--sweep] [--threads 1]
+
+Prints markdown tables (paste them into docs/clustering.md, "Deep recovery").
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+
+import builders
+from topo.cluster import Cluster, UnitClustering, recovery_scores
+from topo.construct import ConstructConfig, construct
+from topo.data import load, make_loader
+from topo.data.tensors import PLANTED_DATA
+from topo.planted import DeepPlantedConfig, generate_deep
+from topo.recovery import layer_recovery
+from topo.stats import from_activations
+
+MODULES = ("inception3a", "inception3b", "inception3c")
+
+
+def construction(seed: int, **overrides):
+    """The library call of the main job's construction on the planted data (as topo-build does it)."""
+    bundle = load("planted", seed=seed)
+    ref = builders.googlenet_spec("small", num_classes=bundle.num_classes, width_mult=0.25,
+                                  in_channels=bundle.in_channels, input_size=16)
+    cfg = ConstructConfig(skeleton="3", stem="none", init="hebbian", budget_macs="none", positions=None,
+                          stats_batches=None, seed=seed, **overrides)
+    loader = lambda d: make_loader(d, batch_size=64, train=True, seed=seed, workers=0, device="cpu",
+                                   distributed=False)
+    return construct(ref, bundle.train, cfg, input_hw=(16, 16), loader=loader, progress=False)
+
+
+def share_big(counts: dict) -> float:
+    """Share of 3x3 and 5x5 among the kernel counts."""
+    total = sum(counts.values())
+    return (counts.get(3, 0) + counts.get(5, 0)) / total if total else float("nan")
+
+
+def rows_for(sample, clusterings, source: str, seed: int) -> list[dict]:
+    rows = []
+    for r in layer_recovery(sample, clusterings):
+        t, f = r["true_counts"], r["found_counts"]
+        rows.append({"source": source, "seed": seed, "layer": r["layer"], "jaccard": r["jaccard"],
+                     "precision": r["precision_jaccard"], "true 1/3/5": "/".join(str(t[k]) for k in (1, 3, 5)),
+                     "found 1/3/5": "/".join(str(f[k]) for k in (1, 3, 5)),
+                     "count error": r["max_count_error"], "true 3+5 share": share_big(t),
+                     "found 3+5 share": share_big(f), "units decoded": r["units_decoded"]})
+    return rows
+
+
+def library_rows(seeds, label: str = "construct()", **overrides) -> list[dict]:
+    rows = []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        res = construction(seed, **overrides)
+        elapsed = time.perf_counter() - t0
+        sample = generate_deep(PLANTED_DATA, seed=seed)
+        for row in rows_for(sample, [res.clusterings[m] for m in MODULES], label, seed):
+            rows.append({**row, "time_s": elapsed})
+    return rows
+
+
+def clustering_from_json(path: Path) -> SimpleNamespace:
+    """The clusters a construction wrote (``MODULE_clusters.json``) as an object `layer_recovery` can score."""
+    data = json.loads(path.read_text())
+    clusters = [Cluster.from_dict(c) for c in data["clusters"]]
+    counts = {int(k): int(v) for k, v in data["kernel_counts"].items()}
+    return SimpleNamespace(clusters_=clusters, kernel_counts_=counts)
+
+
+def cli_rows() -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = ["topo-build", "construct", "--data", "planted", "--stem", "none", "--init", "hebbian",
+               "--budget", "none", "--skeleton", "3", "--no-controls", "--out", tmp, "--no-progress", "--quiet"]
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True)
+        elapsed = time.perf_counter() - t0
+        folder = Path(tmp) / "construction"
+        files = sorted(folder.glob("*_clusters.json"), key=lambda p: p.stat().st_mtime)
+        clusterings = [clustering_from_json(p) for p in files]
+        names = [p.name.replace("_clusters.json", "") for p in files]
+    sample = generate_deep(PLANTED_DATA, seed=0)
+    rows = rows_for(sample, clusterings, "topo-build construct (" + ", ".join(names) + ")", 0)
+    return [{**r, "time_s": elapsed} for r in rows]
+
+
+def fit_layer(sample, layer: int, seed: int, tiers: bool = True):
+    """Layer ``layer`` clustered from the true maps of the layer below: exact statistics, firing when
+    positive, arora with window 5 (what a perfect decoding of the layers below would hand it)."""
+    x = np.ascontiguousarray(sample.layer_activations(layer - 1))
+    stats = from_activations(torch.from_numpy(x), threshold=0.0)
+    return UnitClustering(method="arora", window=5, random_state=seed, progress=False, tiers=tiers).fit(stats)
+
+
+def oracle_rows(cfg: DeepPlantedConfig, seeds, layers=None) -> list[dict]:
+    """Per layer, `fit_layer` scored against that layer's truth, with and without strength tiers."""
+    rows = []
+    for seed in seeds:
+        sample = generate_deep(cfg, seed=seed)
+        for layer in layers or range(1, cfg.depth + 1):
+            truth = sample.layer_truth(layer)
+            s = recovery_scores(truth, fit_layer(sample, layer, seed))
+            flat = recovery_scores(truth, fit_layer(sample, layer, seed, tiers=False))
+            t, f = s["true_counts"], s["found_counts"]
+            rows.append({"seed": seed, "layer": layer, "jaccard": s["jaccard"], "precision": s["precision_jaccard"],
+                         "true 1/3/5": "/".join(str(t[k]) for k in (1, 3, 5)),
+                         "found 1/3/5": "/".join(str(f[k]) for k in (1, 3, 5)),
+                         "count error": s["max_count_error"], "jaccard (tiers=False)": flat["jaccard"],
+                         "true 3+5 share": share_big(t), "found 3+5 share": share_big(f)})
+    return rows
+
+
+def sweep_rows(seeds) -> list[dict]:
+    base = DeepPlantedConfig()
+    cases = {"default (12, 8, 8), degree 3, top 0.01": base,
+             "depth 1 (12,), top 0.086": DeepPlantedConfig(widths=(12,), degrees=(3,), top_density=0.086,
+                                                           num_classes=2, class_boost=1.0),
+             "depth 2 (12, 8)": DeepPlantedConfig(widths=(12, 8), degrees=(3, 3)),
+             "depth 4 (12, 8, 8, 8)": DeepPlantedConfig(widths=(12, 8, 8, 8), degrees=(3, 3, 3, 3)),
+             "top density 0.005": DeepPlantedConfig(top_density=0.005),
+             "top density 0.02": DeepPlantedConfig(top_density=0.02),
+             "degree 2 (widths 12, 12, 8)": DeepPlantedConfig(widths=(12, 12, 8), degrees=(2, 2, 3)),
+             "degree 4": DeepPlantedConfig(degrees=(4, 4, 4))}
+    rows = []
+    for name, cfg in cases.items():
+        rows += [{"network": name, **r} for r in oracle_rows(cfg, seeds, layers=[1])]
+    return rows
+
+
+def summary(df: pd.DataFrame, by: list[str], cols: list[str]) -> pd.DataFrame:
+    g = df.groupby(by, sort=False)
+    out = pd.DataFrame(index=g.size().index)
+    for col in cols:
+        mean, lo, hi = g[col].mean(), g[col].min(), g[col].max()
+        out[col] = [f"{m:.2f} ({a:.2f}-{b:.2f})" for m, a, b in zip(mean, lo, hi)]
+    out["seeds"] = g.size()
+    return out.reset_index()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--cli", action="store_true", help="also run topo-build construct once (seed 0)")
+    ap.add_argument("--sweep", action="store_true", help="layer-1 sweep over depth, density, degree")
+    ap.add_argument("--diagnose", action="store_true",
+                    help="also the construction with fire_quantile=None (a unit fires when positive)")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    seeds = list(range(args.seeds))
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {platform.processor() or platform.machine()}, "
+          f"torch threads {args.threads}, python {sys.version.split()[0]}\n")
+    rows = library_rows(seeds) + (cli_rows() if args.cli else [])
+    if args.diagnose:
+        rows += library_rows(seeds, "construct(fire_quantile=None)", fire_quantile=None)
+    df = pd.DataFrame(rows)
+    cols = ["jaccard", "precision", "count error", "true 3+5 share", "found 3+5 share", "units decoded", "time_s"]
+    print("## Per layer (mean, min-max over seeds)\n")
+    print(summary(df, ["source", "layer"], cols).to_markdown(index=False), "\n")
+    print("## Per seed\n")
+    print(df.drop(columns=["time_s"]).to_markdown(index=False, floatfmt=".2f"), "\n")
+    print("## Each layer from the true maps of the layer below (exact statistics, firing when positive)\n")
+    oracle = pd.DataFrame(oracle_rows(PLANTED_DATA, seeds))
+    print(summary(oracle, ["layer"], ["jaccard", "precision", "count error", "jaccard (tiers=False)",
+                                      "true 3+5 share", "found 3+5 share"]).to_markdown(index=False), "\n")
+    print(oracle.to_markdown(index=False, floatfmt=".2f"), "\n")
+    if args.sweep:
+        sweep = pd.DataFrame(sweep_rows(seeds[:3]))
+        print("## Where layer-1 recovery breaks down (from the observed maps, exact statistics, firing when positive)\n")
+        print(summary(sweep, ["network"], ["jaccard", "precision", "count error", "jaccard (tiers=False)"])
+              .to_markdown(index=False), "\n")
+
+
+if __name__ == "__main__":
+    main()
