@@ -172,7 +172,7 @@ def kernel_share_by_depth(records: Sequence[Any], path_stem: str | os.PathLike) 
     shares = kernel_shares(records)
     if shares.empty:
         return []
-    x = np.arange(len(shares))
+    x = shares["depth"].to_numpy(dtype=np.float64)
     share3 = 100 * shares["share3"].to_numpy()
     share5 = 100 * shares["share5"].to_numpy()
     fig = Figure(figsize=(max(4.5, 0.7 * len(shares) + 2.0), 3.6), layout="constrained")
@@ -258,4 +258,37 @@ def learning_curves(histories: Mapping[str, pd.DataFrame], path_stem: str | os.P
         ax.grid(True, alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8, frameon=False)
+    return save_figure(fig, path_stem)
+
+
+# --------------------------------------------------------------------------- control
+
+
+def control_shares(summary: Any, path_stem: str | os.PathLike) -> list[Path]:
+    """Per module, the 1x1/3x3/5x5 output shares of every construction of a `topo.controls.ControlSummary`:
+    one stacked bar per construction, grouped by module, the data's seeds first."""
+    groups = [(kind, shares) for kind, shares in summary.shares.items()]
+    bars = [(kind, i, s) for kind, shares in groups for i, s in enumerate(shares)]
+    if not bars or not summary.modules:
+        return []
+    n_modules, n_bars = len(summary.modules), len(bars)
+    width = 0.8 / n_bars
+    colors = ("#1f77b4", KERNEL_COLORS["3x3"], KERNEL_COLORS["5x5"])
+    fig = Figure(figsize=(max(5.0, 0.35 * n_bars * n_modules + 2.0), 3.8), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(n_modules, dtype=np.float64)
+    for b, (kind, seed, shares) in enumerate(bars):
+        offset = x - 0.4 + (b + 0.5) * width
+        bottom = np.zeros(n_modules)
+        for k, label in enumerate(("1x1", "3x3", "5x5")):
+            ax.bar(offset, 100 * shares[:, k], width * 0.9, bottom=bottom, color=colors[k],
+                   alpha=1.0 if kind == "real" else 0.45, label=label if b == 0 else None,
+                   hatch=None if kind == "real" else ("//" if kind == "shuffled" else ".."))
+            bottom += 100 * shares[:, k]
+    ax.set_xticks(x, summary.modules, rotation=35, ha="right")
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("output share (%)")
+    order = " | ".join(f"{kind} seed {seed}" for kind, seed, _ in bars)
+    ax.set_title(f"Output shares per module; bars left to right: {order}", fontsize=8)
+    ax.legend(fontsize=8, frameon=False, loc="upper right")
     return save_figure(fig, path_stem)

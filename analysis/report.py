@@ -30,6 +30,7 @@ from analysis.tables import (
     to_markdown,
     write_comparison,
 )
+from topo.controls import ControlSummary, verdict
 from topo.io import atomic_write_text
 from topo.rundir import RunDir
 
@@ -88,7 +89,14 @@ def _accuracy_sentence(rows: Sequence[Mapping[str, Any]], discovered: str) -> st
 
 
 def _depth_sentence(records: Sequence[Mapping[str, Any]]) -> str:
-    shares = kernel_shares(records)
+    """The depth trend over the modules whose largest window the data, not the map, set."""
+    every = kernel_shares(records)
+    shares = every[~every["window_forced"]].reset_index(drop=True)
+    forced = every.loc[every["window_forced"], "module"].tolist()
+    excluded = (f" ({', '.join(forced)} left out: {'its' if len(forced) == 1 else 'their'} maps were too small "
+                "for a 5x5 window, so the map forced the kernel choice)") if forced else ""
+    if shares.empty and forced:
+        return f"Every module's kernel choice was forced by its map{excluded}, so the depth trend cannot be judged."
     if shares.empty:
         return "No clusters were recorded, so the share of 3x3 and 5x5 clusters by depth cannot be judged."
     if len(shares) == 1:
@@ -107,7 +115,27 @@ def _depth_sentence(records: Sequence[Mapping[str, Any]]) -> str:
         verdict = "this run does not bear it out"
     else:
         verdict = "this run does not clearly bear it out, the slope and the halves disagreeing"
-    return f"The paper expects larger kernels to grow more common in higher layers: {numbers}, so {verdict}."
+    return f"The paper expects larger kernels to grow more common in higher layers: {numbers}{excluded}, so {verdict}."
+
+
+def _fallback_sentence(records: Sequence[Mapping[str, Any]]) -> str:
+    """Which modules found no clusters and were built by the fallback rule."""
+    names = [str(r.get("name")) for r in records if r.get("fallback")]
+    if not names:
+        return ""
+    return (f"{', '.join(names)} found no units that fire together; {'it was' if len(names) == 1 else 'they were'} "
+            "built by the fallback rule (by default 1x1 units of the layer's principal dimension, "
+            "docs/clustering.md).")
+
+
+def _firing_sentence(records: Sequence[Mapping[str, Any]]) -> str:
+    """The layers' mean firing rates: the sparse regime the Hebbian test is meant for, or not."""
+    rates = [(str(r.get("name")), r["firing_rate"]) for r in records if not is_missing(r.get("firing_rate"))]
+    if not rates:
+        return ""
+    low, high = min(rate for _, rate in rates), max(rate for _, rate in rates)
+    return (f"Units fired in {percent(low)} to {percent(high)} of the observations of their layer "
+            f"({'sparse' if high <= 0.2 else 'not sparse'}: see the firing-rate column).")
 
 
 def _budget_sentence(records: Sequence[Mapping[str, Any]]) -> str:
@@ -149,6 +177,8 @@ def findings(records: Sequence[Any], rows: Sequence[Any], *, discovered: str = "
     sentences = [
         _accuracy_sentence(rows, discovered),
         _depth_sentence(records) if records else "",
+        _fallback_sentence(records),
+        _firing_sentence(records),
         _budget_sentence(records),
         _dead_sentence(records),
     ]
@@ -231,6 +261,21 @@ def _figure_lines(run: RunDir, records: list[dict], rows: list[dict], histories:
     return lines
 
 
+def _control_lines(summary: ControlSummary, run: RunDir) -> list[str]:
+    """The control's section: each control's distance against the seeds', and the shares per module."""
+    table = pd.DataFrame([{"control": o.kind, "distance": round(o.distance, 3), "seed distance": round(o.seed_distance, 3),
+                           "ratio": round(o.ratio, 2), "p": o.p_value, "passes": o.passes} for o in summary.outcomes])
+    lines = ["## Control: does the topology depend on the data?", "",
+             f"Constructions: {len(summary.shares['real'])} seeds on the data, and "
+             + ", ".join(f"{len(v)} on {k}" for k, v in summary.shares.items() if k != "real")
+             + ". Distance: mean over modules of the L1 distance of the 1x1/3x3/5x5 output shares (0 to 2); "
+             "p: module-wise permutation test (topo/controls.py).", "", to_markdown(table), ""]
+    lines += _figure_section("Control", plots.control_shares(summary, run.figures / "controls"), run.root,
+                             "Per module, the 1x1/3x3/5x5 output shares of every construction: the data's seeds "
+                             "beside each control.")
+    return lines
+
+
 def write_report(
     run_dir: str | os.PathLike,
     records: Sequence[Any],
@@ -239,6 +284,7 @@ def write_report(
     *,
     corr_by_layer: Mapping[str, Any] | None = None,
     config: Mapping[str, Any] | None = None,
+    controls: ControlSummary | None = None,
 ) -> Path:
     """Render every figure into the run's ``figures/``, the comparison tables and ``report.md``.
 
@@ -251,7 +297,11 @@ def write_report(
     rows = [as_dict(r) for r in rows]
 
     lines = ["# topo-build report", ""]
+    if controls is not None:
+        lines += [verdict(controls), ""]
     lines += ["## Findings", "", findings(records, rows), ""]
+    if controls is not None:
+        lines += _control_lines(controls, run)
     if rows:
         write_comparison(rows, run.root)
         lines += ["## Comparison", "", to_markdown(comparison_frame(rows)), "", COMPARISON_CAPTION, "",

@@ -42,9 +42,9 @@ KERNEL_SIZES = (1, 3, 5)
 #: What the comparison table's columns measure (printed under it in reports).
 COMPARISON_CAPTION = (
     "Params and MACs are those of the network at inference (auxiliary heads excluded); MACs are "
-    "multiply-adds per image, counted by PyTorch's FlopCounterMode as FLOPs / 2 (fvcore's \"flops\" are "
-    "multiply-adds too). Train time: seconds spent in the training passes of all epochs, evaluation "
-    "excluded; throughput: training images per second of those passes."
+    "multiply-adds per image (fvcore's 'flops'; FlopCounterMode counts 2 per multiply-add). Train time: "
+    "seconds spent in the training passes of all epochs, evaluation excluded; throughput: training images "
+    "per second of those passes."
 )
 
 
@@ -145,8 +145,9 @@ def kernel_shares(records: Sequence[Any]) -> pd.DataFrame:
 
     Shares are of all clusters of that module (the sum of its kernel counts);
     modules without clusters are left out. Columns: ``depth`` (position among
-    all records), ``module``, ``clusters``, ``share1``, ``share3``, ``share5``
-    and ``share35`` (3x3 plus 5x5).
+    all records), ``module``, ``clusters``, ``share1``, ``share3``, ``share5``,
+    ``share35`` (3x3 plus 5x5) and ``window_forced`` (the map, not the data, set
+    the largest window).
     """
     rows = []
     for depth, record in enumerate(map(as_dict, records)):
@@ -162,8 +163,9 @@ def kernel_shares(records: Sequence[Any]) -> pd.DataFrame:
             "share3": counts[3] / total,
             "share5": counts[5] / total,
             "share35": (counts[3] + counts[5]) / total,
+            "window_forced": bool(record.get("window_forced", False)),
         })
-    columns = ["depth", "module", "clusters", "share1", "share3", "share5", "share35"]
+    columns = ["depth", "module", "clusters", "share1", "share3", "share5", "share35", "window_forced"]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -192,11 +194,11 @@ class DepthTrend:
 
 
 def depth_trend(shares: pd.DataFrame) -> DepthTrend | None:
-    """The trend of ``share35`` over the modules of :func:`kernel_shares`; None below two modules."""
+    """The trend of ``share35`` against the ``depth`` column of :func:`kernel_shares`; None below two modules."""
     if len(shares) < 2:
         return None
     y = shares["share35"].to_numpy(dtype=np.float64)
-    x = np.arange(len(y), dtype=np.float64)
+    x = shares["depth"].to_numpy(dtype=np.float64)
     slope = float(np.polyfit(x, y, 1)[0])
     half = len(y) // 2
     # With an odd count the middle module belongs to neither half.
@@ -332,7 +334,8 @@ def layer_frame(records: Sequence[Any]) -> pd.DataFrame:
 
     Columns: Module, In, then for each branch its discovered width and
     ``<branch> (ref)`` (nullable integers: missing when there is no reference),
-    Out and Out (ref), Clusters, 3x3+5x5 share (%), Dead units, MACs (M), Budget (M).
+    Out and Out (ref), Clusters, 3x3+5x5 share (%), Firing (%) (the layer's mean firing rate), Rule (``fallback``
+    where no cluster was found, ``map`` where the map forced a smaller window), Dead units, MACs (M), Budget (M).
     """
     table = []
     for i, record in enumerate(map(as_dict, records)):
@@ -353,6 +356,9 @@ def layer_frame(records: Sequence[Any]) -> pd.DataFrame:
             reference["ch1x1"] + reference["ch3x3"] + reference["ch5x5"] + reference["pool_proj"])
         row["Clusters"] = total
         row["3x3+5x5 share (%)"] = 100 * (counts[3] + counts[5]) / total if total else None
+        row["Firing (%)"] = None if is_missing(record.get("firing_rate")) else 100 * record["firing_rate"]
+        row["Rule"] = ", ".join(tag for tag, on in (("fallback", record.get("fallback")),
+                                                    ("map", record.get("window_forced"))) if on)
         row["Dead units"] = record.get("dead_units")
         row["MACs (M)"] = None if is_missing(record.get("macs")) else record["macs"] / 1e6
         row["Budget (M)"] = None if is_missing(record.get("budget_macs")) else record["budget_macs"] / 1e6
@@ -360,10 +366,11 @@ def layer_frame(records: Sequence[Any]) -> pd.DataFrame:
     frame = pd.DataFrame(table)
     if frame.empty:
         return frame
-    integer_columns = [c for c in frame.columns if c not in ("Module", "3x3+5x5 share (%)", "MACs (M)", "Budget (M)")]
+    floats = ("3x3+5x5 share (%)", "Firing (%)", "MACs (M)", "Budget (M)")
+    integer_columns = [c for c in frame.columns if c not in ("Module", "Rule", *floats)]
     for column in integer_columns:
         frame[column] = pd.array(frame[column].tolist(), dtype="Int64")
-    for column in ("3x3+5x5 share (%)", "MACs (M)", "Budget (M)"):
+    for column in floats:
         frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
     return frame
 

@@ -26,9 +26,13 @@ each one and why):
   and is the largest such spec the bisection finds.
 * Widths are rounded to multiples of ``round_to`` (a positive width never
   becomes 0, a capped reduction never exceeds its cap).
-* No clusters at all: with a ``fallback`` spec, the module keeps the fallback's
-  proportions scaled to the budget (the caller records that it did); without
-  one, a `StatsError`.
+* No clusters at all: with ``fallback="data"`` (`DATA_FALLBACK`), a 1x1-only
+  module as wide as the layer's principal dimension (the components explaining
+  ``variance_share`` of its variance: the units the layer carries, when none fire
+  together), plus the pooled map's clusters as a pooling projection; with a
+  ``fallback`` spec, that spec's proportions scaled to the budget by one factor
+  (whole channels, not multiples of ``round_to``: at the spec's own cost it is
+  the spec itself; the caller records that it did); with none, a `StatsError`.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ log = logging.getLogger(__name__)
 VARIANCE_SHARE = 0.9
 POOL_SHARE = 1 / 8
 BRANCH_KERNELS = (1, 3, 5)
+DATA_FALLBACK = "data"
 
 
 def branch_of(cluster) -> int:
@@ -103,11 +108,15 @@ def _raw_widths(clusters: list, stats, pool_units: float | None, variance_share:
 def from_clusters(clustering, stats, *, budget: float | None = None, round_to: int | None = 8,
                   in_channels: int | None = None, pool_units: float | None = None,
                   variance_share: float = VARIANCE_SHARE, pool_share: float = POOL_SHARE, name: str = "",
-                  fallback: InceptionSpec | None = None, reduce_to_channels: bool = False) -> InceptionSpec:
+                  fallback: InceptionSpec | str | None = None, reduce_to_channels: bool = False,
+                  kernel5x5: int = 5) -> InceptionSpec:
     """Map a fitted `topo.cluster.UnitClustering` (and its statistics) onto an `InceptionSpec`.
 
     ``pool_units``: clusters found on the pooled map (see the module docstring).
-    ``fallback``: the proportions to keep when the clustering found nothing.
+    ``fallback``: what a layer without clusters becomes: ``"data"`` (its principal
+    dimension as 1x1 units) or a spec whose proportions are kept.
+    ``kernel5x5``: the kernel of the 5x5 branch the budget is counted with
+    (3 for torchvision's GoogLeNet, whose "5x5" branch is a 3x3 convolution).
     ``reduce_to_channels``: each reduction as wide as the channels its branch's
     clusters read (one reduced channel per input channel: the exact decoding a
     planted network's recovery needs) instead of their principal components.
@@ -122,8 +131,15 @@ def from_clusters(clustering, stats, *, budget: float | None = None, round_to: i
                 "from_clusters: the clustering found no clusters, so every branch would be empty; "
                 "record more observations or lower UnitClustering(min_lift=...)"
             )
-        return _fallback_module(fallback, budget, round_to, c_in, name, height, width)
-    raw, cap = _raw_widths(clustering.clusters_, stats, pool_units, variance_share, pool_share, reduce_to_channels)
+        if fallback == DATA_FALLBACK:
+            raw, cap = _principal_widths(stats, pool_units, variance_share), {}
+        else:
+            # a spec's widths are whole already: one scale factor, not the round_to grid (which at the
+            # spec's own cost would change the hand-chosen widths)
+            return _fallback_module(fallback, budget, None, c_in, name, height, width, kernel5x5)
+    else:
+        raw, cap = _raw_widths(clustering.clusters_, stats, pool_units, variance_share, pool_share,
+                               reduce_to_channels)
 
     def make(scale: float) -> InceptionSpec:
         widths = {k: round_width(v * scale, round_to, cap.get(k)) for k, v in raw.items()}
@@ -132,18 +148,28 @@ def from_clusters(clustering, stats, *, budget: float | None = None, round_to: i
     if budget is None:
         return make(1.0)
     try:
-        return fit_to_budget(make, budget, height, width)
+        return fit_to_budget(make, budget, height, width, kernel5x5=kernel5x5)
     except StatsError as e:
         raise StatsError(f"from_clusters: {e}") from None
 
 
+def _principal_widths(stats, pool_units: float | None, variance_share: float) -> dict[str, float]:
+    """The data's rule for a layer without clusters: its principal dimension as 1x1 units, no k x k branch."""
+    cov = np.asarray(stats.cov(), dtype=np.float64)
+    units = reduction_width(cov, range(cov.shape[0]), variance_share)
+    log.info("no clusters in the statistics: %d 1x1 units, the layer's principal dimension at %.0f%% of its "
+             "variance", units, 100 * variance_share)
+    return {"ch1x1": units, "ch3x3red": 0, "ch3x3": 0, "ch5x5red": 0, "ch5x5": 0, "pool_proj": pool_units or 0}
+
+
 def _fallback_module(shape: InceptionSpec, budget: float | None, round_to: int | None, in_channels: int,
-                     name: str, height: int, width: int) -> InceptionSpec:
+                     name: str, height: int, width: int, kernel5x5: int = 5) -> InceptionSpec:
     """``shape``'s proportions on ``in_channels`` inputs, scaled to ``budget`` (where the data suggests none)."""
     log.info("%s: no clusters in the statistics (no units fire together); keeping the proportions of %s",
              name or "module", shape.name or "the fallback module")
     shape = dataclasses.replace(shape, in_channels=in_channels)
     if budget is None:
         return dataclasses.replace(shape, name=name)
-    module = fit_to_budget(lambda scale: scaled_widths(shape, scale, round_to), budget, height, width)
+    module = fit_to_budget(lambda scale: scaled_widths(shape, scale, round_to), budget, height, width,
+                           kernel5x5=kernel5x5)
     return dataclasses.replace(module, name=name, in_channels=in_channels)

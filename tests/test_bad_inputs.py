@@ -30,7 +30,7 @@ from topo.train import TrainConfig
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 FAST = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "1", "--workers", "0", "--no-progress"]
-SAVED = RunConfig(construct=ConstructConfig(skeleton="1,pool,1", stats_batches=2),
+SAVED = RunConfig(data="digits", controls=False, construct=ConstructConfig(skeleton="1,pool,1", stats_batches=2),
                   train=TrainConfig(epochs=1, workers=0, progress=False))
 
 
@@ -223,7 +223,7 @@ def _cases() -> list[Case]:
             ["construct", *FAST, "--out", str(saved_run(i, command="train"))], "output of topo-build train")),
         Case("construct-other-settings", lambda i, o, t: (
             ["construct", *FAST, "--round-to", "4", "--out", str(saved_run(i, command="construct"))],
-            "--round-to 8, not 4")),
+            "--round-to 1, not 4")),
         # resume
         Case("resume-missing", lambda i, o, t: (["--resume", str(i / "none")], "not a topo-build run directory")),
         Case("resume-truncated-config", lambda i, o, t: (["--resume", str(truncated_config_run(i))],
@@ -292,7 +292,17 @@ def _tree(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def _on_digits(argv: list[str]) -> list[str]:
+    """The cases are written for the embedded digits: ``--data digits`` where a case names no data."""
+    command = _command(argv)
+    if command == "report" or "--data" in argv:
+        return argv
+    at = 1 if argv and argv[0] == command else 0
+    return [*argv[:at], "--data", "digits", *argv[at:]]
+
+
 def _status(argv: list[str]) -> int:
+    argv = _on_digits(argv)
     try:
         return main(argv)
     except SystemExit as e:  # argparse

@@ -24,7 +24,7 @@ from topo.files import read_checkpoint
 from topo.io import KILL_AT_WRITE
 
 FAST = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "1", "--batch-size", "64",
-        "--workers", "0", "--no-progress"]
+        "--workers", "0", "--no-progress", "--data", "digits", "--no-controls"]
 
 
 def _one_line_error(capsys) -> str:
@@ -90,7 +90,7 @@ def test_run_on_an_image_folder_tree(image_tree: Path, tmp_path: Path, one_threa
     out = tmp_path / "tree"
     args = ["--data", "imagenet", "--data-dir", str(image_tree), "--image-size", "32", "--batch-size", "8",
             "--skeleton", "1", "--stats-batches", "1", "--epochs", "1", "--width-mult", "0.125",
-            "--workers", "0", "--no-progress", "--out", str(out)]
+            "--workers", "0", "--no-progress", "--no-controls", "--out", str(out)]
     assert main(args) == 0
     spec = NetworkSpec.from_json((out / "topology.json").read_text())
     assert spec.in_channels == 3 and spec.head.num_classes == 2
@@ -213,7 +213,7 @@ def test_run_under_torchrun(tmp_path: Path):
     out = tmp_path / "ddp"
     returncode, stdout, stderr = finish(torchrun(
         "-m", "topo.cli", "--skeleton", "1", "--stats-batches", "2", "--epochs", "1", "--batch-size", "64",
-        "--workers", "0", "--no-progress", "--out", out,
+        "--workers", "0", "--no-progress", "--data", "digits", "--no-controls", "--out", out,
     ), timeout=300)
     assert returncode == 0, stderr[-2000:]
     assert stdout.count("training discovered") == 1  # only rank 0 speaks
@@ -252,7 +252,7 @@ def _tiny_digits_spec(tmp_path: Path) -> Path:
 @pytest.mark.slow
 def test_per_epoch_lines_reach_the_command_line_and_quiet_hides_them(tmp_path: Path, capsys):
     spec = _tiny_digits_spec(tmp_path)
-    common = ["train", str(spec), "--epochs", "2", "--workers", "0", "--no-progress"]
+    common = ["train", str(spec), "--epochs", "2", "--workers", "0", "--no-progress", "--data", "digits"]
     assert main([*common, "--out", str(tmp_path / "loud")]) == 0
     out = capsys.readouterr().out
     assert "tiny epoch 1/2: train loss" in out and "tiny epoch 2/2: train loss" in out
@@ -266,7 +266,7 @@ def test_per_epoch_lines_reach_the_command_line_and_quiet_hides_them(tmp_path: P
 def test_train_command_writes_a_run_directory(tmp_path: Path):
     spec = _tiny_digits_spec(tmp_path)
     out = tmp_path / "run"
-    assert main(["train", str(spec), "--epochs", "1", "--workers", "0", "--no-progress", "--out", str(out)]) == 0
+    assert main(["train", str(spec), "--epochs", "1", "--workers", "0", "--no-progress", "--data", "digits", "--out", str(out)]) == 0
     metrics = pd.read_csv(out / "training" / "tiny_metrics.csv")
     table = pd.read_csv(out / "comparison.csv")
     # "Train time" is the training passes only, and the throughput is measured over the same passes
@@ -279,7 +279,7 @@ def test_train_command_writes_a_run_directory(tmp_path: Path):
 def test_a_diverging_training_stops_with_the_epoch_and_the_fix(tmp_path: Path, capsys, one_thread):
     """`--lr 1000` on digits: the loss becomes NaN in the first epoch; nothing diverged is saved or tabulated."""
     spec, out = _tiny_digits_spec(tmp_path), tmp_path / "run"
-    argv = ["train", str(spec), "--lr", "1000", "--epochs", "3", "--workers", "0", "--no-progress", "--out", str(out)]
+    argv = ["train", str(spec), "--lr", "1000", "--epochs", "3", "--workers", "0", "--no-progress", "--data", "digits", "--out", str(out)]
     assert main(argv) == 2
     line = _one_line_error(capsys)
     assert "tiny diverged in epoch 1 of 3: the training loss is inf; no checkpoint was written" in line
@@ -312,7 +312,7 @@ def test_a_full_disk_or_read_only_folder_during_a_run_is_one_line_and_keeps_the_
     spec, out = _tiny_digits_spec(tmp_path), tmp_path / "run"
     # config.json, the spec, epoch 1 (checkpoint, metrics), epoch 2 (checkpoint, metrics): the 6th write fails
     calls = _fail_write(monkeypatch, 5, error, where)
-    argv = ["train", str(spec), "--epochs", "3", "--workers", "0", "--no-progress", "--out", str(out)]
+    argv = ["train", str(spec), "--epochs", "3", "--workers", "0", "--no-progress", "--data", "digits", "--out", str(out)]
     assert main(argv) == 1
     line = _one_line_error(capsys)
     assert line.startswith("topo-build: error: cannot write") and os.strerror(error) in line

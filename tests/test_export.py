@@ -49,7 +49,7 @@ def trained(tmp_path_factory, digits) -> tuple[nn.Module, Path]:
     """GoogLeNet's small-input variant at width 0.25 trained for two epochs on digits, and its run directory."""
     torch.set_num_threads(1)
     run = RunDir(tmp_path_factory.mktemp("runs") / "run")
-    config = RunConfig(train=TrainConfig(epochs=2, batch_size=64, workers=0, progress=False))
+    config = RunConfig(data="digits", controls=False, train=TrainConfig(epochs=2, batch_size=64, workers=0, progress=False))
     run.write_config(config.to_dict())
     spec = builders.googlenet_spec("small", num_classes=10, width_mult=0.25, in_channels=1, input_size=8)
     atomic_write_text(run.topology, spec.to_json() + "\n")

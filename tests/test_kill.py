@@ -40,7 +40,7 @@ from topo.io import KILL_AT_WRITE, TEMPORARY_SUFFIX
 SEED = 16
 TIMINGS = ["epoch_time_s", "train_time_s"]
 FAST = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "2", "--batch-size", "64", "--workers", "0",
-        "--no-progress"]
+        "--no-progress", "--data", "digits", "--no-controls"]
 
 
 @dataclass(frozen=True)

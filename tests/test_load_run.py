@@ -38,7 +38,7 @@ def run_dir(tmp_path_factory, digits) -> Path:
     'discovered' (a prefix of the reference, in topology.json) and 'reference' (no spec file)."""
     torch.set_num_threads(1)
     run = RunDir(tmp_path_factory.mktemp("runs") / "run")
-    config = RunConfig(train=TrainConfig(epochs=EPOCHS, batch_size=64, workers=0, progress=False, ema_decay=0.9))
+    config = RunConfig(data="digits", controls=False, train=TrainConfig(epochs=EPOCHS, batch_size=64, workers=0, progress=False, ema_decay=0.9))
     run.write_config(config.to_dict())
     reference = reference_spec(config, digits)
     discovered = dataclasses.replace(reference, stages=reference.stages[:2], name="discovered")
@@ -232,7 +232,7 @@ def test_timed_evaluate_adds_the_speed_to_the_metrics(run_dir: Path, digits) -> 
 
 @pytest.mark.slow
 def test_networks_of_a_pipeline_run_score_what_the_run_recorded(tmp_path: Path, digits) -> None:
-    config = RunConfig(construct=ConstructConfig(skeleton="1,pool,1", stats_batches=2),
+    config = RunConfig(data="digits", controls=False, construct=ConstructConfig(skeleton="1,pool,1", stats_batches=2),
                        train=TrainConfig(epochs=1, batch_size=64, workers=0, progress=False))
     run = RunDir(tmp_path / "run")
     run_all(config, run)

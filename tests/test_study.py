@@ -51,7 +51,7 @@ from topo.study import (
 from topo.train import TrainConfig
 
 HW = (8, 8)
-FAST_RUN = RunConfig(construct=ConstructConfig(skeleton="1,pool,1", stats_batches=2),
+FAST_RUN = RunConfig(data="digits", controls=False, construct=ConstructConfig(skeleton="1,pool,1", stats_batches=2),
                      train=TrainConfig(epochs=1, workers=0, progress=False))
 
 
@@ -345,7 +345,7 @@ def test_a_shard_waits_for_a_construction_another_shard_runs(tmp_path):
 
 # --------------------------------------------------------------------------- the command line
 FLAGS = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "1", "--workers", "0", "--no-progress",
-         "--seeds", "2"]
+         "--seeds", "2", "--data", "digits"]
 
 
 def _one_line_error(capsys) -> str:

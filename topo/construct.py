@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch import nn
 
 import builders
 from builders.cost import count_macs, inception_macs
-from builders.from_clusters import from_clusters
+from builders.budget import scaled_widths
+from builders.from_clusters import DATA_FALLBACK, from_clusters
 from builders.googlenet import INCEPTION_TABLE
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
 from topo import distributed as dist_info
@@ -39,6 +41,8 @@ from topo.files import read_prefix, read_progress
 from topo.hebbian import hebbian_init_
 from topo.hooks import record
 from topo.io import atomic_torch_save, atomic_write_json
+from topo.nulls import KINDS as NULL_KINDS
+from topo.nulls import null_batches
 from topo.rundir import ConstructionFiles
 from topo.stats import DEFAULT_FIRE_QUANTILE, DEFAULT_POSITIONS, LayerStats, check_fire_quantile
 
@@ -50,6 +54,15 @@ WINDOWS = (1, 3, 5)
 STEMS = ("reference", "none")
 #: ``budget_macs`` in words: the reference's multiply-adds, or no budget at all (one unit per cluster).
 BUDGETS = ("reference", "none")
+#: How the total budget is shared among the modules: ``"even"``, each module an equal share of what the
+#: modules before it left; ``"data"``, every module as its clusters call for (one unit per cluster) and one
+#: scale factor on the whole network (unstable where layers find few clusters: a narrow layer finds fewer
+#: clusters still, docs/clustering.md); ``"reference"``, GoogLeNet's split where the skeleton matches.
+SPLITS = ("even", "data", "reference")
+#: What the Hebbian edges are tested against: independence, or the same prefix recorded on a null input.
+NULLS = ("none",) + NULL_KINDS
+#: What a layer without clusters becomes: its principal dimension as 1x1 units, or the reference's proportions.
+FALLBACKS = (DATA_FALLBACK, "reference")
 PROBE = "pool_probe"  # the 3x3/1 max pool appended while recording: the next module's pooling path
 #: The proportions a module without clusters keeps when there is no reference module: GoogLeNet's 3a.
 FALLBACK_SHAPE = InceptionSpec(1, *INCEPTION_TABLE[0][1:], name=INCEPTION_TABLE[0][0])
@@ -72,7 +85,9 @@ class ConstructConfig:
     the statistics are recorded over; ``positions``: anchor positions per map
     and image (``None``: all; ``"auto"``: the rule of docs/statistics.md);
     ``fire_quantile``: a unit fires above its own q-quantile (``None``: when
-    positive). ``epochs_per_layer``: brief training of each
+    positive). ``null``: test each pair against the same prefix recorded on a null
+    input (`topo.nulls`) instead of against independence. ``budget_split``: see
+    `SPLITS`; ``fallback``: see `FALLBACKS`. ``epochs_per_layer``: brief training of each
     prefix before its statistics are recorded (0: statistics of the random
     network).
     """
@@ -84,7 +99,10 @@ class ConstructConfig:
     n_clusters: int | str = "auto"
     max_clusters: int | None = None
     budget_macs: int | str = "reference"
-    round_to: int = 8
+    budget_split: str = "even"
+    round_to: int = 1
+    fallback: str = DATA_FALLBACK
+    null: str = "none"
     init: str = "random"
     epochs_per_layer: int = 0
     stats_batches: int | None = 16
@@ -101,6 +119,10 @@ class ConstructConfig:
         if self.window not in WINDOWS:
             raise UserError(f"window {self.window} is not supported: use 1, 3 or 5")
         check_fire_quantile(self.fire_quantile)
+        for name, value, choices in (("budget split", self.budget_split, SPLITS), ("null", self.null, NULLS),
+                                     ("fallback", self.fallback, FALLBACKS)):
+            if value not in choices:
+                raise UserError(f"{name} {value!r} is unknown: use one of {', '.join(choices)}")
         if self.stem not in STEMS:
             raise UserError(f"stem {self.stem!r} is unknown: use one of {', '.join(STEMS)}")
         if self.epochs_per_layer < 0:
@@ -192,9 +214,7 @@ def network_macs(spec: NetworkSpec, input_hw: tuple[int, int]) -> int:
 
 def head_macs(spec: NetworkSpec, input_hw: tuple[int, int]) -> int:
     """Multiply-adds of everything but the Inception modules (stem, poolings, head)."""
-    shapes = spec.input_shapes(input_hw)
-    modules = sum(inception_macs(m, *shapes[m.name][1:], kernel5x5=spec.kernel5x5) for m in spec.inception_modules())
-    return network_macs(spec, input_hw) - modules
+    return network_macs(spec, input_hw) - modules_macs(spec, input_hw)
 
 
 def discovered_base(config: ConstructConfig, reference: NetworkSpec, input_hw: tuple[int, int]) -> NetworkSpec:
@@ -216,11 +236,13 @@ def total_budget(config: ConstructConfig, reference: NetworkSpec, input_hw: tupl
     return float(config.budget_macs)
 
 
-def module_weights(plan: list, reference: NetworkSpec, input_hw: tuple[int, int]) -> list[float]:
-    """Relative weights of the modules' budgets: the reference's own split when the counts match."""
+def module_weights(plan: list, reference: NetworkSpec, input_hw: tuple[int, int],
+                   split: str = "reference") -> list[float]:
+    """Relative weights of the modules' budgets: equal, or (``split="reference"``) the reference's own split
+    when the module counts match."""
     names = [item for item in plan if isinstance(item, str)]
     ref_modules = reference.inception_modules()
-    if len(ref_modules) != len(names):
+    if split != "reference" or len(ref_modules) != len(names):
         return [1.0] * len(names)
     shapes = reference.input_shapes(input_hw)
     return [float(inception_macs(m, *shapes[m.name][1:], kernel5x5=reference.kernel5x5)) for m in ref_modules]
@@ -232,12 +254,67 @@ def module_budget(budget: float, spent: float, weights: list[float], index: int)
     return max(1.0, budget - spent) * remaining[0] / sum(remaining)
 
 
+def step_budget(config: ConstructConfig, budget: float | None, spec: NetworkSpec, records: list[dict[str, Any]],
+                weights: list[float], input_hw: tuple[int, int]) -> float | None:
+    """The next module's share of ``budget`` (None: no budget, or the ``"data"`` split's one scale at the end)."""
+    if budget is None or config.budget_split == "data":
+        return None
+    spent = head_macs(spec, input_hw) + sum(r["macs"] for r in records)
+    return module_budget(budget, spent, weights, len(records))
+
+
 def window_for(map_hw: tuple[int, int], largest: int) -> int:
     """The largest of 5, 3, 1 (up to ``largest``) that fits inside the map."""
     for window in (5, 3, 1):
         if window <= largest and window <= min(map_hw):
             return window
     return 1
+
+
+def scale_network(spec: NetworkSpec, scale: float, round_to: int | None) -> NetworkSpec:
+    """Every Inception module's widths times ``scale`` (`builders.budget.scaled_widths`), channels re-chained."""
+    channels, stages = dataclasses.replace(spec, stages=()).out_channels, []
+    for layer in spec.stages:
+        if isinstance(layer, InceptionSpec):
+            layer = dataclasses.replace(scaled_widths(layer, scale, round_to), in_channels=channels)
+            channels = layer.out_channels
+        stages.append(layer)
+    return dataclasses.replace(spec, stages=tuple(stages))
+
+
+def modules_macs(spec: NetworkSpec, input_hw: tuple[int, int]) -> int:
+    """Multiply-adds of the Inception modules alone."""
+    shapes = spec.input_shapes(input_hw)
+    return sum(inception_macs(m, *shapes[m.name][1:], kernel5x5=spec.kernel5x5) for m in spec.inception_modules())
+
+
+def fit_network_to_budget(spec: NetworkSpec, budget: float, input_hw: tuple[int, int],
+                          round_to: int | None) -> NetworkSpec:
+    """``spec`` with one scale factor on every module's widths: the largest within ``budget`` multiply-adds.
+
+    The ``"data"`` budget split: the modules keep the sizes their clusters call for relative to each other
+    (within and across modules); only the network's overall width is set by the budget. The bisection
+    counts the modules (`builders.cost.inception_macs`) plus the rest of the network at scale 1; the result
+    is then counted whole and shrunk until it fits.
+    """
+    rest = network_macs(spec, input_hw) - modules_macs(spec, input_hw)
+    def cost(scale: float) -> int:
+        return rest + modules_macs(scale_network(spec, scale, round_to), input_hw)
+
+    if cost(1e-9) > budget:
+        raise UserError(f"budget {budget:.0f} multiply-adds is below the cost of the stem and head alone "
+                        f"({cost(1e-9)}); raise --budget")
+    lo, hi = 1e-9, 1.0
+    while cost(hi) <= budget and hi < 1e4:
+        lo, hi = hi, hi * 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
+    scaled = scale_network(spec, lo, round_to)
+    while network_macs(scaled, input_hw) > budget and lo > 1e-6:  # the head's share changed with the widths
+        lo *= 0.99
+        scaled = scale_network(spec, lo, round_to)
+    return scaled
 
 
 # --------------------------------------------------------------------------- one step
@@ -279,19 +356,47 @@ def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: Cons
     return layer, stats[PROBE]
 
 
-def cluster_layer(config: ConstructConfig, stats: LayerStats, pooled: LayerStats | None,
-                  progress: bool) -> LayerClusters:
-    """Cluster the layer with the largest window its map allows, and its pooled map with a 1x1 window."""
+def record_null(model: nn.Module, spec: NetworkSpec, batches_factory: Callable[[], Any], config: ConstructConfig,
+                device: torch.device, progress: bool) -> tuple[LayerStats, LayerStats] | None:
+    """The same statistics of the same prefix on ``config.null``'s null input (None without a null)."""
+    if config.null == "none":
+        return None
+    batches = null_batches(batches_factory, config.null, seed=config.seed, max_batches=config.stats_batches)
+    return record_layer(model, spec, batches, config, device, progress)
+
+
+def cluster_layer(config: ConstructConfig, stats: LayerStats, pooled: LayerStats | None, progress: bool,
+                  null: tuple[LayerStats, LayerStats] | None = None) -> LayerClusters:
+    """Cluster the layer with the largest window its map allows, and its pooled map with a 1x1 window.
+
+    With ``null`` (the layer and its pooled map recorded on a null input), each pair is tested against it.
+    """
     window = window_for(stats.spatial_shape or (1, 1), config.window)
-    clustering = config.clustering(window, progress=progress).fit(stats)
-    pool_clustering = config.clustering(1, progress=progress).fit(pooled) if pooled is not None else None
+    layer_null, pooled_null = null if null is not None else (None, None)
+    clustering = config.clustering(window, progress=progress).fit(stats, null=layer_null)
+    pool_clustering = (config.clustering(1, progress=progress).fit(pooled, null=pooled_null)
+                       if pooled is not None else None)
     return LayerClusters(window, clustering, pool_clustering)
+
+
+def build_module(config: ConstructConfig, found: LayerClusters, stats: LayerStats, *, name: str,
+                 in_channels: int, share: float | None, reference_module: InceptionSpec | None) -> InceptionSpec:
+    """The module the clusters call for (`builders.from_clusters`), within ``share`` where it is given."""
+    fallback = DATA_FALLBACK if config.fallback == DATA_FALLBACK else (reference_module or FALLBACK_SHAPE)
+    return from_clusters(found.clustering, stats, budget=share, round_to=config.round_to if config.budgeted else None,
+                         reduce_to_channels=not config.budgeted, in_channels=in_channels,
+                         pool_units=found.pool_clustering.n_clusters_, name=name, fallback=fallback)
 
 
 def layer_record(name: str, stats: LayerStats, found: LayerClusters, module: InceptionSpec,
                  reference: InceptionSpec | None, *, budget: float | None, in_channels: int,
-                 map_hw: tuple[int, int]) -> dict[str, Any]:
-    """What was measured and decided for one module (see `analysis.tables.LayerRecord`)."""
+                 map_hw: tuple[int, int], largest_window: int = 5, null: str = "none",
+                 kernel5x5: int = 5) -> dict[str, Any]:
+    """What was measured and decided for one module (see `analysis.tables.LayerRecord`).
+
+    ``window_forced``: the map was too small for ``largest_window``, so the window (and the largest kernel)
+    was set by the map, not by the data; ``firing_rate``: the layer's mean per-unit firing rate.
+    """
     clustering = found.clustering
     return {
         "name": name,
@@ -305,9 +410,13 @@ def layer_record(name: str, stats: LayerStats, found: LayerClusters, module: Inc
         "kernel_counts": {str(k): int(v) for k, v in clustering.kernel_counts_.items()},
         "spec": module.to_dict(),
         "reference": reference.to_dict() if reference is not None else None,
-        "macs": int(inception_macs(module, *map_hw)),
+        "macs": int(inception_macs(module, *map_hw, kernel5x5=kernel5x5)),
         "budget_macs": None if budget is None else int(round(budget)),
         "fallback": not clustering.n_clusters_,
+        "window_forced": found.window < largest_window,
+        "firing_rate": float(np.mean(stats.firing_rate)) if stats.count else None,
+        "pool_clusters": int(found.pool_clustering.n_clusters_) if found.pool_clustering is not None else None,
+        "null": null,
     }
 
 
@@ -361,7 +470,7 @@ def construct(
     device = torch.device(device)
     plan = skeleton_plan(config.skeleton, reference)
     budget = total_budget(config, dataclasses.replace(reference, input_size=min(input_hw)), input_hw)
-    weights = module_weights(plan, reference, input_hw)
+    weights = module_weights(plan, reference, input_hw, config.budget_split)
     spec, records, state = load_progress(files, discovered_base(config, reference, input_hw))
     result = Construction(spec=spec, records=records)
     for step, item in enumerate(plan):
@@ -374,25 +483,40 @@ def construct(
         model = build_prefix(spec, state, config.seed + step, device)
         model = prepare_prefix(model, index, trainer, loader(train_data), config, device)
         stats, pooled = record_layer(model, spec, loader(train_data), config, device, progress)
-        found = cluster_layer(config, stats, pooled, progress)
-        share = None if budget is None else module_budget(
-            budget, head_macs(spec, input_hw) + sum(r["macs"] for r in records), weights, index)
+        null = record_null(model, spec, lambda: loader(train_data), config, device, progress)
+        found = cluster_layer(config, stats, pooled, progress, null)
+        share = step_budget(config, budget, spec, records, weights, input_hw)
         reference_module = reference.inception_modules()[index] if index < len(reference.inception_modules()) else None
-        module = from_clusters(found.clustering, stats, budget=share,
-                               round_to=config.round_to if config.budgeted else None,
-                               reduce_to_channels=not config.budgeted, in_channels=spec.out_channels,
-                               pool_units=found.pool_clustering.n_clusters_, name=item,
-                               fallback=reference_module or FALLBACK_SHAPE)
+        module = build_module(config, found, stats, name=item, in_channels=spec.out_channels, share=share,
+                              reference_module=reference_module)
         records.append(layer_record(item, stats, found, module, reference_module, budget=share,
-                                    in_channels=spec.out_channels, map_hw=tuple(stats.spatial_shape or (1, 1))))
+                                    in_channels=spec.out_channels, map_hw=tuple(stats.spatial_shape or (1, 1)),
+                                    largest_window=config.window, null=config.null))
         log.info(describe(records[-1]))
         spec, state = grow(spec, module, model, config.init, found, stats)
         result.stats[stats.name] = stats
         result.clusterings[item] = found.clustering
         save_step(files, item, stats, found.clustering, spec, records, state)
+    if budget is not None and config.budget_split == "data":
+        spec, records = fit_to_total(spec, records, budget, input_hw, config.round_to)
     log.info(describe_total(network_macs(spec, input_hw), budget))
     result.spec, result.records = spec, records
     return result
+
+
+def fit_to_total(spec: NetworkSpec, records: list[dict[str, Any]], budget: float, input_hw: tuple[int, int],
+                 round_to: int | None) -> tuple[NetworkSpec, list[dict[str, Any]]]:
+    """The ``"data"`` split: the grown network scaled as a whole to ``budget``; each record keeps the
+    module as found (``found_spec``) beside the module as scaled (``spec``, ``macs``)."""
+    scaled = fit_network_to_budget(spec, budget, input_hw, round_to)
+    shapes = scaled.input_shapes(input_hw)
+    by_name = {m.name: m for m in scaled.inception_modules()}
+    out = []
+    for record_ in records:
+        module = by_name[record_["name"]]
+        out.append(record_ | {"found_spec": record_.get("found_spec", record_["spec"]), "spec": module.to_dict(),
+                              "macs": int(inception_macs(module, *shapes[module.name][1:]))})
+    return scaled, out
 
 
 def describe_total(total: float, budget: float | None) -> str:

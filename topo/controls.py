@@ -28,6 +28,7 @@ once, so it is never 0).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -116,6 +117,13 @@ def permutation_p(real: list[np.ndarray], control: list[np.ndarray], *, permutat
     return at_least / (permutations + 1)
 
 
+def smallest_p(n_real: int, n_control: int, modules: int, permutations: int) -> float:
+    """The smallest p-value `permutation_p` can give: one labelling among C(n, n_real) per module, and no
+    fewer than one of ``permutations + 1`` draws. With 2 real seeds, 1 control and 9 modules: 3^-9."""
+    labellings = float(math.comb(n_real + n_control, n_real)) ** modules
+    return max(1.0 / labellings, 1.0 / (permutations + 1))
+
+
 @dataclass
 class ControlOutcome:
     """One control against the real topologies."""
@@ -124,6 +132,7 @@ class ControlOutcome:
     distance: float        # mean real-control distance
     seed_distance: float   # mean real-real distance
     p_value: float
+    min_p: float = 0.0     # the smallest p-value the test could give here (`smallest_p`)
 
     @property
     def ratio(self) -> float:
@@ -157,7 +166,7 @@ class ControlSummary:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ControlSummary":
-        outcomes = [ControlOutcome(o["kind"], o["distance"], o["seed_distance"], o["p_value"])
+        outcomes = [ControlOutcome(o["kind"], o["distance"], o["seed_distance"], o["p_value"], o.get("min_p", 0.0))
                     for o in data["outcomes"]]
         shares = {k: [np.asarray(s, dtype=np.float64).reshape(-1, 3) for s in v] for k, v in data["shares"].items()}
         return cls(list(data["modules"]), shares, outcomes)
@@ -173,7 +182,8 @@ def summarise(modules: list[str], real: list[list[Mapping]], controls: Mapping[s
         shares[kind] = [topology_shares(r) for r in constructions]
         distance = float(_mean_distance(shares["real"], shares[kind]).mean())
         p = permutation_p(shares["real"], shares[kind], permutations=permutations, seed=seed)
-        summary.outcomes.append(ControlOutcome(kind, distance, seed_distance, p))
+        floor = smallest_p(len(real), len(constructions), len(modules), permutations)
+        summary.outcomes.append(ControlOutcome(kind, distance, seed_distance, p, floor))
     return summary
 
 
@@ -185,5 +195,8 @@ def verdict(summary: ControlSummary) -> str:
     if summary.depends_on_data:
         return (f"This run's topology depends on its data: its distance to the controls ({'; '.join(parts)}) "
                 f"meets the target ({criteria}).")
+    weak = [o for o in summary.outcomes if o.min_p >= ALPHA]
+    power = (f" With {len(summary.shares['real'])} seeds and {len(summary.modules)} modules the permutation test "
+             f"cannot go below p = {weak[0].min_p:.2g}: add seeds or modules.") if weak else ""
     return (f"This run's topology is not shown to depend on its data: its distance to the controls "
-            f"({'; '.join(parts)}) misses the target ({criteria}).")
+            f"({'; '.join(parts)}) misses the target ({criteria}).{power}")

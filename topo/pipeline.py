@@ -25,12 +25,14 @@ from builders.from_clusters import from_clusters
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
 from topo import distributed as dist_info
 from topo.construct import (
+    Construction,
     ConstructConfig,
     LayerClusters,
     clustering_to_dict,
     construct,
     discovered_base,
     head_macs,
+    load_prefix,
     layer_record,
     module_weights,
     skeleton_plan,
@@ -42,15 +44,21 @@ from topo.errors import DataError, SpecError, UserError
 from topo.files import (
     read_clusters,
     read_config,
+    read_json,
     read_metrics,
+    read_prefix,
+    read_progress,
     read_records,
     read_spec,
     read_stats,
     read_weights,
     state_mismatch,
 )
+from topo.controls import ControlConfig, ControlSummary, summarise, verdict
 from topo.hooks import record
 from topo.io import atomic_write_json, atomic_write_text
+from topo.nulls import null_batches
+from topo.progress import progress_bar
 from topo.rundir import AnalysisFiles, RunDir
 from topo.stats import LayerStats
 from topo.train import TrainConfig, TrainResult, train
@@ -59,6 +67,7 @@ log = logging.getLogger(__name__)
 
 REFERENCES = ("auto", "googlenet-small", "googlenet-paper", "googlenet-torchvision")
 AUX_POLICIES = ("none", "reference")
+CONTROLS_FIX = "delete {} to construct the controls again"
 SMALL_IMAGES = 64  # at or below this size the small-input GoogLeNet is the reference
 
 
@@ -71,7 +80,7 @@ class RunConfig:
     layers they attach to); see `with_aux_policy`.
     """
 
-    data: str = "digits"
+    data: str = "patches"
     data_dir: str | None = None
     image_size: int | None = None
     strict: bool = False
@@ -80,12 +89,16 @@ class RunConfig:
     width_mult: float | None = None
     aux_heads: str = "none"
     seed: int = 0
+    controls: bool = True
+    fresh_init: bool = False
     construct: ConstructConfig = field(default_factory=ConstructConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["construct"] = dataclasses.asdict(self.construct)
+        out["control"] = dataclasses.asdict(self.control)
         out["train"] = self.train.to_dict()
         return out
 
@@ -97,6 +110,9 @@ class RunConfig:
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
         data = dict(data)
         data["construct"] = ConstructConfig(**data["construct"])
+        control = dict(data.get("control", {}))
+        control["kinds"] = tuple(control.get("kinds", ControlConfig().kinds))
+        data["control"] = ControlConfig(**control)
         data["train"] = TrainConfig.from_dict(data["train"])
         return cls(**data)
 
@@ -112,9 +128,13 @@ def load_data(config: RunConfig) -> DataBundle:
                 verify=config.verify, seed=config.seed)
 
 
+#: Width multiplier of the reference on the embedded data sets (CPU-sized); 1 elsewhere.
+EMBEDDED_WIDTHS = {"digits": 0.25, "patches": 0.125}
+
+
 def default_width(data: str) -> float:
-    """Width multiplier of the reference when none is given: a quarter on the embedded digits."""
-    return 0.25 if data == "digits" else 1.0
+    """Width multiplier of the reference when none is given (`EMBEDDED_WIDTHS`, else 1)."""
+    return EMBEDDED_WIDTHS.get(data, 1.0)
 
 
 def reference_spec(config: RunConfig, bundle: DataBundle) -> NetworkSpec:
@@ -277,37 +297,79 @@ def preflight(config: RunConfig, bundle: DataBundle, reference: NetworkSpec | No
 
 
 # --------------------------------------------------------------------------- stages
-def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> NetworkSpec:
-    """Construct the topology (or read it back if this stage is done)."""
-    if "construct" in run.completed():
-        return read_spec(run.topology)
+def run_construction(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
+                     *, null: str | None = None, trainer: bool = True) -> Construction:
+    """One construction on the run's data (or, with ``null``, on its null version: `topo.nulls`)."""
     reference = reference_spec(config, bundle)
     device = resolve_device(config.train.device)
 
     def stats_loader(dataset):  # each process its own shard under torchrun; record() sums over processes
-        return make_loader(dataset, batch_size=config.train.batch_size, train=True, seed=config.seed,
-                           workers=config.train.workers, device=device)
+        batches = make_loader(dataset, batch_size=config.train.batch_size, train=True, seed=construct_config.seed,
+                              workers=config.train.workers, device=device)
+        return batches
+
+    def loader(dataset):
+        if null is None:
+            return stats_loader(dataset)
+        return null_batches(lambda: stats_loader(dataset), null, seed=construct_config.seed,
+                            max_batches=construct_config.stats_batches)
 
     def brief_training(model, index):
-        brief = dataclasses.replace(config.train, epochs=config.construct.epochs_per_layer, ema_decay=None)
+        brief = dataclasses.replace(config.train, epochs=construct_config.epochs_per_layer, ema_decay=None)
         return train(model, bundle.train, bundle.val, brief).model
 
-    result = construct(
-        reference,
-        bundle.train,
-        config.construct,
-        input_hw=tuple(bundle.image_size),
-        loader=stats_loader,
-        trainer=brief_training,
-        out_dir=run.construction.root,
-        device=device,
-        progress=config.train.progress,
-    )
+    return construct(reference, bundle.train, construct_config, input_hw=tuple(bundle.image_size), loader=loader,
+                     trainer=brief_training if trainer else None, out_dir=out_dir, device=device,
+                     progress=config.train.progress)
+
+
+def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> NetworkSpec:
+    """Construct the topology (or read it back if this stage is done)."""
+    if "construct" in run.completed():
+        return read_spec(run.topology)
+    result = run_construction(config, bundle, config.construct, run.construction.root)
     if dist_info.rank() == 0:
         atomic_write_text(run.topology, result.spec.to_json() + "\n")
         atomic_write_json(run.construction.records, result.records)
         run.mark_done("construct", {"modules": len(result.records)})
     return result.spec
+
+
+def control_plan(config: RunConfig) -> list[tuple[str, str | None, int]]:
+    """(name, null kind or None for the real data, seed) of every construction the control adds to the run's own."""
+    control = config.control
+    seeds = [config.construct.seed + k for k in range(control.real_seeds)]
+    plan: list[tuple[str, str | None, int]] = [(f"real-seed{s}", None, s) for s in seeds[1:]]
+    plan += [(f"{kind}-seed{s}", kind, s) for kind in control.kinds for s in seeds[:control.control_seeds]]
+    return plan
+
+
+def controls_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> ControlSummary | None:
+    """Construct on more seeds and on the null inputs, and test the run's topology against them (`topo.controls`).
+
+    Each construction is resumable on its own (``controls/NAME``); the summary is written once all are done.
+    """
+    if not config.controls:
+        return None
+    if "controls" in run.completed():
+        return read_json(run.controls, what="control summary", fix=CONTROLS_FIX.format(run.controls.parent),
+                         parse=ControlSummary.from_dict)
+    if config.construct.epochs_per_layer > 0:
+        log.warning("the controls construct without the brief prefix training (it would train on the real labels)")
+    real = [read_records(run.construction.records)]
+    nulls: dict[str, list] = {}
+    for name, kind, seed in progress_bar(control_plan(config), desc="controls", disable=not config.train.progress):
+        log.info("control: constructing %s", name)
+        construct_config = dataclasses.replace(config.construct, seed=seed)
+        result = run_construction(config, bundle, construct_config, run.control(name).root, null=kind, trainer=False)
+        (real if kind is None else nulls.setdefault(kind, [])).append(result.records)
+    modules = [r["name"] for r in real[0]]
+    summary = summarise(modules, real, nulls, permutations=config.control.permutations, seed=config.seed)
+    if dist_info.rank() == 0:
+        atomic_write_json(run.controls, summary.to_dict())
+        run.mark_done("controls", {"depends_on_data": summary.depends_on_data})
+    log.info(verdict(summary))
+    return summary
 
 
 def train_stage(name: str, spec: NetworkSpec, config: RunConfig, bundle: DataBundle, run: RunDir) -> dict[str, Any]:
@@ -318,13 +380,44 @@ def train_stage(name: str, spec: NetworkSpec, config: RunConfig, bundle: DataBun
     log.info("training %s (%d epochs)", name, config.train.epochs)
     if dist_info.rank() == 0:
         atomic_write_text(run.training.spec(name), spec.to_json() + "\n")
-    torch.manual_seed(config.seed)
-    model = builders.build(spec)
+    model = initial_model(name, spec, config, run)
     result = train(model, bundle.train, bundle.val, config.train, run_dir=run.training.root, name=name)
     row = comparison_row(name, spec, result, tuple(bundle.image_size))
     if dist_info.rank() == 0:
         run.mark_done(f"train:{name}", row)
     return row
+
+
+def initial_model(name: str, spec: NetworkSpec, config: RunConfig, run: RunDir) -> torch.nn.Module:
+    """The network training starts from: seeded at random, or, for the discovered network of a construction
+    that initialised or trained it (``--init hebbian``, ``--epochs-per-layer``), with the construction's weights
+    (``--fresh-init`` for the ablation). Where the budget rescaled the network after construction, the weights
+    no longer fit and training starts at random (logged)."""
+    torch.manual_seed(config.seed)
+    model = builders.build(spec)
+    shaped = config.construct.init != "random" or config.construct.epochs_per_layer > 0
+    if name != "discovered" or config.fresh_init or not shaped:
+        return model
+    state = construction_state(run)
+    own = model.state_dict()
+    fits = state is not None and all(k in own and own[k].shape == v.shape for k, v in state.items()
+                                     if not k.startswith("fc."))
+    if not fits:
+        log.info("the discovered network differs from the constructed one (rescaled to the budget): training "
+                 "starts from random weights")
+        return model
+    load_prefix(model, state)
+    log.info("training the discovered network from the construction's weights (--fresh-init to start at random)")
+    return model
+
+
+def construction_state(run: RunDir) -> dict[str, torch.Tensor] | None:
+    """The weights the construction left (its last ``prefixN.pt``), or None."""
+    files = run.construction
+    if not files.progress.is_file():
+        return None
+    modules = len(read_progress(files.progress)["records"])
+    return read_prefix(files.prefix(modules), modules)
 
 
 def _maybe_float(value: Any) -> float | None:
@@ -369,6 +462,8 @@ def report_stage(run: RunDir) -> tuple[Path, pd.DataFrame | None]:
         histories(run, [row["network"] for row in rows]),
         corr_by_layer=correlations(run, records),
         config=config,
+        controls=read_json(run.controls, what="control summary", fix=CONTROLS_FIX.format(run.controls.parent),
+                           parse=ControlSummary.from_dict) if run.controls.is_file() else None,
     )
     return report, comparison_frame(rows) if rows else None
 
@@ -388,6 +483,7 @@ def run_all(config: RunConfig, run: RunDir, *, bundle: DataBundle | None = None,
     if is_main and not run.config_path.is_file():
         run.write_config(config.to_dict())
     discovered = construct_stage(config, bundle, run)
+    controls_stage(config, bundle, run)
     for name, spec in (("discovered", discovered), ("reference", reference)):  # one auxiliary-head policy for both
         train_stage(name, with_aux_policy(spec, reference, config.aux_heads), config, bundle, run)
     if not is_main:
@@ -448,10 +544,11 @@ def suggest_module(module: InceptionSpec, stats: LayerStats, map_hw: tuple[int, 
     found = LayerClusters(window, config.clustering(window, progress=progress).fit(stats))
     hand_macs = inception_macs(module, *map_hw, kernel5x5=kernel5x5)
     suggested = from_clusters(found.clustering, stats, budget=hand_macs, round_to=config.round_to,
-                              in_channels=module.in_channels, name=module.name, fallback=module)
+                              in_channels=module.in_channels, name=module.name, fallback=module,
+                              kernel5x5=kernel5x5)
     atomic_write_json(files.clusters(module.name), clustering_to_dict(found.clustering))
     record_ = layer_record(module.name, stats, found, suggested, module, budget=hand_macs,
-                           in_channels=module.in_channels, map_hw=map_hw)
+                           in_channels=module.in_channels, map_hw=map_hw, kernel5x5=kernel5x5)
     log.info("%s: %d clusters %s", module.name, found.clustering.n_clusters_, dict(found.clustering.kernel_counts_))
     return record_
 

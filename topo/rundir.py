@@ -225,6 +225,15 @@ class RunDir:
     def training(self) -> TrainingFiles:
         return TrainingFiles(self.root / "training")
 
+    def control(self, name: str) -> ConstructionFiles:
+        """The construction of one control (``real-seed1``, ``shuffled-seed0``, ...), resumable like the run's."""
+        return ConstructionFiles(self.root / "controls" / name)
+
+    @property
+    def controls(self) -> Path:
+        """The control's outcome (`topo.controls.ControlSummary`)."""
+        return self.root / "controls" / "summary.json"
+
     @property
     def figures(self) -> Path:
         return self.root / "figures"

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pandas as pd
 import torch
@@ -69,7 +69,12 @@ class TrainConfig:
     weights (the paper's Polyak averaging), evaluated each epoch beside the
     model; None disables it. ``compile`` trains through ``torch.compile``
     (evaluation stays eager), each call of :func:`train` from empty compiler
-    caches.
+    caches. ``sync_bn``: under torchrun, BatchNorm statistics computed over the
+    global batch (``nn.SyncBatchNorm``, CUDA only); on one process a no-op.
+    ``deterministic``: ``torch.use_deterministic_algorithms(True)`` with cuDNN's
+    deterministic kernels and ``CUBLAS_WORKSPACE_CONFIG`` set, as torchvision's
+    reference scripts do (the data loaders' workers are always seeded from
+    ``seed + epoch``, see `topo.data.loader`).
     """
 
     epochs: int = 15
@@ -90,6 +95,8 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"
     channels_last: bool = False
     compile: bool = False
+    sync_bn: bool = False
+    deterministic: bool = False
     seed: int = 0
     workers: int | str = "auto"
     progress: bool = True
@@ -390,6 +397,7 @@ def _check_processes(config: TrainConfig) -> tuple[int, int]:
             f"launched as one of {launched} processes (WORLD_SIZE) but torch.distributed is not initialised; "
             f"initialise the process group before calling train"
         )
+    check_sync_bn(config)
     world = dist_info.world_size()
     if config.batch_size % world:
         raise UserError(f"batch size {config.batch_size} is not divisible by the {world} processes; choose a multiple")
@@ -417,11 +425,58 @@ def _resume(training: _TrainingState, path: Path, config: TrainConfig, name: str
     return state["epoch"], list(state["history"])
 
 
+def check_sync_bn(config: TrainConfig) -> None:
+    """A one-line error where ``sync_bn`` cannot work: several processes on the CPU (SyncBatchNorm is CUDA-only)."""
+    if config.sync_bn and dist_info.is_distributed() and resolve_device(config.device).type == "cpu":
+        raise UserError("--sync-bn (sync_bn) needs CUDA devices: nn.SyncBatchNorm does not train on the CPU; "
+                        "drop --sync-bn, or train on GPUs")
+
+
+def _sync_batchnorm(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """``model`` with SyncBatchNorm layers under torchrun when ``config.sync_bn`` (the same parameters and
+    buffers, so the optimiser, the EMA and checkpoints are unchanged); on one process ``model`` as it is."""
+    if not config.sync_bn:
+        return model
+    if not dist_info.is_distributed():
+        log.info("--sync-bn: one process, nothing to synchronise; BatchNorm layers left as they are")
+        return model
+    log.info("--sync-bn: BatchNorm statistics over the global batch of %d processes", dist_info.world_size())
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Inside the block (when ``enabled``): ``torch.use_deterministic_algorithms(True)``, cuDNN's deterministic
+    kernels without benchmarking, and ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set; the previous
+    settings are restored after (the environment variable stays: cuBLAS reads it once)."""
+    if not enabled:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    cudnn = torch.backends.cudnn
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              cudnn.deterministic, cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    except RuntimeError as e:
+        if "does not have a deterministic implementation" not in str(e):
+            raise
+        op = str(e).split(" does not have", 1)[0].strip().split()[-1]
+        raise UserError(f"--deterministic: {op} has no deterministic implementation on this device; drop "
+                        "--deterministic (or train on the CPU, where every operation here is deterministic)") from None
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
+
+
 def _wrap(model: nn.Module, config: TrainConfig, device: torch.device) -> nn.Module:
-    """The model as the training step calls it: DDP-wrapped under torchrun, compiled with ``config.compile``."""
-    net: nn.Module = model
+    """The model as the training step calls it: DDP-wrapped under torchrun (with SyncBatchNorm layers with
+    ``config.sync_bn``), compiled with ``config.compile``."""
+    net = _sync_batchnorm(model, config)
     if dist_info.is_distributed():
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     if config.compile:
         # fresh caches: networks trained one after another in a process (the construction's prefixes) would
         # otherwise reach dynamo's recompile limit (8 per function) and silently run uncompiled from then on
@@ -595,11 +650,12 @@ def train(
         take_skipped(data)  # unreadable images met before training (statistics, another run) are not this run's
 
     try:
-        for epoch in range(start_epoch, config.epochs):
-            row = _run_epoch(net, training, loaders, (train_data, val_data), config, device, epoch, name)
-            _check_finite(row, name, config, files)  # a diverged epoch is never saved
-            history.append(row)
-            _save_epoch(files, name, training, config, history, writer)
+        with deterministic_algorithms(config.deterministic):
+            for epoch in range(start_epoch, config.epochs):
+                row = _run_epoch(net, training, loaders, (train_data, val_data), config, device, epoch, name)
+                _check_finite(row, name, config, files)  # a diverged epoch is never saved
+                history.append(row)
+                _save_epoch(files, name, training, config, history, writer)
     finally:
         if writer is not None:
             writer.close()
