@@ -43,6 +43,7 @@ from typing import Iterable
 import numpy as np
 
 from builders.budget import fit_to_budget, round_width, scaled_widths
+from builders.cost import inception_macs
 from builders.spec import InceptionSpec
 from topo.errors import StatsError
 
@@ -109,12 +110,16 @@ def from_clusters(clustering, stats, *, budget: float | None = None, round_to: i
                   in_channels: int | None = None, pool_units: float | None = None,
                   variance_share: float = VARIANCE_SHARE, pool_share: float = POOL_SHARE, name: str = "",
                   fallback: InceptionSpec | str | None = None, reduce_to_channels: bool = False,
-                  kernel5x5: int = 5) -> InceptionSpec:
+                  kernel5x5: int = 5, max_scale: float | None = None) -> InceptionSpec:
     """Map a fitted `topo.cluster.UnitClustering` (and its statistics) onto an `InceptionSpec`.
 
     ``pool_units``: clusters found on the pooled map (see the module docstring).
     ``fallback``: what a layer without clusters becomes: ``"data"`` (its principal
     dimension as 1x1 units) or a spec whose proportions are kept.
+    ``max_scale``: the budget is a ceiling, not a target: widths grow to at most
+    ``max_scale`` times what the clusters call for (one channel per cluster), so
+    a layer with one cluster does not become one huge branch; what is not spent
+    is left to the later modules.
     ``kernel5x5``: the kernel of the 5x5 branch the budget is counted with
     (3 for torchvision's GoogLeNet, whose "5x5" branch is a 3x3 convolution).
     ``reduce_to_channels``: each reduction as wide as the channels its branch's
@@ -147,6 +152,8 @@ def from_clusters(clustering, stats, *, budget: float | None = None, round_to: i
 
     if budget is None:
         return make(1.0)
+    if max_scale is not None:  # the budget is a ceiling: no cluster becomes more than max_scale units
+        budget = min(budget, inception_macs(make(max_scale), height, width, kernel5x5=kernel5x5))
     try:
         return fit_to_budget(make, budget, height, width, kernel5x5=kernel5x5)
     except StatsError as e:

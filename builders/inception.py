@@ -139,6 +139,10 @@ class Inception(nn.Module):
             5: self.branch3[0].conv.weight if self.branch3 is not None else None,
         }
 
+    def pool_weight(self) -> torch.Tensor | None:
+        """The weight ``(pool_proj, in, 1, 1)`` of the pooling branch's 1x1 projection, or None."""
+        return self.branch4[1].conv.weight if self.branch4 is not None else None
+
     def spatial_weight(self, kernel: int) -> torch.Tensor | None:
         """The weight of the k x k convolution of the 3x3 (``kernel=3``) or '5x5' (``kernel=5``) branch, or None."""
         branch = {3: self.branch2, 5: self.branch3}[kernel]

@@ -110,3 +110,19 @@ def test_reference_fallback_counts_the_budget_with_the_modules_own_kernel():
     assert suggested.widths == hand.widths
     counted_as_5x5 = from_clusters(clustering, stats, budget=cost, round_to=8, fallback=hand, name=hand.name)
     assert inception_macs(counted_as_5x5, *hw) <= cost and counted_as_5x5.widths != hand.widths
+
+
+def test_one_cluster_does_not_take_the_whole_budget():
+    """The budget is a ceiling: a layer with a single cluster grows to at most max_scale units per cluster."""
+    from topo.cluster.clusters import Cluster
+
+    _, stats = _no_cluster_stats(channels=8)
+    clustering = UnitClustering(method="arora").fit(stats)
+    clustering.clusters_ = [Cluster(members=((0, 0, 0), (1, 0, 0), (2, 0, 0)), kernel_size=1)]
+    huge = 10 ** 7
+    uncapped = from_clusters(clustering, stats, budget=huge, round_to=None, pool_units=0, fallback="data")
+    capped = from_clusters(clustering, stats, budget=huge, round_to=None, pool_units=0, fallback="data",
+                           max_scale=8)
+    assert uncapped.ch1x1 > 1000 and capped.ch1x1 == 8
+    with pytest.raises(UserError, match="below 1"):
+        ConstructConfig(max_units_per_cluster=0.5)

@@ -113,3 +113,24 @@ def test_a_narrow_reduction_holds_the_leading_eigenvectors_of_the_correlation(pl
             assert unit.sum() >= -1e-9  # oriented to a positive sum, as documented
         checked += 1
     assert checked == 2  # both branches were narrower than their channels, so both were checked
+
+
+def test_the_pooling_projection_sums_the_pooled_maps_clusters(planted):
+    """With the pooled map's clusters, filter f of the pooling projection is non-zero exactly on the channels
+    of pooled cluster f (the clusters of the layer itself stand in for them here: any 1x1 clustering will do)."""
+    _, stats, clustering = planted
+    pooled = UnitClustering(method="arora", window=1, random_state=0, progress=False).fit(stats)
+    assert pooled.n_clusters_ >= 2
+    spec = from_clusters(clustering, stats, budget=None, round_to=None, pool_units=pooled.n_clusters_)
+    torch.manual_seed(0)
+    random_init = Inception(spec, kernel5x5=5)
+    before = random_init.pool_weight().detach().clone()
+    module = hebbian_init_(random_init, clustering, stats, pooled)
+    weight = module.pool_weight().detach()[:, :, 0, 0].numpy()
+    for f, cluster in enumerate(pooled.clusters_):
+        expected = np.zeros(spec.in_channels, dtype=bool)
+        expected[[c for c, _, _ in cluster.members]] = True
+        assert np.array_equal(weight[f] != 0, expected)
+        assert np.isclose(np.linalg.norm(weight[f]), before[f].norm().item(), rtol=1e-5)  # the scale is kept
+    untouched = hebbian_init_(Inception(spec, kernel5x5=5), clustering, stats)  # no pooled clusters: random
+    assert np.count_nonzero(untouched.pool_weight().detach().numpy()) == untouched.pool_weight().numel()

@@ -59,6 +59,7 @@ from topo.pipeline import (
     controls_stage,
     load_data,
     preflight,
+    read_controls,
     reference_spec,
     report_stage,
     run_all,
@@ -161,6 +162,15 @@ def _quantile_or_none(text: str) -> float | None:
     value = _float(text)
     if not 0.0 < value < 1.0:
         raise argparse.ArgumentTypeError(f"{text} is not strictly between 0 and 1 (or 'none')")
+    return value
+
+
+def _at_least_one_or_none(text: str) -> float | None:
+    if text == "none":
+        return None
+    value = _float(text)
+    if not value >= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is below 1 (or 'none')")
     return value
 
 
@@ -276,6 +286,9 @@ def _add_construct(p: argparse.ArgumentParser) -> dict[str, str]:
                                                "what is left), 'data' (each module as its clusters call for, one "
                                                "scale factor on the whole network) or 'reference' (GoogLeNet's "
                                                "split)", choices=SPLITS)
+    flags.add("--max-units-per-cluster", "max_units_per_cluster", "a module's budget is a ceiling: its widths "
+                                                                  "grow to at most this many channels per cluster "
+                                                                  "('none': no cap)", type=_at_least_one_or_none)
     flags.add("--fallback", "fallback", "a layer without clusters: 'data' (1x1 units of its principal "
                                         "dimension) or 'reference' (the reference module's proportions)",
               choices=FALLBACKS)
@@ -825,6 +838,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if outcome is not None:
         report, frame = outcome
         _show_comparison(frame)
+        summary = read_controls(run)
+        if summary is not None:
+            print(verdict(summary), flush=True)
         print(f"report: {report}", flush=True)
     return 0
 

@@ -87,7 +87,9 @@ class ConstructConfig:
     ``fire_quantile``: a unit fires above its own q-quantile (``None``: when
     positive). ``null``: test each pair against the same prefix recorded on a null
     input (`topo.nulls`) instead of against independence. ``budget_split``: see
-    `SPLITS`; ``fallback``: see `FALLBACKS`. ``epochs_per_layer``: brief training of each
+    `SPLITS`; ``fallback``: see `FALLBACKS`; ``max_units_per_cluster``: a module's
+    share of the budget is a ceiling, its widths grow to at most this many
+    channels per cluster (what is left goes to the later modules; None: no cap). ``epochs_per_layer``: brief training of each
     prefix before its statistics are recorded (0: statistics of the random
     network).
     """
@@ -102,7 +104,8 @@ class ConstructConfig:
     budget_split: str = "even"
     round_to: int = 1
     fallback: str = DATA_FALLBACK
-    null: str = "none"
+    max_units_per_cluster: float | None = 8.0
+    null: str = "noise"
     init: str = "random"
     epochs_per_layer: int = 0
     stats_batches: int | None = 16
@@ -125,6 +128,8 @@ class ConstructConfig:
                 raise UserError(f"{name} {value!r} is unknown: use one of {', '.join(choices)}")
         if self.stem not in STEMS:
             raise UserError(f"stem {self.stem!r} is unknown: use one of {', '.join(STEMS)}")
+        if self.max_units_per_cluster is not None and not self.max_units_per_cluster >= 1:
+            raise UserError(f"max units per cluster {self.max_units_per_cluster} is below 1: use 1 or more, or none")
         if self.epochs_per_layer < 0:
             raise UserError(f"epochs per layer {self.epochs_per_layer} is negative: use 0 or more")
         if isinstance(self.budget_macs, str):
@@ -385,7 +390,8 @@ def build_module(config: ConstructConfig, found: LayerClusters, stats: LayerStat
     fallback = DATA_FALLBACK if config.fallback == DATA_FALLBACK else (reference_module or FALLBACK_SHAPE)
     return from_clusters(found.clustering, stats, budget=share, round_to=config.round_to if config.budgeted else None,
                          reduce_to_channels=not config.budgeted, in_channels=in_channels,
-                         pool_units=found.pool_clustering.n_clusters_, name=name, fallback=fallback)
+                         pool_units=found.pool_clustering.n_clusters_, name=name, fallback=fallback,
+                         max_scale=config.max_units_per_cluster)
 
 
 def layer_record(name: str, stats: LayerStats, found: LayerClusters, module: InceptionSpec,
@@ -437,7 +443,7 @@ def grow(spec: NetworkSpec, module: InceptionSpec, model: nn.Module, init: str, 
     grown = builders.build(spec)
     load_prefix(grown, model.state_dict())
     if init == "hebbian":
-        hebbian_init_(getattr(grown, module.name), found.clustering, stats)
+        hebbian_init_(getattr(grown, module.name), found.clustering, stats, found.pool_clustering)
     return spec, {k: v.detach().cpu() for k, v in grown.state_dict().items()}
 
 

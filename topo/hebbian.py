@@ -18,8 +18,9 @@ with its weight on exactly those units.
 Clusters go to branches by `builders.from_clusters.branch_of` (wider than 5x5:
 the 5x5 branch, with members outside its window clipped to the window's edge).
 Each filter keeps the norm of its random initialisation, so activations keep
-their scale; filters beyond the number of clusters reuse the clusters in turn,
-and the pooling projection stays random.
+their scale; filters beyond the number of clusters reuse the clusters in turn.
+- The pooling projection: with the pooled map's clusters, each filter sums its
+  cluster's channels (as a 1x1 filter does); without them it stays random.
 """
 from __future__ import annotations
 
@@ -32,9 +33,18 @@ from topo.cluster import Cluster, UnitClustering
 from topo.stats import LayerStats
 
 
-def hebbian_init_(module: Inception, clustering: UnitClustering, stats: LayerStats) -> Inception:
-    """Initialise ``module``'s filters from ``clustering`` of ``stats`` in place; returns ``module``."""
+def hebbian_init_(module: Inception, clustering: UnitClustering, stats: LayerStats,
+                  pool_clustering: UnitClustering | None = None) -> Inception:
+    """Initialise ``module``'s filters from ``clustering`` of ``stats`` in place; returns ``module``.
+
+    With ``pool_clustering`` (the clusters of the 3x3 max-pooled map, 1x1 window), each filter of the
+    pooling projection sums its cluster's channels as the 1x1 branch does; without, it stays random.
+    """
     by_branch = clusters_by_branch(clustering.clusters_)
+    pool = module.pool_weight()
+    if pool is not None and pool_clustering is not None and pool_clustering.clusters_:
+        with torch.no_grad():
+            _set_filters(pool, [_channel_vector(c, module.spec.in_channels) for c in pool_clustering.clusters_])
     inputs = module.input_weights()
     corr = stats.corr()
     with torch.no_grad():

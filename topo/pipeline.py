@@ -344,6 +344,14 @@ def control_plan(config: RunConfig) -> list[tuple[str, str | None, int]]:
     return plan
 
 
+def read_controls(run: RunDir) -> ControlSummary | None:
+    """The control's outcome saved in ``run`` (None before the controls ran; a damaged file is one line)."""
+    if not run.controls.is_file():
+        return None
+    return read_json(run.controls, what="control summary", fix=CONTROLS_FIX.format(run.controls.parent),
+                     parse=ControlSummary.from_dict)
+
+
 def controls_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> ControlSummary | None:
     """Construct on more seeds and on the null inputs, and test the run's topology against them (`topo.controls`).
 
@@ -352,8 +360,7 @@ def controls_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> Contro
     if not config.controls:
         return None
     if "controls" in run.completed():
-        return read_json(run.controls, what="control summary", fix=CONTROLS_FIX.format(run.controls.parent),
-                         parse=ControlSummary.from_dict)
+        return read_controls(run)
     if config.construct.epochs_per_layer > 0:
         log.warning("the controls construct without the brief prefix training (it would train on the real labels)")
     real = [read_records(run.construction.records)]
@@ -462,8 +469,7 @@ def report_stage(run: RunDir) -> tuple[Path, pd.DataFrame | None]:
         histories(run, [row["network"] for row in rows]),
         corr_by_layer=correlations(run, records),
         config=config,
-        controls=read_json(run.controls, what="control summary", fix=CONTROLS_FIX.format(run.controls.parent),
-                           parse=ControlSummary.from_dict) if run.controls.is_file() else None,
+        controls=read_controls(run),
     )
     return report, comparison_frame(rows) if rows else None
 
