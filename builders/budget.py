@@ -28,16 +28,19 @@ def fit_to_budget(make: Callable[[float], InceptionSpec], budget: float, height:
             f"budget {budget:.0f} multiply-adds is below the smallest module these widths allow ({smallest}); "
             "raise the budget or lower round_to"
         )
-    lo, hi = 1e-9, 1.0
-    while macs(hi) <= budget and hi < 1e6:
+    return make(largest_scale(macs, budget, steps=steps))
+
+
+def largest_scale(cost: Callable[[float], float], budget: float, *, steps: int = 40, smallest: float = 1e-9) -> float:
+    """The largest scale (found by doubling from 1, then ``steps`` bisections) whose ``cost`` stays within
+    ``budget``; ``cost`` must grow with the scale, and ``smallest`` is returned where nothing larger fits."""
+    lo, hi = smallest, 1.0
+    while cost(hi) <= budget and hi < 1e6:
         lo, hi = hi, hi * 2
     for _ in range(steps):
         mid = (lo + hi) / 2
-        if macs(mid) <= budget:
-            lo = mid
-        else:
-            hi = mid
-    return make(lo)
+        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
+    return lo
 
 
 def round_width(width: float, round_to: int | None, cap: int | None = None) -> int:

@@ -30,7 +30,7 @@ from torch import nn
 
 import builders
 from builders.cost import count_macs, inception_macs
-from builders.budget import scaled_widths
+from builders.budget import largest_scale, scaled_widths
 from builders.from_clusters import DATA_FALLBACK, from_clusters
 from builders.googlenet import INCEPTION_TABLE
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
@@ -63,6 +63,9 @@ SPLITS = ("even", "data", "reference")
 NULLS = ("none",) + NULL_KINDS
 #: What a layer without clusters becomes: its principal dimension as 1x1 units, or the reference's proportions.
 FALLBACKS = (DATA_FALLBACK, "reference")
+#: Where the modules' ceilings (``max_units_per_cluster``) left more than this share of the budget unspent,
+#: the grown network is scaled as a whole to the budget, so that it is compared with the reference at equal cost.
+SPENT = 0.98
 PROBE = "pool_probe"  # the 3x3/1 max pool appended while recording: the next module's pooling path
 #: The proportions a module without clusters keeps when there is no reference module: GoogLeNet's 3a.
 FALLBACK_SHAPE = InceptionSpec(1, *INCEPTION_TABLE[0][1:], name=INCEPTION_TABLE[0][0])
@@ -89,8 +92,10 @@ class ConstructConfig:
     input (`topo.nulls`) instead of against independence. ``budget_split``: see
     `SPLITS`; ``fallback``: see `FALLBACKS`; ``max_units_per_cluster``: a module's
     share of the budget is a ceiling, its widths grow to at most this many
-    channels per cluster (what is left goes to the later modules; None: no cap). ``epochs_per_layer``: brief training of each
-    prefix before its statistics are recorded (0: statistics of the random
+    channels per cluster (what is left goes to the later modules; None: no cap);
+    where the ceilings leave more than 2% of the budget unspent (`SPENT`), the
+    network is scaled as a whole to the budget at the end (`fit_to_total`).
+    ``epochs_per_layer``: brief training of each prefix before its statistics are recorded (0: statistics of the random
     network).
     """
 
@@ -303,18 +308,14 @@ def fit_network_to_budget(spec: NetworkSpec, budget: float, input_hw: tuple[int,
     is then counted whole and shrunk until it fits.
     """
     rest = network_macs(spec, input_hw) - modules_macs(spec, input_hw)
+
     def cost(scale: float) -> int:
         return rest + modules_macs(scale_network(spec, scale, round_to), input_hw)
 
     if cost(1e-9) > budget:
         raise UserError(f"budget {budget:.0f} multiply-adds is below the cost of the stem and head alone "
                         f"({cost(1e-9)}); raise --budget")
-    lo, hi = 1e-9, 1.0
-    while cost(hi) <= budget and hi < 1e4:
-        lo, hi = hi, hi * 2
-    for _ in range(40):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost(mid) <= budget else (lo, mid)
+    lo = largest_scale(cost, budget)
     scaled = scale_network(spec, lo, round_to)
     while network_macs(scaled, input_hw) > budget and lo > 1e-6:  # the head's share changed with the widths
         lo *= 0.99
@@ -503,7 +504,7 @@ def construct(
         result.stats[stats.name] = stats
         result.clusterings[item] = found.clustering
         save_step(files, item, stats, found.clustering, spec, records, state)
-    if budget is not None and config.budget_split == "data":
+    if budget is not None and (config.budget_split == "data" or network_macs(spec, input_hw) < SPENT * budget):
         spec, records = fit_to_total(spec, records, budget, input_hw, config.round_to)
     log.info(describe_total(network_macs(spec, input_hw), budget))
     result.spec, result.records = spec, records
