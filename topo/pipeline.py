@@ -304,9 +304,8 @@ def run_construction(config: RunConfig, bundle: DataBundle, construct_config: Co
     device = resolve_device(config.train.device)
 
     def stats_loader(dataset):  # each process its own shard under torchrun; record() sums over processes
-        batches = make_loader(dataset, batch_size=config.train.batch_size, train=True, seed=construct_config.seed,
-                              workers=config.train.workers, device=device)
-        return batches
+        return make_loader(dataset, batch_size=config.train.batch_size, train=True, seed=construct_config.seed,
+                           workers=config.train.workers, device=device)
 
     def loader(dataset):
         if null is None:

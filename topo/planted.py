@@ -67,6 +67,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from topo.errors import UserError
+from topo.io import atomic_path
 
 KERNEL_SIZES = (1, 3, 5)
 #: How far one layer's offsets reach (the largest kernel's radius): the padding per layer.
@@ -484,7 +485,6 @@ def save_npz(planted: DeepPlanted, path: str | os.PathLike) -> None:
     ``topo.data.load("tensors", path)`` then gives the same bundle as
     ``load("planted", seed=...)`` for the planted data set's configuration.
     """
-    from topo.io import atomic_path
 
     buffer = io.BytesIO()
     np.savez_compressed(buffer, x=planted.activations, y=planted.labels)

@@ -26,6 +26,7 @@ from builders.spec import NetworkSpec
 from topo.data import DataBundle
 from topo.errors import SpecError, UserError
 from topo.files import read_checkpoint, read_metrics, read_spec, state_mismatch
+from topo.pipeline import RunConfig, reference_spec
 from topo.rundir import RunDir
 from topo.train import HISTORY_COLUMNS, TrainConfig, evaluate
 
@@ -76,7 +77,6 @@ def _reference_from_config(run: RunDir) -> NetworkSpec:
     The data's class count, channels and image size are those of the discovered
     spec, which the construction derives from the reference.
     """
-    from topo.pipeline import RunConfig, reference_spec
 
     discovered = read_spec(run.topology)
     config = RunConfig.of_run(run)

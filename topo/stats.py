@@ -47,6 +47,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from topo.distributed import every_rank, is_distributed
 from topo.errors import StatsError
 from topo.io import atomic_torch_save
 
@@ -302,7 +303,6 @@ class ActivationSample:
         The same on every rank (a collective: every rank must call it); without an
         initialised process group (or with one process) this does nothing.
         """
-        from topo.distributed import every_rank, is_distributed
 
         if not is_distributed():
             return self
@@ -511,7 +511,6 @@ class LayerStats:
         """
         import torch.distributed as dist
 
-        from topo.distributed import every_rank, is_distributed
 
         if not is_distributed():
             return self

@@ -17,6 +17,8 @@ from topo.cluster.partition import partition
 from topo.cluster.select import TierTest, add_candidate, drop_unions, merge_candidates, select_clusters
 from topo.cluster.window import DEFAULT_ALPHA, bonferroni_log_alpha, build_window_graph, pairs_at
 from topo.errors import StatsError, UserError
+from topo.progress import progress_bar
+from topo.stats import LayerStats
 
 METHODS = ("arora",) + PARTITION_METHODS
 
@@ -110,7 +112,6 @@ class UnitClustering(BaseEstimator):
             raise UserError(f"UnitClustering: max_clusters must be None or >= 1, got {self.max_clusters!r}")
 
     def _check_stats(self, stats) -> tuple[bool, np.ndarray]:
-        from topo.stats import LayerStats
 
         if not isinstance(stats, LayerStats):
             raise UserError(f"UnitClustering.fit takes a topo.stats.LayerStats (from topo.record or "
@@ -146,7 +147,6 @@ class UnitClustering(BaseEstimator):
 
     def _check_null(self, stats, null, reach: int) -> None:
         """The null must describe the same layer (units, map) with enough observations and offsets."""
-        from topo.stats import LayerStats
 
         if not isinstance(null, LayerStats):
             raise UserError(f"UnitClustering.fit: null must be a topo.stats.LayerStats of the same layer "
@@ -227,7 +227,6 @@ class UnitClustering(BaseEstimator):
 
     def _anchored(self, graph, seed: int, test: TierTest | None = None) -> tuple[list[Cluster], "WindowCuts"]:
         """Anchor every live channel at offset 0, find its clusters locally, merge translated copies."""
-        from topo.progress import progress_bar
 
         candidates: dict = {}
         tiers: dict = {}
