@@ -130,10 +130,10 @@ def _fallback_sentence(records: Sequence[Mapping[str, Any]]) -> str:
 
 def _firing_sentence(records: Sequence[Mapping[str, Any]]) -> str:
     """The layers' mean firing rates: the sparse regime the Hebbian test is meant for, or not."""
-    rates = [(str(r.get("name")), r["firing_rate"]) for r in records if not is_missing(r.get("firing_rate"))]
+    rates = [r["firing_rate"] for r in records if not is_missing(r.get("firing_rate"))]
     if not rates:
         return ""
-    low, high = min(rate for _, rate in rates), max(rate for _, rate in rates)
+    low, high = min(rates), max(rates)
     return (f"Units fired in {percent(low)} to {percent(high)} of the observations of their layer "
             f"({'sparse' if high <= 0.2 else 'not sparse'}: see the firing-rate column).")
 

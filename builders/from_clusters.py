@@ -139,9 +139,7 @@ def from_clusters(clustering, stats, *, budget: float | None = None, round_to: i
         if fallback == DATA_FALLBACK:
             raw, cap = _principal_widths(stats, pool_units, variance_share), {}
         else:
-            # a spec's widths are whole already: one scale factor, not the round_to grid (which at the
-            # spec's own cost would change the hand-chosen widths)
-            return _fallback_module(fallback, budget, None, c_in, name, height, width, kernel5x5)
+            return _fallback_module(fallback, budget, c_in, name, height, width, kernel5x5)
     else:
         raw, cap = _raw_widths(clustering.clusters_, stats, pool_units, variance_share, pool_share,
                                reduce_to_channels)
@@ -169,14 +167,18 @@ def _principal_widths(stats, pool_units: float | None, variance_share: float) ->
     return {"ch1x1": units, "ch3x3red": 0, "ch3x3": 0, "ch5x5red": 0, "ch5x5": 0, "pool_proj": pool_units or 0}
 
 
-def _fallback_module(shape: InceptionSpec, budget: float | None, round_to: int | None, in_channels: int,
-                     name: str, height: int, width: int, kernel5x5: int = 5) -> InceptionSpec:
-    """``shape``'s proportions on ``in_channels`` inputs, scaled to ``budget`` (where the data suggests none)."""
+def _fallback_module(shape: InceptionSpec, budget: float | None, in_channels: int, name: str, height: int,
+                     width: int, kernel5x5: int = 5) -> InceptionSpec:
+    """``shape``'s proportions on ``in_channels`` inputs, scaled to ``budget`` (where the data suggests none).
+
+    The spec's widths are whole already: one scale factor in whole channels, not the ``round_to`` grid, which
+    at the spec's own cost would change the hand-chosen widths.
+    """
     log.info("%s: no clusters in the statistics (no units fire together); keeping the proportions of %s",
              name or "module", shape.name or "the fallback module")
     shape = dataclasses.replace(shape, in_channels=in_channels)
     if budget is None:
         return dataclasses.replace(shape, name=name)
-    module = fit_to_budget(lambda scale: scaled_widths(shape, scale, round_to), budget, height, width,
+    module = fit_to_budget(lambda scale: scaled_widths(shape, scale, None), budget, height, width,
                            kernel5x5=kernel5x5)
     return dataclasses.replace(module, name=name, in_channels=in_channels)

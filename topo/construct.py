@@ -246,8 +246,7 @@ def total_budget(config: ConstructConfig, reference: NetworkSpec, input_hw: tupl
     return float(config.budget_macs)
 
 
-def module_weights(plan: list, reference: NetworkSpec, input_hw: tuple[int, int],
-                   split: str = "reference") -> list[float]:
+def module_weights(plan: list, reference: NetworkSpec, input_hw: tuple[int, int], split: str) -> list[float]:
     """Relative weights of the modules' budgets: equal, or (``split="reference"``) the reference's own split
     when the module counts match."""
     names = [item for item in plan if isinstance(item, str)]
@@ -307,7 +306,7 @@ def fit_network_to_budget(spec: NetworkSpec, budget: float, input_hw: tuple[int,
     counts the modules (`builders.cost.inception_macs`) plus the rest of the network at scale 1; the result
     is then counted whole and shrunk until it fits.
     """
-    rest = network_macs(spec, input_hw) - modules_macs(spec, input_hw)
+    rest = head_macs(spec, input_hw)
 
     def cost(scale: float) -> int:
         return rest + modules_macs(scale_network(spec, scale, round_to), input_hw)
@@ -504,11 +503,20 @@ def construct(
         result.stats[stats.name] = stats
         result.clusterings[item] = found.clustering
         save_step(files, item, stats, found.clustering, spec, records, state)
-    if budget is not None and (config.budget_split == "data" or network_macs(spec, input_hw) < SPENT * budget):
-        spec, records = fit_to_total(spec, records, budget, input_hw, config.round_to)
-    log.info(describe_total(network_macs(spec, input_hw), budget))
-    result.spec, result.records = spec, records
+    result.spec, result.records = spend_budget(config, spec, records, budget, input_hw)
     return result
+
+
+def spend_budget(config: ConstructConfig, spec: NetworkSpec, records: list[dict[str, Any]], budget: float | None,
+                 input_hw: tuple[int, int]) -> tuple[NetworkSpec, list[dict[str, Any]]]:
+    """The grown network scaled as a whole to ``budget`` (`fit_to_total`) under the ``"data"`` split, or where the
+    modules' ceilings left more than ``1 - SPENT`` of it unspent; the cost against the budget is logged."""
+    total = network_macs(spec, input_hw)
+    if budget is not None and (config.budget_split == "data" or total < SPENT * budget):
+        spec, records = fit_to_total(spec, records, budget, input_hw, config.round_to)
+        total = network_macs(spec, input_hw)
+    log.info(describe_total(total, budget))
+    return spec, records
 
 
 def fit_to_total(spec: NetworkSpec, records: list[dict[str, Any]], budget: float, input_hw: tuple[int, int],

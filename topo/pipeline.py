@@ -247,7 +247,7 @@ def check_budget(config: ConstructConfig, reference: NetworkSpec, image_hw: tupl
     """A one-line error, before anything is recorded, for a budget the skeleton's modules cannot fit in.
 
     The stem, poolings and head cost what they cost; each module gets a share of
-    the rest in proportion to its weight (`topo.construct.module_weights`) and
+    the rest in proportion to its weight under the configured split (`topo.construct.module_weights`) and
     must at least afford its narrowest form, every branch ``round_to`` wide.
     """
     budget = total_budget(config, dataclasses.replace(reference, input_size=min(image_hw)), image_hw)
@@ -261,7 +261,7 @@ def check_budget(config: ConstructConfig, reference: NetworkSpec, image_hw: tupl
     width = config.round_to or 1
     inputs = [base.out_channels] + [4 * width] * (len(maps) - 1)
     least = [_narrowest_module(c, hw, width) for c, (_, hw) in zip(inputs, maps)]
-    weights = module_weights(plan, reference, image_hw)
+    weights = module_weights(plan, reference, image_hw, config.budget_split)
     need = fixed + max(cost * sum(weights) / weight for cost, weight in zip(least, weights))
     if budget < need:
         raise UserError(
