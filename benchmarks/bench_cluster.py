@@ -20,6 +20,11 @@ Hebbian edges and how many candidates the window cut.
 
     python benchmarks/bench_cluster.py [--channels 832] [--window 5] [--samples 512]
     python benchmarks/bench_cluster.py --case dense [--layer inception4a:input] [--batches 16]
+    python benchmarks/bench_cluster.py --case dense --stats FILE   # record once, then fit from FILE
+
+``--stats FILE`` (dense case) saves the recorded statistics there, and where
+FILE exists reads them instead of recording (minutes): two versions of the
+clustering can then be timed on the same numbers, one process each.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ from torch import nn
 
 from topo.cluster import UnitClustering, recovery_scores
 from topo.planted import PlantedConfig, generate
-from topo.stats import from_activations
+from topo.stats import LayerStats, from_activations
 
 
 def planted_stats(args):
@@ -118,6 +123,7 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.0, help="dense case: firing threshold")
     ap.add_argument("--fire-quantile", type=float, default=None,
                     help="dense case: fire above each unit's own quantile instead of --threshold")
+    ap.add_argument("--stats", metavar="FILE", help="dense case: save the statistics here, or read them if it exists")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="arora,spectral,agglomerative,louvain")
@@ -126,7 +132,14 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     print(f"machine: {platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"os.cpu_count() {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}")
-    stats, truth = planted_stats(args) if args.case == "planted" else dense_stats(args)
+    if args.case == "dense" and args.stats and os.path.exists(args.stats):
+        stats, truth = LayerStats.load(args.stats), None
+        print(f"dense layer: statistics read from {args.stats}; C={stats.num_channels}, map {stats.spatial_shape}, "
+              f"{stats.count} observations")
+    else:
+        stats, truth = planted_stats(args) if args.case == "planted" else dense_stats(args)
+        if args.case == "dense" and args.stats:
+            stats.save(args.stats)
     if truth is not None:
         print("| method | window | time (s) | clusters | per kernel (1/3/5) | truth (1/3/5) | best-match Jaccard |")
     else:

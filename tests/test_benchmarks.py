@@ -130,6 +130,21 @@ def test_bench_cluster_recovers_a_small_planted_network():
 
 
 @pytest.mark.slow
+def test_bench_cluster_dense_case_fits_saved_statistics_as_it_fits_fresh_ones(tmp_path):
+    stats = tmp_path / "dense.pt"
+    args = ("bench_cluster.py", "--case", "dense", "--layer", "inception3a:input", "--batches", "1",
+            "--batch-size", "8", "--window", "3", "--threads", "1", "--methods", "arora,agglomerative",
+            "--stats", str(stats))
+    recorded = run_benchmark(*args)
+    assert stats.exists() and "statistics read from" not in recorded
+    reread = run_benchmark(*args)
+    assert "statistics read from" in reread
+    for method in ("arora", "agglomerative"):  # the same clusters, kernels, edges and cuts from the saved numbers
+        [first], [second] = table_rows(recorded, method), table_rows(reread, method)
+        assert first[3:] == second[3:] and int(first[5]) > 0
+
+
+@pytest.mark.slow
 def test_bench_data_compares_loader_and_model(tmp_path):
     out = run_benchmark(
         "bench_data.py", "--images", "8", "--size", "32", "--batch-size", "2", "--steps", "1",

@@ -13,7 +13,7 @@ import torch
 
 from topo.cluster import Cluster, UnitClustering, recovery_scores
 from topo.cluster.arora import strength_levels, tiered_groups
-from topo.cluster.metrics import aligned_overlap, best_shift, covered_members
+from topo.cluster.metrics import aligned_overlap, best_shift, codes_best_shifts, codes_covered, member_codes
 from topo.cluster.select import TierTest, drop_unions
 from topo.planted import DeepPlantedConfig, PlantedTruth, generate_deep
 from topo.recovery import DecodedChannel, decoded_clusters, layer_recovery, match_channels, rewrite_truth
@@ -43,7 +43,24 @@ def test_best_shift_maximises_the_overlap_by_brute_force():
         shifted = {(c, y + t[0], x + t[1]) for c, y, x in b}
         brute = max(len(a & {(c, y + u, x + v) for c, y, x in b}) for u, v in itertools.product(range(-9, 10), repeat=2))
         assert len(a & shifted) == brute == aligned_overlap(a, b)
-        assert covered_members(a, b) == a & shifted
+
+
+def test_shifts_and_covers_of_many_sets_at_once_match_each_set_by_brute_force():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        a = {(int(c), int(y), int(x)) for c, y, x in rng.integers(0, 5, size=(8, 3)) - [0, 2, 2]}
+        others = [{(int(c), int(y), int(x)) for c, y, x in rng.integers(0, 5, size=(rng.integers(1, 7), 3)) - [0, 2, 2]}
+                  for _ in range(6)]
+        overlaps, shifts = codes_best_shifts(member_codes(a), [member_codes(b) for b in others])
+        inside = codes_covered(member_codes(a), [member_codes(b) for b in others], shifts)
+        members = sorted(a)  # the order of member_codes: by channel, then dy, then dx
+        for b, overlap, shift, row in zip(others, overlaps, shifts, inside):
+            scored = [(len(a & {(c, y + u, x + v) for c, y, x in b}), u, v)
+                      for u, v in itertools.product(range(-9, 10), repeat=2)]
+            most = max(n for n, _, _ in scored)
+            brute = min(((u, v) for n, u, v in scored if n == most), key=lambda t: (abs(t[0]) + abs(t[1]), t))
+            assert overlap == most and tuple(shift) == brute  # sharing nothing: overlap 0 at shift (0, 0)
+            assert {m for m, hit in zip(members, row) if hit} == a & {(c, y + brute[0], x + brute[1]) for c, y, x in b}
 
 
 def test_best_shift_prefers_the_smallest_shift_among_ties():

@@ -27,17 +27,15 @@ def codes_overlap(a: np.ndarray, b: np.ndarray) -> int:
     return int(codes_overlaps(a, [b])[0])
 
 
-def codes_overlaps(a: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
-    """`codes_overlap` of ``a`` with each of ``others``, in one pass (int64, one entry per other set).
+def _joined_shifts(a: np.ndarray, others: Sequence[np.ndarray]):
+    """``(group, dy, dx)`` of every same-channel couple of a member of ``a`` and one of ``others[group]``:
+    the shift that carries the second onto the first (None where no couple exists).
 
-    Only same-channel members can line up, so the members of ``a`` and of the
-    others are joined on the channel (a sorted search) rather than paired all
-    with all; each joined couple votes for its shift, and an overlap is the
-    most voted shift's count.
+    Only same-channel members can line up, so the members are joined on the
+    channel (a sorted search) rather than paired all with all.
     """
-    out = np.zeros(len(others), dtype=np.int64)
     if not len(a) or not len(others):
-        return out
+        return None
     a = np.sort(a)
     flat = np.concatenate(others)
     a_chan, flat_chan = a >> 16, flat >> 16
@@ -45,16 +43,39 @@ def codes_overlaps(a: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
     count = np.searchsorted(a_chan, flat_chan, side="right") - lo
     total = int(count.sum())
     if not total:
-        return out
+        return None
     b_idx = np.repeat(np.arange(len(flat)), count)
     diff = a[np.repeat(lo - (np.cumsum(count) - count), count) + np.arange(total)] - flat[b_idx]
     group = np.repeat(np.arange(len(others)), [len(b) for b in others])[b_idx]
-    # a same-channel difference is dy * 2**8 + dx, |dy|, |dx| < 2**7: count each (set, dy, dx) in a small box
+    # a same-channel difference is dy * 2**8 + dx, |dy|, |dx| < 2**7
     dy = (diff + 128) >> 8
-    dx = diff - (dy << 8)
-    width = int(dx.max() - dx.min()) + 1
-    box = (int(dy.max() - dy.min()) + 1) * width
-    key = group * box + (dy - dy.min()) * width + (dx - dx.min())
+    return group, dy, diff - (dy << 8)
+
+
+def _vote_keys(group: np.ndarray, dy: np.ndarray, dx: np.ndarray):
+    """One integer per (set, dy, dx), counted in a small box per set: ``(keys, box, decode)``, where
+    ``decode(keys)`` gives back ``(group, dy, dx)``."""
+    y0, x0 = int(dy.min()), int(dx.min())
+    width = int(dx.max()) - x0 + 1
+    box = (int(dy.max()) - y0 + 1) * width
+
+    def decode(keys: np.ndarray):
+        return keys // box, (keys % box) // width + y0, keys % width + x0
+
+    return group * box + (dy - y0) * width + (dx - x0), box, decode
+
+
+def codes_overlaps(a: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
+    """`codes_overlap` of ``a`` with each of ``others``, in one pass (int64, one entry per other set).
+
+    Each same-channel couple (`_joined_shifts`) votes for its shift, and an
+    overlap is the most voted shift's count.
+    """
+    out = np.zeros(len(others), dtype=np.int64)
+    joined = _joined_shifts(a, others)
+    if joined is None:
+        return out
+    key, box, _ = _vote_keys(*joined)
     if len(others) * box > _BINCOUNT_LIMIT:  # far-apart offsets: count the keys present only
         key, counts = np.unique(key, return_counts=True)
         np.maximum.at(out, key // box, counts)
@@ -62,25 +83,53 @@ def codes_overlaps(a: np.ndarray, others: Sequence[np.ndarray]) -> np.ndarray:
     return np.bincount(key, minlength=len(others) * box).reshape(len(others), box).max(axis=1)
 
 
+def codes_best_shifts(a: np.ndarray, others: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """`best_shift` of ``a`` against each of ``others`` (`member_codes`), in one pass:
+    ``(overlaps, shifts)``, shapes (G,) and (G, 2); a set sharing no channel gets overlap 0 and shift (0, 0)."""
+    overlaps = np.zeros(len(others), dtype=np.int64)
+    shifts = np.zeros((len(others), 2), dtype=np.int64)
+    joined = _joined_shifts(a, others)
+    if joined is None:
+        return overlaps, shifts
+    keys, _, decode = _vote_keys(*joined)
+    keys, votes = np.unique(keys, return_counts=True)
+    group, dy, dx = decode(keys)
+    # per set: the most votes, then the smallest |t|, then the smallest t (the last key sorts first)
+    order = np.lexsort((dx, dy, np.abs(dy) + np.abs(dx), -votes, group))
+    first = order[np.r_[True, group[order][1:] != group[order][:-1]]]
+    overlaps[group[first]] = votes[first]
+    shifts[group[first]] = np.stack([dy[first], dx[first]], axis=1)
+    return overlaps, shifts
+
+
+def shifted_codes(codes: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """The members ``codes`` moved by ``shifts`` (one (dy, dx), or one per member: shape (n, 2)), as codes;
+    a member moved out of the codes' range becomes -1 (no member's code)."""
+    shifts = np.asarray(shifts, dtype=np.int64)
+    dy = ((codes >> 8) & 0xFF) - _OFFSET_LIMIT + shifts[..., 0]
+    dx = (codes & 0xFF) - _OFFSET_LIMIT + shifts[..., 1]
+    moved = ((codes >> 16) << 16) + ((dy + _OFFSET_LIMIT) << 8) + (dx + _OFFSET_LIMIT)
+    return np.where((np.abs(dy) < _OFFSET_LIMIT) & (np.abs(dx) < _OFFSET_LIMIT), moved, -1)
+
+
 def best_shift(a: Iterable[Member], b: Iterable[Member]) -> tuple[int, int]:
     """The shift ``t`` that makes ``b + t`` share the most members with ``a`` (ties: the smallest |t|, then t)."""
-    votes: dict[tuple[int, int], int] = {}
-    channels_b: dict[int, list[tuple[int, int]]] = {}
-    for c, dy, dx in b:
-        channels_b.setdefault(c, []).append((dy, dx))
-    for c, dy, dx in a:
-        for by, bx in channels_b.get(c, []):
-            t = (dy - by, dx - bx)
-            votes[t] = votes.get(t, 0) + 1
-    if not votes:
-        return (0, 0)
-    return min(votes, key=lambda t: (-votes[t], abs(t[0]) + abs(t[1]), t))
+    shift = codes_best_shifts(member_codes(a), [member_codes(b)])[1][0]
+    return int(shift[0]), int(shift[1])
 
 
-def covered_members(a: Iterable[Member], b: Iterable[Member]) -> set[Member]:
-    """The members of ``a`` that ``b``, translated by `best_shift`, holds."""
-    ty, tx = best_shift(a, b)
-    return set(a) & {(c, dy + ty, dx + tx) for c, dy, dx in b}
+def codes_covered(a: np.ndarray, others: Sequence[np.ndarray], shifts: np.ndarray) -> np.ndarray:
+    """(G, len(a)) boolean: which members of ``a`` (sorted codes) each of ``others``, moved by its row of
+    ``shifts`` (G, 2), holds (with the shifts of `codes_best_shifts`: what each set, best aligned, covers)."""
+    inside = np.zeros((len(others), len(a)), dtype=bool)
+    if not len(others) or not len(a):
+        return inside
+    row = np.repeat(np.arange(len(others)), [len(b) for b in others])
+    moved = shifted_codes(np.concatenate(others), np.asarray(shifts)[row])
+    at = np.searchsorted(a, moved).clip(max=len(a) - 1)
+    hit = a[at] == moved
+    inside[row[hit], at[hit]] = True
+    return inside
 
 
 def aligned_overlap(a: Iterable[Member], b: Iterable[Member]) -> int:

@@ -39,7 +39,7 @@ import numpy as np
 from scipy.linalg import eigh
 
 from topo.cluster.clusters import Cluster, Member, canonical_members
-from topo.cluster.metrics import codes_overlaps, covered_members, member_codes
+from topo.cluster.metrics import codes_best_shifts, codes_covered, codes_overlaps, member_codes
 
 
 def eigengap_k(affinity: np.ndarray, k_max: int) -> int:
@@ -124,9 +124,11 @@ class _ChannelCounts:
         self.totals[self.n] = row.sum()
         self.n += 1
 
-    def shared(self, row: np.ndarray) -> np.ndarray:
+    def shared(self, row: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
+        """The bound against every kept cluster, or against the clusters ``among`` (indices)."""
         used = np.flatnonzero(row)
-        return np.minimum(self.rows[: self.n, used], row[used]).sum(axis=1)
+        rows = self.rows[: self.n] if among is None else self.rows[among]
+        return np.minimum(rows[:, used], row[used]).sum(axis=1)
 
     def sizes(self) -> np.ndarray:
         return self.totals[: self.n]
@@ -204,31 +206,48 @@ class _UnionIndex:
         self.counts = _ChannelCounts(1 + max(m[0] for k in keys for m in k))
         for k in keys:
             self.counts.append(self.counts.row_of(k))
+        self._resolved: dict = {}
 
     def parts(self, key) -> list:
         """The significantly stronger candidates ``key`` holds, strongest first, each adding members (empty: none)."""
         g = self.position[key]
-        bound = self.counts.shared(self.counts.rows[g])  # no shift lets a candidate share more members than this
         c = self.containment
-        stronger = self.test.above(self.tier, float(self.tier[g]))
-        hopeful = np.flatnonzero(stronger & (self.sizes < self.sizes[g]) & (bound >= c * self.sizes))
+        hopeful = np.flatnonzero(self.sizes < self.sizes[g])
+        hopeful = hopeful[self.test.above(self.tier[hopeful], float(self.tier[g]))]
+        if not len(hopeful):
+            return []
+        bound = self.counts.shared(self.counts.rows[g], hopeful)  # no shift shares more members than this
+        hopeful = hopeful[bound >= c * self.sizes[hopeful]]
         if not len(hopeful):
             return []
         held = hopeful[codes_overlaps(self.codes[g], [self.codes[h] for h in hopeful]) >= c * self.sizes[hopeful]]
-        held = held[np.argsort(-self.tier[held], kind="stable")]
-        covered: set = set()
-        chosen = []
-        for h in held:
-            members = covered_members(key, self.keys[h])
-            if members - covered:
-                covered |= members
+        if not len(held):
+            return []
+        parts = held[np.argsort(-self.tier[held], kind="stable")]
+        others = [self.codes[h] for h in parts]
+        shifts = codes_best_shifts(self.codes[g], others)[1]
+        # each part's members of ``key`` as the bits of one integer: the greedy cover below is then cheap
+        inside = np.packbits(codes_covered(self.codes[g], others, shifts), axis=1)
+        full = int.from_bytes(np.packbits(np.ones(len(self.codes[g]), dtype=bool)).tobytes(), "big")
+        covered, chosen = 0, []
+        for bits, h in zip(inside, parts):
+            held_bits = int.from_bytes(bits.tobytes(), "big")
+            if held_bits & ~covered:
+                covered |= held_bits
                 chosen.append(self.keys[h])
+                if covered == full:  # nothing left for a weaker part to add
+                    break
         return chosen
 
     def resolve(self, key) -> list:
-        """``key`` itself, or the stronger candidates it holds, resolved in turn (tiers rise, so this ends)."""
-        parts = self.parts(key)
-        return [key] if not parts else [p for part in parts for p in self.resolve(part)]
+        """``key`` itself, or the stronger candidates it holds, resolved in turn (tiers rise, so this ends).
+
+        Each key is resolved once: the parts of the candidates of one layer are shared by many of them.
+        """
+        if key not in self._resolved:
+            parts = self.parts(key)
+            self._resolved[key] = [key] if not parts else [p for part in parts for p in self.resolve(part)]
+        return self._resolved[key]
 
 
 def select_clusters(merged: list[tuple[tuple[Member, ...], set[int]]], *, min_votes: int, min_size: int,
