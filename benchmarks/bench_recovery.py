@@ -11,7 +11,8 @@ per-kernel counts, the share of true units some decoded channel reads). Also:
 * ``--cli``: the same from the command line, ``topo-build construct --data
   planted --stem none --init hebbian --budget none --skeleton 3 --no-controls``
   (its defaults otherwise: ``--positions auto``, 16 statistics batches, seed 0),
-  scored from the clusters it writes. Three modules in one stage, so that
+  scored from the clusters it writes; and again with ``--data tensors`` on the
+  same data saved by `topo.planted.save_npz`. Three modules in one stage, so that
   module l meets layer l at the maps' resolution (the default skeleton pools
   after two); the controls do not change the real construction;
 * each layer clustered from the *true* maps of the layer below, exact
@@ -48,7 +49,7 @@ from topo.cluster import Cluster, UnitClustering, recovery_scores
 from topo.construct import ConstructConfig, construct
 from topo.data import load, make_loader
 from topo.data.tensors import PLANTED_DATA
-from topo.planted import DeepPlantedConfig, generate_deep
+from topo.planted import DeepPlantedConfig, generate_deep, save_npz
 from topo.recovery import layer_recovery
 from topo.stats import from_activations
 
@@ -106,19 +107,26 @@ def clustering_from_json(path: Path) -> SimpleNamespace:
 
 
 def cli_rows() -> list[dict]:
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["topo-build", "construct", "--data", "planted", "--stem", "none", "--init", "hebbian",
-               "--budget", "none", "--skeleton", "3", "--no-controls", "--out", tmp, "--no-progress", "--quiet"]
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True)
-        elapsed = time.perf_counter() - t0
-        folder = Path(tmp) / "construction"
-        files = sorted(folder.glob("*_clusters.json"), key=lambda p: p.stat().st_mtime)
-        clusterings = [clustering_from_json(p) for p in files]
-        names = [p.name.replace("_clusters.json", "") for p in files]
+    """``topo-build construct`` on ``--data planted`` and on the same data saved as ``.npz`` (``--data tensors``)."""
     sample = generate_deep(PLANTED_DATA, seed=0)
-    rows = rows_for(sample, clusterings, "topo-build construct (" + ", ".join(names) + ")", 0)
-    return [{**r, "time_s": elapsed} for r in rows]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        npz = Path(tmp) / "planted.npz"
+        save_npz(sample, npz)
+        for data in (["planted"], ["tensors", "--data-dir", str(npz)]):
+            out = Path(tmp) / data[0]
+            cmd = ["topo-build", "construct", "--data", *data, "--stem", "none", "--init", "hebbian",
+                   "--budget", "none", "--skeleton", "3", "--no-controls", "--out", str(out), "--no-progress",
+                   "--quiet"]
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True)
+            elapsed = time.perf_counter() - t0
+            files = sorted((out / "construction").glob("*_clusters.json"), key=lambda p: p.stat().st_mtime)
+            names = [p.name.replace("_clusters.json", "") for p in files]
+            label = f"topo-build construct --data {data[0]} (" + ", ".join(names) + ")"
+            rows += [{**r, "time_s": elapsed}
+                     for r in rows_for(sample, [clustering_from_json(p) for p in files], label, 0)]
+    return rows
 
 
 def fit_layer(sample, layer: int, seed: int, tiers: bool = True):
@@ -177,7 +185,7 @@ def summary(df: pd.DataFrame, by: list[str], cols: list[str]) -> pd.DataFrame:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--cli", action="store_true", help="also run topo-build construct once (seed 0)")
+    ap.add_argument("--cli", action="store_true", help="also run topo-build construct (seed 0), on --data planted and --data tensors")
     ap.add_argument("--sweep", action="store_true", help="layer-1 sweep over depth, density, degree")
     ap.add_argument("--diagnose", action="store_true",
                     help="also the construction with fire_quantile=None (a unit fires when positive)")
