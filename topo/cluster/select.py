@@ -226,18 +226,12 @@ class _UnionIndex:
         parts = held[np.argsort(-self.tier[held], kind="stable")]
         others = [self.codes[h] for h in parts]
         shifts = codes_best_shifts(self.codes[g], others)[1]
-        # each part's members of ``key`` as the bits of one integer: the greedy cover below is then cheap
-        inside = np.packbits(codes_covered(self.codes[g], others, shifts), axis=1)
-        full = int.from_bytes(np.packbits(np.ones(len(self.codes[g]), dtype=bool)).tobytes(), "big")
-        covered, chosen = 0, []
-        for bits, h in zip(inside, parts):
-            held_bits = int.from_bytes(bits.tobytes(), "big")
-            if held_bits & ~covered:
-                covered |= held_bits
-                chosen.append(self.keys[h])
-                if covered == full:  # nothing left for a weaker part to add
-                    break
-        return chosen
+        inside = codes_covered(self.codes[g], others, shifts)  # (parts, members of key)
+        # greedy cover, strongest first: a part is taken when it holds a member no stronger part holds (a part
+        # not taken adds nothing, so what the taken ones cover is what all the stronger ones cover)
+        before = np.zeros_like(inside)
+        np.logical_or.accumulate(inside[:-1], axis=0, out=before[1:])
+        return [self.keys[h] for h in parts[(inside & ~before).any(axis=1)]]
 
     def resolve(self, key) -> list:
         """``key`` itself, or the stronger candidates it holds, resolved in turn (tiers rise, so this ends).
