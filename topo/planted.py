@@ -485,7 +485,6 @@ def save_npz(planted: DeepPlanted, path: str | os.PathLike) -> None:
     ``topo.data.load("tensors", path)`` then gives the same bundle as
     ``load("planted", seed=...)`` for the planted data set's configuration.
     """
-
     buffer = io.BytesIO()
     np.savez_compressed(buffer, x=planted.activations, y=planted.labels)
     with atomic_path(path) as tmp:

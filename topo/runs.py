@@ -77,7 +77,6 @@ def _reference_from_config(run: RunDir) -> NetworkSpec:
     The data's class count, channels and image size are those of the discovered
     spec, which the construction derives from the reference.
     """
-
     discovered = read_spec(run.topology)
     config = RunConfig.of_run(run)
     size = discovered.input_size

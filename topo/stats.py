@@ -303,7 +303,6 @@ class ActivationSample:
         The same on every rank (a collective: every rank must call it); without an
         initialised process group (or with one process) this does nothing.
         """
-
         if not is_distributed():
             return self
         mine = None if self._values is None else (self._keys, self._values.cpu())
@@ -510,7 +509,6 @@ class LayerStats:
         initialised process group (or with one process) this does nothing.
         """
         import torch.distributed as dist
-
 
         if not is_distributed():
             return self

@@ -112,7 +112,6 @@ class UnitClustering(BaseEstimator):
             raise UserError(f"UnitClustering: max_clusters must be None or >= 1, got {self.max_clusters!r}")
 
     def _check_stats(self, stats) -> tuple[bool, np.ndarray]:
-
         if not isinstance(stats, LayerStats):
             raise UserError(f"UnitClustering.fit takes a topo.stats.LayerStats (from topo.record or "
                             f"topo.stats.from_activations), not {type(stats).__name__}")
@@ -147,7 +146,6 @@ class UnitClustering(BaseEstimator):
 
     def _check_null(self, stats, null, reach: int) -> None:
         """The null must describe the same layer (units, map) with enough observations and offsets."""
-
         if not isinstance(null, LayerStats):
             raise UserError(f"UnitClustering.fit: null must be a topo.stats.LayerStats of the same layer "
                             f"recorded on a null input, not {type(null).__name__}")
@@ -227,7 +225,6 @@ class UnitClustering(BaseEstimator):
 
     def _anchored(self, graph, seed: int, test: TierTest | None = None) -> tuple[list[Cluster], "WindowCuts"]:
         """Anchor every live channel at offset 0, find its clusters locally, merge translated copies."""
-
         candidates: dict = {}
         tiers: dict = {}
         base: set = set()
