@@ -232,20 +232,19 @@ def test_bad_parameters():
 # ---------------------------------------------------------------- the window cut
 
 
-def test_fit_window_keeps_the_fullest_placement_by_brute_force():
-    from topo.cluster.estimator import _fit_window
+def test_window_mask_keeps_the_fullest_placement_by_brute_force():
+    from topo.cluster.estimator import _window_mask
 
     rng = np.random.default_rng(0)
     for _ in range(200):
         window = int(rng.choice([1, 3, 5]))
         n = int(rng.integers(1, 12))
         offs = np.vstack([[0, 0], rng.integers(-(window - 1), window, size=(n - 1, 2))]) if n > 1 else np.zeros((1, 2), int)
-        chans = np.arange(n)
-        members, cut = _fit_window(chans, offs, window)
+        keep, cut = _window_mask(offs, window)
         width = (offs.max(axis=0) - offs.min(axis=0)).max() + 1
         assert cut == (width > window)
         if not cut:
-            assert len(members) == n
+            assert keep.all() and len(keep) == n
             continue
         best = None  # placements [ty, ty + window) x [tx, tx + window) holding the anchor, top-left first
         for ty in range(-(window - 1), 1):
@@ -253,7 +252,7 @@ def test_fit_window_keeps_the_fullest_placement_by_brute_force():
                 held = [i for i, (y, x) in enumerate(offs) if ty <= y < ty + window and tx <= x < tx + window]
                 if best is None or len(held) > len(best):
                     best = held
-        assert members == [(int(i), int(offs[i, 0]), int(offs[i, 1])) for i in best]
+        assert np.flatnonzero(keep).tolist() == best
 
 
 def test_window_cuts_are_counted():

@@ -63,6 +63,60 @@ def test_shifts_and_covers_of_many_sets_at_once_match_each_set_by_brute_force():
             assert {m for m, hit in zip(members, row) if hit} == a & {(c, y + brute[0], x + brute[1]) for c, y, x in b}
 
 
+def test_counting_shifts_densely_or_sparsely_gives_the_same_best_shifts(monkeypatch):
+    """`codes_best_shifts` counts the shifts of a small box densely, of a large one by `np.unique`: same answer."""
+    import topo.cluster.metrics as metrics
+
+    rng = np.random.default_rng(2)
+    for _ in range(30):
+        a = member_codes({(int(c), int(y), int(x)) for c, y, x in rng.integers(0, 6, size=(10, 3)) - [0, 3, 3]})
+        others = [member_codes({(int(c), int(y), int(x)) for c, y, x in
+                                rng.integers(0, 6, size=(rng.integers(1, 9), 3)) - [0, 3, 3]}) for _ in range(8)]
+        others.append(member_codes({(50, 0, 0)}))  # shares no channel: overlap 0 at shift (0, 0)
+        dense = codes_best_shifts(a, others)
+        monkeypatch.setattr(metrics, "_BINCOUNT_LIMIT", 0)
+        sparse = codes_best_shifts(a, others)
+        monkeypatch.undo()
+        np.testing.assert_array_equal(dense[0], sparse[0])
+        np.testing.assert_array_equal(dense[1], sparse[1])
+        assert dense[0][-1] == 0 and tuple(dense[1][-1]) == (0, 0)
+
+
+def test_member_codes_of_many_sets_match_one_set_at_a_time():
+    from topo.cluster.metrics import many_member_codes
+
+    rng = np.random.default_rng(3)
+    sets = [[(int(c), int(y), int(x)) for c, y, x in rng.integers(0, 4, size=(rng.integers(1, 12), 3)) - [0, 2, 2]]
+            for _ in range(40)]  # unsorted, with duplicates
+    for got, members in zip(many_member_codes(sets), sets):
+        np.testing.assert_array_equal(got, member_codes(members))
+    with pytest.raises(ValueError, match="offsets"):
+        many_member_codes([[(0, 0, 0)], [(1, 70, 0)]])
+
+
+def test_the_tier_bar_is_where_the_tier_test_turns():
+    """`TierTest.bar` solves the test's quadratic: just above it a tier is significantly stronger, just below not;
+    and the union check's prefix cut finds exactly the candidates `above` finds."""
+    from topo.cluster.select import _UnionIndex
+
+    for test in (TierTest(10_000, 0.01, 5.0), TierTest(300, 0.0, 3.0), TierTest(0.5, 0.2, 4.0)):
+        for lo in (0.0, 1e-4, 0.03, 0.4):
+            bar = test.bar(lo)
+            assert bar > lo
+            assert test.above(np.array([bar * (1 + 1e-9) + 1e-12]), lo)[0]
+            assert not test.above(np.array([bar * (1 - 1e-9) - 1e-12]), lo)[0]
+    rng = np.random.default_rng(4)
+    keys = [tuple((c, 0, 0) for c in range(k, k + int(n))) for k, n in enumerate(rng.integers(3, 9, size=300))]
+    tiers = dict(zip(keys, np.round(rng.uniform(0.0, 0.08, size=300), 3)))  # with ties
+    test = TierTest(observations=5_000, expected=0.005, z=3.0)
+    index = _UnionIndex(keys, tiers, 0.8, test)
+    sizes = np.array([len(k) for k in keys])
+    tier = np.array([tiers[k] for k in keys])
+    for g in range(0, 300, 7):
+        want = np.flatnonzero((sizes < sizes[g]) & test.above(tier, float(tier[g])))
+        np.testing.assert_array_equal(index.stronger(g), want)
+
+
 def test_best_shift_prefers_the_smallest_shift_among_ties():
     assert best_shift([(0, 0, 0)], [(0, 0, 0)]) == (0, 0)
     assert best_shift([(0, 0, 0), (0, 0, 2)], [(0, 0, 1)]) == (0, -1)  # |t| = 1 both ways: the smaller t

@@ -24,7 +24,7 @@ one support, a grandparent for siblings' members (Arora et al.'s rho_{l+1}
 against rho_{l+2}). `tiered_groups` therefore runs the procedure at every
 strength level the anchor's own edges define (strongest first; at level tau
 only edges at least tau strong count). A group's *tier* is the mean strength of
-the edges among its members (`topo.cluster.window.WindowGraph.mean_strength`).
+the edges among its members (`topo.cluster.window.mean_strength`).
 A support then appears as its own clique at a high level, the union of
 siblings' supports only at the weaker level of their parent and with a lower
 tier, and `topo.cluster.select.drop_unions` replaces a group that holds

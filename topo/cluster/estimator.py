@@ -15,7 +15,7 @@ from topo.cluster.evidence import assess, warn_if_weak
 from topo.cluster.partition import METHODS as PARTITION_METHODS
 from topo.cluster.partition import partition
 from topo.cluster.select import TierTest, add_candidate, drop_unions, merge_candidates, select_clusters
-from topo.cluster.window import DEFAULT_ALPHA, bonferroni_log_alpha, build_window_graph, pairs_at
+from topo.cluster.window import DEFAULT_ALPHA, bonferroni_log_alpha, build_window_graph, mean_strength, pairs_at
 from topo.errors import StatsError, UserError
 from topo.progress import progress_bar
 from topo.stats import LayerStats
@@ -249,29 +249,34 @@ class UnitClustering(BaseEstimator):
             return
         all_chans = np.concatenate([[anchor], chans])
         all_offs = np.concatenate([np.zeros((1, 2), dtype=np.int64), offs])
-        for group, whole in self._local_groups(graph, chans, offs, all_chans, all_offs, seed):
-            members, cut = _fit_window(all_chans[group], all_offs[group], self.window)
+        groups, strength = self._local_groups(graph, chans, offs, all_chans, all_offs, seed)
+        for group, whole in groups:
+            keep, cut = _window_mask(all_offs[group], self.window)
+            kept = group[keep]
             cuts.groups += whole
             cuts.cut += cut and whole
-            if len(members) >= self.min_size:
-                key = found.add(members, anchor, graph.mean_strength(members) if self._tiered else 0.0, whole)
+            if len(kept) >= self.min_size:
+                members = list(zip(all_chans[kept].tolist(), all_offs[kept, 0].tolist(), all_offs[kept, 1].tolist()))
+                tier = mean_strength(strength[np.ix_(kept, kept)]) if strength is not None and len(kept) > 1 else 0.0
+                key = found.add(members, anchor, tier, whole)
                 if cut and whole:
                     cuts.keys.add(key)
 
-    def _local_groups(self, graph, chans, offs, all_chans, all_offs, seed: int) -> list[tuple[np.ndarray, bool]]:
+    def _local_groups(self, graph, chans, offs, all_chans, all_offs, seed: int):
         """Groups of one anchor's neighbourhood, as indices into (anchor, neighbours...), with whether the
-        whole graph gives them (without tiers, every group)."""
+        whole graph gives them (without tiers, every group); and, with tiers, the neighbourhood's local
+        edge strengths (else None)."""
         if self.method == "arora":
             adj = graph.local(graph.edges, all_chans, all_offs, False)
             if self._tiered:
                 strength = graph.local(graph.strength, all_chans, all_offs, 0.0)
-                return tiered_groups(adj, strength, self.density, self.max_levels)
-            return [(g, True) for g in anchored_groups(adj, self.density)]
+                return tiered_groups(adj, strength, self.density, self.max_levels), strength
+            return [(g, True) for g in anchored_groups(adj, self.density)], None
         corr = graph.local(graph.corr, chans, offs, 0.0) if graph.corr is not None else None
         adj = graph.local(graph.edges, chans, offs, False) if self.method == "louvain" else None
         labels = partition(self.method, corr=corr, adj=adj, n_groups=None,
                            k_max=max(2, len(chans) // 2), min_corr=self.min_corr, seed=seed)
-        return [(np.concatenate([[0], 1 + np.flatnonzero(labels == g)]), True) for g in np.unique(labels)]
+        return [(np.concatenate([[0], 1 + np.flatnonzero(labels == g)]), True) for g in np.unique(labels)], None
 
     def _finish(self, clusters: list[Cluster], C: int, dead: np.ndarray, graph, cuts: "WindowCuts") -> None:
         if self.n_clusters != "auto" and len(clusters) < int(self.n_clusters):
@@ -327,14 +332,13 @@ class WindowCuts:
     keys: set = field(default_factory=set)
 
 
-def _fit_window(chans: np.ndarray, offs: np.ndarray, window: int) -> tuple[list[tuple[int, int, int]], bool]:
-    """Members inside the k x k placement (containing the anchor, element 0) that holds the most of them.
-
-    Returns the members and whether the footprint had to be cut (it was wider than the window).
-    Of equally full placements the first (top-most, then left-most) wins.
-    """
+def _window_mask(offs: np.ndarray, window: int) -> tuple[np.ndarray, bool]:
+    """Which members (offsets ``offs``, the anchor's first) the k x k placement holding the anchor and the most
+    of them keeps, and whether the footprint had to be cut (it was wider than the window). Of equally full
+    placements the first (top-most, then left-most) wins."""
+    keep = np.ones(len(offs), dtype=bool)
     if len(offs) == 0:
-        return [], False
+        return keep, False
     cut = bool((offs.max(axis=0) - offs.min(axis=0)).max() + 1 > window)
     if cut:
         corner = np.arange(-(window - 1), 1)  # placements [t, t + window) that hold offset 0
@@ -343,5 +347,5 @@ def _fit_window(chans: np.ndarray, offs: np.ndarray, window: int) -> tuple[list[
         held = in_y[:, None, :] & in_x[None, :, :]  # (ty, tx, member)
         best = np.unravel_index(int(held.sum(axis=2).argmax()), held.shape[:2])
         keep = held[best]
-        chans, offs = chans[keep], offs[keep]
-    return list(zip(chans.tolist(), offs[:, 0].tolist(), offs[:, 1].tolist())), cut
+    return keep, cut
+

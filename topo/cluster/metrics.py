@@ -1,6 +1,7 @@
 """Recovery scores: translation-aligned Jaccard, best-match Jaccard, kernel counts, ARI."""
 from __future__ import annotations
 
+from itertools import chain
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -20,6 +21,22 @@ def member_codes(members: Iterable[Member]) -> np.ndarray:
     if arr.size and np.abs(arr[:, 1:]).max() >= _OFFSET_LIMIT:
         raise ValueError(f"member offsets must lie within +-{_OFFSET_LIMIT - 1}")
     return (arr[:, 0] << 16) + ((arr[:, 1] + _OFFSET_LIMIT) << 8) + (arr[:, 2] + _OFFSET_LIMIT)
+
+
+def many_member_codes(sets: Sequence[Iterable[Member]]) -> list[np.ndarray]:
+    """``[member_codes(s) for s in sets]``, in one pass (sorted and deduplicated per set)."""
+    sizes = np.array([len(s) for s in sets], dtype=np.int64)
+    flat = np.fromiter(chain.from_iterable(chain.from_iterable(sets)), dtype=np.int64, count=3 * int(sizes.sum()))
+    arr = flat.reshape(-1, 3)
+    if arr.size and np.abs(arr[:, 1:]).max() >= _OFFSET_LIMIT:
+        raise ValueError(f"member offsets must lie within +-{_OFFSET_LIMIT - 1}")
+    codes = (arr[:, 0] << 16) + ((arr[:, 1] + _OFFSET_LIMIT) << 8) + (arr[:, 2] + _OFFSET_LIMIT)
+    owner = np.repeat(np.arange(len(sets)), sizes)
+    order = np.lexsort((codes, owner))
+    codes, owner = codes[order], owner[order]
+    first = np.r_[True, (codes[1:] != codes[:-1]) | (owner[1:] != owner[:-1])]
+    codes, owner = codes[first], owner[first]
+    return np.split(codes, np.cumsum(np.bincount(owner, minlength=len(sets)))[:-1])
 
 
 def codes_overlap(a: np.ndarray, b: np.ndarray) -> int:
@@ -91,7 +108,9 @@ def codes_best_shifts(a: np.ndarray, others: Sequence[np.ndarray]) -> tuple[np.n
     joined = _joined_shifts(a, others)
     if joined is None:
         return overlaps, shifts
-    keys, _, decode = _vote_keys(*joined)
+    keys, box, decode = _vote_keys(*joined)
+    if len(others) * box <= _BINCOUNT_LIMIT:
+        return _dense_best_shifts(keys, box, decode, len(others))
     keys, votes = np.unique(keys, return_counts=True)
     group, dy, dx = decode(keys)
     # per set: the most votes, then the smallest |t|, then the smallest t (the last key sorts first)
@@ -100,6 +119,19 @@ def codes_best_shifts(a: np.ndarray, others: Sequence[np.ndarray]) -> tuple[np.n
     overlaps[group[first]] = votes[first]
     shifts[group[first]] = np.stack([dy[first], dx[first]], axis=1)
     return overlaps, shifts
+
+
+def _dense_best_shifts(keys: np.ndarray, box: int, decode, n_sets: int) -> tuple[np.ndarray, np.ndarray]:
+    """`codes_best_shifts` by counting every (set, shift) bin of a small box: the box's shifts ordered by the
+    tie rule (smallest |t|, then smallest t) once, so that each set's first maximum is its best shift."""
+    _, dy, dx = decode(np.arange(box))
+    tie_order = np.lexsort((dx, dy, np.abs(dy) + np.abs(dx)))
+    votes = np.bincount(keys, minlength=n_sets * box).reshape(n_sets, box)[:, tie_order]
+    best = votes.argmax(axis=1)
+    overlaps = votes[np.arange(n_sets), best]
+    shifts = np.stack([dy[tie_order][best], dx[tie_order][best]], axis=1)
+    shifts[overlaps == 0] = 0  # a set sharing no channel
+    return overlaps.astype(np.int64), shifts.astype(np.int64)
 
 
 def shifted_codes(codes: np.ndarray, shifts: np.ndarray) -> np.ndarray:

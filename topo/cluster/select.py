@@ -39,7 +39,7 @@ import numpy as np
 from scipy.linalg import eigh
 
 from topo.cluster.clusters import Cluster, Member, canonical_members
-from topo.cluster.metrics import codes_best_shifts, codes_covered, codes_overlaps, member_codes
+from topo.cluster.metrics import codes_best_shifts, codes_covered, codes_overlaps, many_member_codes, member_codes
 
 
 def eigengap_k(affinity: np.ndarray, k_max: int) -> int:
@@ -100,35 +100,49 @@ def merge_candidates(candidates: dict[tuple[Member, ...], set[int]], merge_jacca
 
 
 class _ChannelCounts:
-    """Members per channel of each kept cluster, as the rows of a growing matrix.
+    """Members per channel of each kept cluster, as the columns of a growing channel-major matrix.
 
     The overlap of two clusters under any translation is at most the members
     they can pair channel by channel, ``sum_c min(a_c, b_c)``: one vectorised
     bound against every kept cluster prunes most exact (aligned) comparisons.
+    Stored channel-major (C, clusters) as uint16 (member offsets lie within +-63, so a channel holds at most
+    127**2 members of a cluster), so that the bound reads only the rows of the channels one cluster uses.
     """
 
-    def __init__(self, n_channels: int) -> None:
+    def __init__(self, n_channels: int, columns: np.ndarray | None = None) -> None:
         self.n_channels = n_channels
-        self.rows = np.zeros((16, n_channels), dtype=np.int32)
-        self.totals = np.zeros(16, dtype=np.int64)  # members per kept cluster
-        self.n = 0
+        self.columns = np.zeros((n_channels, 16), dtype=np.uint16) if columns is None else columns
+        self.totals = self.columns.sum(axis=0, dtype=np.int64)  # members per kept cluster
+        self.n = 0 if columns is None else columns.shape[1]
+
+    @classmethod
+    def of_codes(cls, codes: list[np.ndarray]) -> "_ChannelCounts":
+        """The counts of many member sets at once, from their `member_codes`."""
+        channels = np.concatenate(codes) >> 16
+        n_channels = 1 + int(channels.max())
+        owner = np.repeat(np.arange(len(codes)), [len(c) for c in codes])
+        flat = np.bincount(channels * len(codes) + owner, minlength=n_channels * len(codes))
+        return cls(n_channels, flat.reshape(n_channels, len(codes)).astype(np.uint16))
 
     def row_of(self, members) -> np.ndarray:
-        return np.bincount([m[0] for m in members], minlength=self.n_channels).astype(np.int32)
+        return np.bincount([m[0] for m in members], minlength=self.n_channels).astype(np.uint16)
+
+    def row(self, i: int) -> np.ndarray:
+        return self.columns[:, i]
 
     def append(self, row: np.ndarray) -> None:
-        if self.n == len(self.rows):
-            self.rows = np.concatenate([self.rows, np.zeros_like(self.rows)])
+        if self.n == self.columns.shape[1]:
+            self.columns = np.concatenate([self.columns, np.zeros_like(self.columns)], axis=1)
             self.totals = np.concatenate([self.totals, np.zeros_like(self.totals)])
-        self.rows[self.n] = row
+        self.columns[:, self.n] = row
         self.totals[self.n] = row.sum()
         self.n += 1
 
     def shared(self, row: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
         """The bound against every kept cluster, or against the clusters ``among`` (indices)."""
         used = np.flatnonzero(row)
-        rows = self.rows[: self.n] if among is None else self.rows[among]
-        return np.minimum(rows[:, used], row[used]).sum(axis=1)
+        cols = self.columns[used, : self.n] if among is None else self.columns[np.ix_(used, among)]
+        return np.minimum(cols, row[used][:, None]).sum(axis=0, dtype=np.int64)
 
     def sizes(self) -> np.ndarray:
         return self.totals[: self.n]
@@ -141,7 +155,7 @@ def _absorb_fragments(kept, kept_codes, counts: _ChannelCounts, containment: flo
     gone = np.zeros(len(kept), dtype=bool)
     for i in order:
         need = containment * sizes[i]
-        bound = counts.shared(counts.rows[i])
+        bound = counts.shared(counts.row(i))
         hopeful = np.flatnonzero((sizes > sizes[i]) & ~gone & (bound >= need) & (bound > 0))
         best, best_overlap = -1, 0
         if len(hopeful):
@@ -176,6 +190,12 @@ class TierTest:
         sd = np.sqrt(np.maximum(hi + lo + 2 * self.expected, 1e-300) / max(self.observations, 1.0))
         return (hi - lo) >= self.z * sd
 
+    def bar(self, lo: float) -> float:
+        """The smallest tier `above` ``lo``, in closed form (`above` is ``u >= z sqrt((u + 2 lo + 2 e) / n)``
+        in ``u = hi - lo``, a quadratic); exact up to rounding, which callers allow for."""
+        n, z2 = max(self.observations, 1.0), self.z * self.z
+        return lo + 0.5 * (z2 / n + np.sqrt((z2 / n) ** 2 + 8.0 * z2 * max(lo + self.expected, 0.0) / n))
+
 
 def drop_unions(candidates: dict[tuple[Member, ...], set[int]], tiers: dict[tuple[Member, ...], float],
                 base: set[tuple[Member, ...]], containment: float,
@@ -202,30 +222,39 @@ class _UnionIndex:
         self.position = {k: i for i, k in enumerate(keys)}
         self.tier = np.array([tiers.get(k, 0.0) for k in keys])
         self.sizes = np.array([len(k) for k in keys])
-        self.codes = [member_codes(k) for k in keys]
-        self.counts = _ChannelCounts(1 + max(m[0] for k in keys for m in k))
-        for k in keys:
-            self.counts.append(self.counts.row_of(k))
+        self.codes = many_member_codes(keys)
+        self.counts = _ChannelCounts.of_codes(self.codes)
+        self._by_tier = np.argsort(-self.tier, kind="stable")  # strongest first
+        self._falling = -self.tier[self._by_tier]  # ascending, for searchsorted
         self._resolved: dict = {}
+
+    def stronger(self, g: int) -> np.ndarray:
+        """Indices (ascending) of the candidates smaller than ``g`` and significantly stronger: a prefix of the
+        tier order, cut at the closed-form bar (with a margin for rounding), then tested exactly."""
+        lo = float(self.tier[g])
+        bar = self.test.bar(lo)
+        prefix = self._by_tier[: np.searchsorted(self._falling, -(bar - 1e-9 * (abs(bar) + 1.0)), side="right")]
+        found = np.sort(prefix[self.test.above(self.tier[prefix], lo)])
+        return found[self.sizes[found] < self.sizes[g]]
 
     def parts(self, key) -> list:
         """The significantly stronger candidates ``key`` holds, strongest first, each adding members (empty: none)."""
         g = self.position[key]
         c = self.containment
-        hopeful = np.flatnonzero(self.sizes < self.sizes[g])
-        hopeful = hopeful[self.test.above(self.tier[hopeful], float(self.tier[g]))]
+        hopeful = self.stronger(g)
         if not len(hopeful):
             return []
-        bound = self.counts.shared(self.counts.rows[g], hopeful)  # no shift shares more members than this
+        bound = self.counts.shared(self.counts.row(g), hopeful)  # no shift shares more members than this
         hopeful = hopeful[bound >= c * self.sizes[hopeful]]
         if not len(hopeful):
             return []
-        held = hopeful[codes_overlaps(self.codes[g], [self.codes[h] for h in hopeful]) >= c * self.sizes[hopeful]]
-        if not len(held):
+        overlaps, shifts = codes_best_shifts(self.codes[g], [self.codes[h] for h in hopeful])
+        held = overlaps >= c * self.sizes[hopeful]
+        if not held.any():
             return []
-        parts = held[np.argsort(-self.tier[held], kind="stable")]
+        order = np.argsort(-self.tier[hopeful[held]], kind="stable")
+        parts, shifts = hopeful[held][order], shifts[held][order]
         others = [self.codes[h] for h in parts]
-        shifts = codes_best_shifts(self.codes[g], others)[1]
         inside = codes_covered(self.codes[g], others, shifts)  # (parts, members of key)
         # greedy cover, strongest first: a part is taken when it holds a member no stronger part holds (a part
         # not taken adds nothing, so what the taken ones cover is what all the stronger ones cover)

@@ -93,15 +93,13 @@ class WindowGraph:
         return np.where(valid, np.ascontiguousarray(stack).reshape(-1).take(flat), fill)
 
 
-    def mean_strength(self, members) -> float:
-        """Mean strength of the edges among ``members`` ((channel, dy, dx) with offsets within the reach of
-        one another; 0 without edges or without `strength`)."""
-        if self.strength is None or len(members) < 2:
-            return 0.0
-        arr = np.asarray(members, dtype=np.int64).reshape(-1, 3)
-        values = self.local(self.strength, arr[:, 0], arr[:, 1:], 0.0)
-        values = values[values > 0]
-        return float(values.mean()) if len(values) else 0.0
+
+
+def mean_strength(local_strength: np.ndarray) -> float:
+    """A group's tier: the mean strength of the edges among its members, from their local strength matrix
+    (`WindowGraph.local` of `WindowGraph.strength`, 0 off the edges); 0 without edges."""
+    values = local_strength[local_strength > 0]
+    return float(values.mean()) if len(values) else 0.0
 
 
 def lift_floor(rate_i: np.ndarray, rate_j: np.ndarray, min_lift: float | None = None) -> np.ndarray:
