@@ -164,11 +164,15 @@ def test_record_iterates_the_data_once(digits, progress):
 
 
 @pytest.mark.parametrize("progress", [True, False])
-def test_record_with_calibration_iterates_the_data_twice(digits, progress):
+def test_record_with_calibration_iterates_the_data_once_while_it_fits(digits, progress):
     loader = _CountingLoader(DataLoader(digits, batch_size=64))
-    stats = topo.record(small_cnn(), loader, ["1"], progress=progress)  # fire_quantile=0.9: calibrate, then record
-    assert loader.started == 2
+    stats = topo.record(small_cnn(), loader, ["1"], progress=progress)  # fire_quantile=0.9: calibrate, replay
+    assert loader.started == 1
     assert stats["1"].count == 192 * stats["1"].positions_used
+    twice = _CountingLoader(DataLoader(digits, batch_size=64))
+    again = topo.record(small_cnn(), twice, ["1"], progress=progress, replay_bytes=0)  # calibrate, then record
+    assert twice.started == 2
+    assert again["1"].count == stats["1"].count
 
 
 @pytest.mark.gpu

@@ -195,7 +195,7 @@ def test_calibration_pass_sees_the_same_batches_as_the_recording_pass(workers):
     loader = make_loader(_Jittered(maps), batch_size=8, train=True, seed=3, workers=workers, device="cpu")
     model = _Logged()
     torch.manual_seed(0)
-    stats = topo.record(model, loader, ["out"], progress=False)["out"]
+    stats = topo.record(model, loader, ["out"], progress=False, replay_bytes=0)["out"]  # two passes
     calibration, recording = _passes(model, 8)
     assert len(calibration) == len(recording) == 5  # train=True drops no batch of 8 out of 40
     for a, b in zip(calibration, recording):
@@ -207,6 +207,29 @@ def test_calibration_pass_sees_the_same_batches_as_the_recording_pass(workers):
     # the thresholds are the quantiles of exactly what was recorded
     columns = order.permute(0, 2, 3, 1).reshape(-1, 3).double().numpy()
     np.testing.assert_allclose(stats.thresholds, np.quantile(columns, 0.9, axis=0), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("layers", [["out"], ["out", "out:input"]], ids=["one layer", "two layers"])
+def test_replaying_the_calibration_pass_gives_the_statistics_of_a_second_pass(layers):
+    """The kept activations give bitwise the statistics a second pass gives, in one forward pass per batch;
+    activations beyond ``replay_bytes`` make record() run the data again, with the same result."""
+    maps = torch.from_numpy(correlated_maps(n=40, c=3, h=5, w=5, seed=38)).float()
+    loader = make_loader(_Jittered(maps), batch_size=8, train=True, seed=3, workers=0, device="cpu")
+    outcomes = {}
+    for replay_bytes in (2**30, 40 * 3 * 5 * 5 * 4 * len(layers) - 1, 0):  # all kept; one byte short; none
+        model = _Logged()
+        torch.manual_seed(0)
+        outcomes[replay_bytes] = topo.record(model, loader, layers, progress=False, replay_bytes=replay_bytes)
+        batches = sum(1 for t in model.seen if t.shape[0] == 8)
+        assert batches == (5 if replay_bytes == 2**30 else 10)
+    for got in list(outcomes.values())[1:]:
+        for spec in layers:
+            assert got[spec].thresholds.tolist() == outcomes[2**30][spec].thresholds.tolist()
+            for key, value in outcomes[2**30][spec]._state.items():
+                torch.testing.assert_close(got[spec]._state[key], value, rtol=0, atol=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(StatsError, match="replay_bytes"):
+            topo.record(_Logged(), loader, ["out"], progress=False, replay_bytes=bad)
 
 
 def test_record_threshold_options():

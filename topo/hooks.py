@@ -5,10 +5,11 @@ Layers are named as in ``model.named_modules()``. ``"inception3a"`` (or
 the tensor entering it (its first positional argument), which is how the
 construction loop reads the output of the last stage through the head.
 
-By default ``record`` makes two passes over the data: a calibration pass that
-estimates each unit's firing threshold (its ``fire_quantile``-quantile), then the
-recording pass; both see the same batches in the same order (see
-:func:`record`). Positions per map are chosen per layer from the model's counted
+By default ``record`` estimates each unit's firing threshold (its
+``fire_quantile``-quantile) in a calibration pass, then adds every activation to
+the statistics: from copies the calibration pass kept, while they fit in
+``replay_bytes`` (one forward pass in all), or else in a second pass that sees
+the same batches in the same order (see :func:`record`). Positions per map are chosen per layer from the model's counted
 forward multiply-adds (``positions="auto"``, :func:`topo.stats.choose_positions`).
 """
 from __future__ import annotations
@@ -40,6 +41,10 @@ from topo.stats import (
 log = logging.getLogger(__name__)
 
 _WHERE = ("output", "input")
+
+#: Bytes of recorded activations the calibration pass keeps, at most, so that the recording needs no second
+#: forward pass (:func:`record`'s ``replay_bytes``).
+REPLAY_BYTES = 2**30
 
 
 def parse_layer(spec: str) -> tuple[str, str]:
@@ -91,6 +96,7 @@ def record(
     seed: int = 0,
     progress: bool = True,
     all_reduce: bool = True,
+    replay_bytes: int = REPLAY_BYTES,
 ) -> dict[str, LayerStats]:
     """Run ``data`` through ``model`` and return the statistics of each layer in ``layers`` (keyed by those strings).
 
@@ -103,7 +109,9 @@ def record(
     q-quantile from a bounded, seeded subsample; a unit fires above it (a ReLU unit whose quantile is 0 fires
     when positive). The global CPU RNG and the loader's generators are put back before the second pass, so
     both see the same batches (persistent loader workers keep their own random state: same images and order,
-    other augmentations). ``threshold=None, fire_quantile=None``: threshold 0, one pass.
+    other augmentations). Where the calibration pass's activations fit in ``replay_bytes`` (1 GiB, on the
+    statistics' device) its copies of them are recorded instead: one pass, bitwise the same statistics (not with
+    0, nor under ``torch.distributed``). ``threshold=None, fire_quantile=None``: threshold 0, one pass.
 
     ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted
     once, on one image) and the number of images (:func:`topo.stats.choose_positions`; logged, and kept in
@@ -116,12 +124,10 @@ def record(
         raise StatsError("no layers given to record; pass module names from model.named_modules()")
     modules = dict(model.named_modules())
     targets = {spec: _find_module(model, modules, *parse_layer(spec)) for spec in specs}
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
-        raise StatsError(f"threshold={threshold!r} is invalid; record takes a number (or None to calibrate)")
-    quantile = check_fire_quantile(fire_quantile) if threshold is None else None
+    quantile = _checked_settings(threshold, fire_quantile, replay_bytes)
     LayerStats(max_offset=max_offset, positions=positions, seed=seed)  # a bad setting fails before any pass
     run = _Run(model, data, targets, max_batches, device or _model_device(model), progress,
-               all_reduce and dist_info.is_distributed())
+               all_reduce and dist_info.is_distributed(), replay_bytes)
     auto = positions == "auto"
     with _evaluating(model):
         thresholds = run.calibrate(quantile, seed, probe=auto) if quantile is not None else {}
@@ -138,6 +144,15 @@ def record(
     return stats
 
 
+def _checked_settings(threshold, fire_quantile, replay_bytes) -> float | None:
+    """The firing quantile to calibrate (None with an explicit ``threshold``), once the settings are valid."""
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))):
+        raise StatsError(f"threshold={threshold!r} is invalid; record takes a number (or None to calibrate)")
+    if isinstance(replay_bytes, bool) or not isinstance(replay_bytes, int) or replay_bytes < 0:
+        raise StatsError(f"replay_bytes={replay_bytes!r} is invalid; pass a number of bytes >= 0 (0: two passes)")
+    return check_fire_quantile(fire_quantile) if threshold is None else None
+
+
 @contextmanager
 def _evaluating(model: nn.Module):
     """Eval mode under ``torch.no_grad()``; every submodule's own train/eval flag is restored afterwards,
@@ -152,40 +167,94 @@ def _evaluating(model: nn.Module):
             module.training = training
 
 
+class _Tape:
+    """Copies of the activations of one pass, in call order and grouped by batch, while they fit in ``capacity``
+    bytes; past it, nothing (``full``), and what was kept is let go."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity, self.used, self.full = capacity, 0, capacity <= 0
+        self.batches: list[list[tuple[str, torch.Tensor]]] = []
+
+    def keep(self, spec: str, x: torch.Tensor, batch_index: int) -> None:
+        if self.full:
+            return
+        self.used += x.numel() * x.element_size()
+        if self.used > self.capacity:
+            self.full, self.batches = True, []
+            return
+        while len(self.batches) <= batch_index:
+            self.batches.append([])
+        self.batches[batch_index].append((spec, x.detach().clone()))  # a later in-place op must not change it
+
+
+@dataclass
+class _Taping:
+    """A calibration sink that also hands each activation to a `_Tape`."""
+
+    sink: Any
+    spec: str
+    tape: _Tape
+
+    @property
+    def name(self) -> str | None:
+        return self.sink.name
+
+    def update(self, x: torch.Tensor, *, batch_index: int) -> None:
+        self.sink.update(x, batch_index=batch_index)
+        self.tape.keep(self.spec, x, batch_index)
+
+
 class _Run:
     """The passes of one :func:`record` call over the same data."""
 
-    def __init__(self, model, data, targets, max_batches, device, progress, distributed) -> None:
+    def __init__(self, model, data, targets, max_batches, device, progress, distributed, replay_bytes: int) -> None:
         self.model, self.data, self.targets = model, data, targets
         self.max_batches, self.device, self.progress, self.distributed = max_batches, device, progress, distributed
         self.images: int | None = None  # over all processes, once a pass has counted them
         self.forward_macs: int | None = None
         self._generators = _generator_states(data)
+        # under torch.distributed every rank runs the same forward passes (a model may synchronise in them)
+        self._tape = _Tape(0 if distributed else replay_bytes)
+        self._calibrated = _Pass()
 
     def calibrate(self, quantile: float, seed: int, probe: bool) -> dict[str, Any]:
         """The calibration pass: each layer's per-unit ``quantile``, the same on every rank (and, with
-        ``probe``, the forward pass's multiply-adds)."""
+        ``probe``, the forward pass's multiply-adds); it keeps the activations for `record` where they fit."""
         samples = {spec: ActivationSample(seed=seed, stream=dist_info.rank(), name=spec) for spec in self.targets}
-        seen = self._pass(samples, "calibrate", probe=probe)
-        self.images = _check_outcome({s: x.count for s, x in samples.items()}, seen, self.distributed)
+        sinks = {spec: _Taping(sample, spec, self._tape) for spec, sample in samples.items()}
+        self._calibrated = self._pass(sinks, "calibrate", probe=probe)
+        self.images = _check_outcome({s: x.count for s, x in samples.items()}, self._calibrated, self.distributed)
         if self.distributed:
             for sample in samples.values():
                 sample.all_gather()
         return {spec: sample.quantile(quantile) for spec, sample in samples.items()}
 
     def record(self, stats: dict[str, LayerStats], auto: bool) -> None:
-        """The recording pass (after a calibration pass: the same batches again)."""
-        if self.images is not None:
-            _restore_generators(self._generators)
-
-        def budget(x: torch.Tensor) -> None:
+        """The recording pass (after a calibration pass: its kept activations, or the same batches again)."""
+        def budget(x: torch.Tensor | None) -> None:
             images = self.images or _images_lower_bound(self.data, self.max_batches, x.shape[0])
             plan = PositionBudget(forward_macs=self.forward_macs, num_images=images)
             for layer in stats.values():
                 layer.budget = plan
 
-        seen = self._pass(stats, "record", probe=auto, on_first=budget if auto else None)
+        if self.images is not None and not self._tape.full:
+            if auto:
+                budget(None)
+            seen = self._replay(stats)
+        else:
+            if self.images is not None:
+                _restore_generators(self._generators)
+            seen = self._pass(stats, "record", probe=auto, on_first=budget if auto else None)
         _check_outcome({spec: layer.count for spec, layer in stats.items()}, seen, self.distributed)
+
+    def _replay(self, stats: dict[str, LayerStats]) -> _Pass:
+        """The kept activations into ``stats``, batch by batch, as the recording pass would send them."""
+        batches, self._tape.batches = self._tape.batches, []
+        for index in progress_bar(range(len(batches)), desc="record", unit="batch", disable=not self.progress):
+            for spec, x in batches[index]:
+                stats[spec].update(x, batch_index=index)
+            batches[index] = []  # let each batch go once it is added
+        return self._calibrated
 
     def _pass(self, sinks: dict[str, Any], desc: str, *, probe: bool, on_first=None) -> _Pass:
         """One pass of the data through the model, each layer's activations sent to ``sinks[layer]``."""
