@@ -5,8 +5,9 @@
 
 Runs the real command in a subprocess, in a temporary output directory, and
 splits the wall time into stages by the moment each stage's first log line
-appears: start-up and construction, the control's constructions, training the
-discovered network, training the reference, comparison and report.
+appears: start-up and the constructions (the run's and the control's, side by
+side with ``--jobs``), training the discovered network, training the
+reference, comparison and report.
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import tempfile
 import time
 
 TARGET_S = 180.0
-STAGES = (("control: constructing", "controls"), ("training discovered", "train discovered"),
+STAGES = (("training discovered", "train discovered"),
           ("training reference", "train reference"),
           ("| Network", "compare + report"))
 
@@ -34,7 +35,7 @@ def one_run(extra: list[str], keep: str | None = None) -> dict[str, float]:
         out = keep or os.path.join(tmp, "run")
         cmd = [sys.executable, "-m", "topo.cli", "--no-progress", "--out", out, *extra]
         start = time.perf_counter()
-        marks = {"construct": 0.0}
+        marks = {"constructions": 0.0}
         with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
             assert proc.stdout is not None
             for line in proc.stdout:
@@ -58,12 +59,12 @@ def main() -> None:
 
     print(f"# default topo-build run, {datetime.date.today()}, {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print("| run | construct (s) | controls (s) | train discovered (s) | train reference (s) | compare + report (s) | "
+    print("| run | start-up and constructions (s) | train discovered (s) | train reference (s) | compare + report (s) | "
           "total (s) | total / 180 s target |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for run in range(1, args.repeats + 1):
         marks = one_run(args.extra, args.keep if run == args.repeats else None)
-        order = ["construct", *(stage for _, stage in STAGES), "end"]
+        order = ["constructions", *(stage for _, stage in STAGES), "end"]
         times = [marks.get(stage) for stage in order]
         spans = [f"{b - a:.1f}" if a is not None and b is not None else "-" for a, b in zip(times, times[1:])]
         print(f"| {run} | {' | '.join(spans)} | {marks['end']:.1f} | {marks['end'] / TARGET_S:.2f}x |")

@@ -175,6 +175,7 @@ def _cases() -> list[Case]:
         Case("report-without-run", lambda i, o, t: (["report"], "run_dir")),
         # flags checked after parsing
         Case("workers-two", lambda i, o, t: (["--workers", "two", *FAST[:-3], *out(o)], "--workers")),
+        Case("jobs-zero", lambda i, o, t: (["construct", "--jobs", "0", *FAST[:4], *out(o)], "--jobs")),
         Case("negative-momentum", lambda i, o, t: (["--momentum", "-1", *FAST, *out(o)], "--momentum")),
         Case("growing-decay", lambda i, o, t: (["train", str(tiny_spec(i)), "--decay-factor", "5", *FAST[4:],
                                                 *out(o)], "--decay-factor")),

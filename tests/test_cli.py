@@ -110,7 +110,7 @@ def test_resume_after_a_kill(tmp_path: Path, one_thread):
     assert "construct" in state and "train:discovered" not in state and "train:reference" not in state
     topology_written = os.stat(out / "topology.json").st_mtime_ns
 
-    assert main(["--resume", str(out), "--workers", "0", "--quiet"]) == 0  # settings a resume may change
+    assert main(["--resume", str(out), "--workers", "0", "--jobs", "1", "--quiet"]) == 0  # a resume may change these
     state = json.loads((out / "state.json").read_text())
     assert {"construct", "train:discovered", "train:reference"} <= set(state)
     assert os.stat(out / "topology.json").st_mtime_ns == topology_written  # construction was not redone
@@ -182,6 +182,7 @@ def test_no_verify_with_strict_fails_when_an_unreadable_image_is_read(broken_ima
     (["--reference", "resnet"], "reference"),
     (["--skeleton", "2,poll,2"], "skeleton"),
     (["--workers", "two"], "--workers"),
+    (["--jobs", "two"], "--jobs"),
     (["analyze", "--variant", "small", "--weights", "/no/such/weights.pth"], "weights file"),
 ])
 def test_user_errors_are_one_line(argv, expected, capsys, tmp_path):

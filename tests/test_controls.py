@@ -146,7 +146,7 @@ def test_a_construction_on_noise_differs_from_one_on_structured_data(tmp_path, o
     """The run's own control on planted data (a known sparse network): its topology is far from those built on
     the pixel-shuffled data and on matched-moment noise, by the documented target (topo.controls)."""
     from topo.construct import ConstructConfig
-    from topo.pipeline import RunConfig, construct_stage, controls_stage, load_data
+    from topo.pipeline import RunConfig, constructions_stage, load_data
     from topo.rundir import RunDir
     from topo.train import TrainConfig
 
@@ -157,8 +157,7 @@ def test_a_construction_on_noise_differs_from_one_on_structured_data(tmp_path, o
     run = RunDir(tmp_path / "run")
     run.write_config(config.to_dict())
     bundle = load_data(config)
-    construct_stage(config, bundle, run)
-    summary = controls_stage(config, bundle, run)
+    _, summary = constructions_stage(config, bundle, run)
     assert [o.kind for o in summary.outcomes] == ["shuffled", "noise"]
     for outcome in summary.outcomes:
         assert outcome.min_p < ALPHA

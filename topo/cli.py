@@ -55,8 +55,7 @@ from topo.pipeline import (
     check_device,
     check_window,
     comparison_row,
-    construct_stage,
-    controls_stage,
+    constructions_stage,
     load_data,
     preflight,
     read_controls,
@@ -267,6 +266,9 @@ def _add_reference(p: argparse.ArgumentParser) -> dict[str, str]:
     flags.add("--controls", "controls", "construct also on more seeds, on pixel-shuffled data and on "
                                         "matched-moment noise, and test whether the topology depends on the data "
                                         "(--no-controls: skip)", action=argparse.BooleanOptionalAction)
+    flags.add("--jobs", "jobs", "run, construct: the run's construction and the control's side by side in this "
+                                "many worker processes (the same results; 1: one after the other here); auto: one "
+                                "per core on the CPU, 1 on a GPU")
     flags.add("--fresh-init", "fresh_init", "train the discovered network from random weights even where the "
                                             "construction initialised it (the ablation of --init hebbian)",
               action="store_true")
@@ -558,18 +560,23 @@ def _setting(config: RunConfig, group: str, field: str) -> Any:
     return getattr({"construct": config.construct, "train": config.train}.get(group, config), field)
 
 
+#: Run settings outside its sections that a continued run may change: how it computes, not what.
+RUN_RESUMABLE_CHANGES = frozenset({"jobs"})
+
+
 def differences(args: argparse.Namespace, saved: RunConfig, given: RunConfig,
                 only: set[str] | None = None) -> list[str]:
     """``"--epochs 15, not 3"`` for every setting (of ``only``, if given) where ``given`` differs from ``saved``.
 
-    The settings a run may change when continued (`topo.train.RESUMABLE_CHANGES`) are left out.
+    The settings a run may change when continued (`topo.train.RESUMABLE_CHANGES`, `RUN_RESUMABLE_CHANGES`) are
+    left out.
     """
     flags = {field: flag for fields in args.config_fields.values() for field, flag in fields.items()}
     flags["seed"] = "--seed"
     groups = {field: group for group, fields in args.config_fields.items() for field in fields}
     out = []
     for field, flag in flags.items():
-        if field in RESUMABLE_CHANGES or (only is not None and field not in only):
+        if field in RESUMABLE_CHANGES | RUN_RESUMABLE_CHANGES or (only is not None and field not in only):
             continue
         was, now = _setting(saved, groups.get(field, "data"), field), _setting(given, groups.get(field, "data"), field)
         if was != now:
@@ -606,10 +613,11 @@ def _resumed(args: argparse.Namespace) -> tuple[RunDir, RunConfig]:
     _refuse_other_settings(run, differences(args, saved, given, only=args.explicit),
                            "drop those flags to continue it as saved")
     allowed = {field: getattr(given.train, field) for field in RESUMABLE_CHANGES & args.explicit}
+    top = {field: getattr(given, field) for field in RUN_RESUMABLE_CHANGES & args.explicit}
     if dist_info.rank() == 0:
         remove_temporaries(run.root)
     log.info("resuming %s with its saved configuration", run.root)
-    return run, dataclasses.replace(saved, train=dataclasses.replace(saved.train, **allowed))
+    return run, dataclasses.replace(saved, **top, train=dataclasses.replace(saved.train, **allowed))
 
 
 # --------------------------------------------------------------------------- --config FILE
@@ -858,8 +866,7 @@ def cmd_construct(args: argparse.Namespace) -> int:
     bundle = load_data(config)
     preflight(config, bundle, reference_spec(config, bundle), window_given="window" in args.explicit)
     _start(run, config, "construct")
-    construct_stage(config, bundle, run)
-    summary = controls_stage(config, bundle, run)
+    _, summary = constructions_stage(config, bundle, run)
     if dist_info.rank() == 0:
         print(f"topology: {run.topology}", flush=True)
         if summary is not None:
@@ -938,7 +945,8 @@ def _study_config(args: argparse.Namespace, out: Path) -> StudyConfig:
     if not args.resume:
         return given
     saved = load_study(out)
-    changed = sorted(set(args.explicit) - RESUMABLE_CHANGES - {"out", "resume", "shard", "verbosity"})
+    changed = sorted(set(args.explicit) - RESUMABLE_CHANGES - RUN_RESUMABLE_CHANGES - {"out", "resume", "shard",
+                                                                                      "verbosity"})
     if changed:
         raise UserError(f"--resume continues {out} with its saved settings; drop the other flags "
                         f"({', '.join(changed)}) or give the same ones without --resume")

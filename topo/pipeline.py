@@ -58,7 +58,7 @@ from topo.controls import ControlConfig, ControlSummary, summarise, verdict
 from topo.hooks import record
 from topo.io import atomic_write_json, atomic_write_text
 from topo.nulls import null_batches
-from topo.progress import progress_bar
+from topo.parallel import Job, check_processes, default_processes, run_jobs
 from topo.rundir import AnalysisFiles, RunDir
 from topo.stats import LayerStats
 from topo.train import TrainConfig, TrainResult, train
@@ -90,6 +90,7 @@ class RunConfig:
     aux_heads: str = "none"
     seed: int = 0
     controls: bool = True
+    jobs: int | str = "auto"
     fresh_init: bool = False
     construct: ConstructConfig = field(default_factory=ConstructConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -103,6 +104,7 @@ class RunConfig:
         return out
 
     def __post_init__(self) -> None:
+        self.jobs = check_processes(self.jobs)
         if self.aux_heads not in AUX_POLICIES:
             raise UserError(f"auxiliary-head policy {self.aux_heads!r} is unknown: use {' or '.join(AUX_POLICIES)}")
 
@@ -323,15 +325,52 @@ def run_construction(config: RunConfig, bundle: DataBundle, construct_config: Co
 
 
 def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> NetworkSpec:
-    """Construct the topology (or read it back if this stage is done)."""
-    if "construct" in run.completed():
-        return read_spec(run.topology)
-    result = run_construction(config, bundle, config.construct, run.construction.root)
+    """Construct the topology (or read it back if this stage is done); no controls."""
+    return constructions_stage(dataclasses.replace(config, controls=False), bundle, run)[0]
+
+
+def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
+                        ) -> tuple[NetworkSpec, ControlSummary | None]:
+    """The run's construction and, with ``config.controls``, the control's (`control_plan`), each resumable on its
+    own (what is done is read back), side by side in ``config.jobs`` processes (`topo.parallel`): the topology,
+    and the control's outcome (`topo.controls`; None without controls)."""
+    done = run.completed()
+    plan = control_plan(config) if config.controls and "controls" not in done else []
+    if plan and config.construct.epochs_per_layer > 0:
+        log.warning("the controls construct without the brief prefix training (it would train on the real labels)")
+    own = "construct" not in done
+    processes = default_processes(config.jobs, own + len(plan), resolve_device(config.train.device))
+    quiet = config if processes == 1 else dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                                                  progress=False))
+    jobs = [Job("the construction", construction_job, (quiet, bundle, config.construct, run.construction.root,
+                                                       None, True))] if own else []
+    jobs += [Job(f"the control's construction {name}", construction_job,
+                 (quiet, bundle, dataclasses.replace(config.construct, seed=seed), run.control(name).root, kind, False))
+             for name, kind, seed in plan]
+    results = run_jobs(jobs, processes, desc="constructions", progress=config.train.progress and len(jobs) > 1)
+    spec = _keep_construction(run, *next(results)) if own else read_spec(run.topology)
+    if plan:
+        summary = _control_summary(config, run, plan, [records for _, records in results])
+    else:
+        summary = read_controls(run) if config.controls else None
+    return spec, summary
+
+
+def construction_job(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
+                     null: str | None, trainer: bool) -> tuple[NetworkSpec, list[dict[str, Any]]]:
+    """`run_construction` as a job for `topo.parallel` (picklable in and out): the spec and the records."""
+    log.info("constructing on %s, seed %d (%s)", f"the {null} null" if null else "the data", construct_config.seed,
+             out_dir)
+    result = run_construction(config, bundle, construct_config, out_dir, null=null, trainer=trainer)
+    return result.spec, result.records
+
+
+def _keep_construction(run: RunDir, spec: NetworkSpec, records: list[dict[str, Any]]) -> NetworkSpec:
     if dist_info.rank() == 0:
-        atomic_write_text(run.topology, result.spec.to_json() + "\n")
-        atomic_write_json(run.construction.records, result.records)
-        run.mark_done("construct", {"modules": len(result.records)})
-    return result.spec
+        atomic_write_text(run.topology, spec.to_json() + "\n")
+        atomic_write_json(run.construction.records, records)
+        run.mark_done("construct", {"modules": len(records)})
+    return spec
 
 
 def control_plan(config: RunConfig) -> list[tuple[str, str | None, int]]:
@@ -351,24 +390,13 @@ def read_controls(run: RunDir) -> ControlSummary | None:
                      parse=ControlSummary.from_dict)
 
 
-def controls_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> ControlSummary | None:
-    """Construct on more seeds and on the null inputs, and test the run's topology against them (`topo.controls`).
-
-    Each construction is resumable on its own (``controls/NAME``); the summary is written once all are done.
-    """
-    if not config.controls:
-        return None
-    if "controls" in run.completed():
-        return read_controls(run)
-    if config.construct.epochs_per_layer > 0:
-        log.warning("the controls construct without the brief prefix training (it would train on the real labels)")
+def _control_summary(config: RunConfig, run: RunDir, plan: list[tuple[str, str | None, int]],
+                     outcomes: list[list[dict[str, Any]]]) -> ControlSummary:
+    """Test the run's topology against the control's constructions (their records, in ``plan``'s order)."""
     real = [read_records(run.construction.records)]
     nulls: dict[str, list] = {}
-    for name, kind, seed in progress_bar(control_plan(config), desc="controls", disable=not config.train.progress):
-        log.info("control: constructing %s", name)
-        construct_config = dataclasses.replace(config.construct, seed=seed)
-        result = run_construction(config, bundle, construct_config, run.control(name).root, null=kind, trainer=False)
-        (real if kind is None else nulls.setdefault(kind, [])).append(result.records)
+    for (_, kind, _), records in zip(plan, outcomes):
+        (real if kind is None else nulls.setdefault(kind, [])).append(records)
     modules = [r["name"] for r in real[0]]
     summary = summarise(modules, real, nulls, permutations=config.control.permutations, seed=config.seed)
     if dist_info.rank() == 0:
@@ -487,8 +515,7 @@ def run_all(config: RunConfig, run: RunDir, *, bundle: DataBundle | None = None,
     is_main = dist_info.rank() == 0
     if is_main and not run.config_path.is_file():
         run.write_config(config.to_dict())
-    discovered = construct_stage(config, bundle, run)
-    controls_stage(config, bundle, run)
+    discovered, _ = constructions_stage(config, bundle, run)
     for name, spec in (("discovered", discovered), ("reference", reference)):  # one auxiliary-head policy for both
         train_stage(name, with_aux_policy(spec, reference, config.aux_heads), config, bundle, run)
     if not is_main:

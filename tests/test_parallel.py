@@ -1,0 +1,128 @@
+"""Jobs side by side (`topo.parallel`): the same results as one after the other, errors as one line, and no
+worker left behind by a killed parent."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from topo.errors import DataError, UserError
+from topo.parallel import Job, check_processes, default_processes, run_jobs
+
+
+def _fail(message: str) -> None:
+    raise DataError(message)
+
+
+def _die() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _square_with_settings(x: int) -> tuple[int, int, int, str | None]:
+    return x * x, torch.get_num_threads(), os.getpid(), os.environ.get("OMP_WAIT_POLICY")
+
+
+def test_jobs_side_by_side_give_the_results_in_order_with_the_parents_threads(one_thread, monkeypatch):
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    torch.set_num_threads(3)
+    jobs = [Job(f"square {x}", _square_with_settings, (x,)) for x in range(5)]
+    here = list(run_jobs(jobs, 1, progress=False))
+    assert [r[0] for r in here] == [0, 1, 4, 9, 16] and {r[2] for r in here} == {os.getpid()}
+    apart = list(run_jobs(jobs, 2, progress=False))
+    assert [r[0] for r in apart] == [0, 1, 4, 9, 16]
+    assert {r[1] for r in apart} == {3}  # each worker computes as this process would
+    assert {r[3] for r in apart} == {"PASSIVE"} and "OMP_WAIT_POLICY" not in os.environ  # put back here
+    assert os.getpid() not in {r[2] for r in apart} and len({r[2] for r in apart}) <= 2
+
+
+def test_a_failing_job_raises_its_own_error_and_a_dead_worker_is_one_line():
+    jobs = [Job("fine", _square_with_settings, (3,)), Job("bad", _fail, ("data folder x is empty; fill it",))]
+    with pytest.raises(DataError, match="data folder x is empty"):
+        list(run_jobs(jobs, 2, progress=False))
+    with pytest.raises(UserError, match="worker process died .* before the dying job was done") as info:
+        list(run_jobs([Job("the dying job", _die), Job("fine", _square_with_settings, (3,))], 2, progress=False))
+    assert "\n" not in str(info.value) and "--jobs 1" in str(info.value)
+
+
+def test_process_counts():
+    cpu = torch.device("cpu")
+    assert default_processes(1, 4, cpu) == 1
+    assert default_processes(3, 2, cpu) == 2  # never more workers than jobs
+    assert default_processes("auto", 1, cpu) == 1
+    assert 1 <= default_processes("auto", 4, cpu) <= max(1, torch.get_num_threads())
+    assert default_processes("auto", 4, torch.device("cuda")) == 1  # one accelerator: one process
+    assert check_processes("3") == 3 and check_processes("auto") == "auto"
+    for bad in (0, -1, "two", True, 1.5):
+        with pytest.raises(UserError, match="--jobs"):
+            check_processes(bad)
+
+
+@pytest.mark.slow
+def test_a_killed_parent_leaves_no_worker_behind(tmp_path):
+    """SIGKILL the process that runs the jobs: its workers notice within a second and exit."""
+    pids = tmp_path / "pids.txt"
+    script = textwrap.dedent(f"""
+        import os, time
+        from topo.parallel import Job, run_jobs
+        import test_parallel
+        jobs = [Job(str(k), test_parallel._sleep_and_tell, ({str(pids)!r}, 60.0)) for k in range(2)]
+        list(run_jobs(jobs, 2, progress=False))
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")])}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+    deadline = time.monotonic() + 60
+    while (not pids.is_file() or len(pids.read_text().split()) < 2) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    workers = [int(p) for p in pids.read_text().split()]
+    assert len(workers) == 2
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in workers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_alive(p) for p in workers)
+
+
+def _sleep_and_tell(path: str, seconds: float) -> None:
+    with open(path, "a") as f:
+        f.write(f"{os.getpid()}\n")
+    time.sleep(seconds)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_constructions_side_by_side_equal_those_one_after_the_other(tmp_path, one_thread):
+    """The run's construction and its control's, in two processes or in this one: the same files, bit for bit."""
+    from topo.construct import ConstructConfig
+    from topo.controls import ControlConfig
+    from topo.pipeline import RunConfig, constructions_stage, load_data
+    from topo.rundir import RunDir
+    from topo.train import TrainConfig
+
+    outcomes = {}
+    for jobs in (1, 2):
+        config = RunConfig(data="planted", jobs=jobs,
+                           construct=ConstructConfig(skeleton="2", stem="none", budget_macs="none", stats_batches=2),
+                           control=ControlConfig(real_seeds=2, control_seeds=1, permutations=99),
+                           train=TrainConfig(progress=False, workers=0, batch_size=64))
+        run = RunDir(tmp_path / f"jobs{jobs}")
+        run.write_config(config.to_dict())
+        spec, summary = constructions_stage(config, load_data(config), run)
+        outcomes[jobs] = (spec.to_json(), run.topology.read_text(), run.construction.records.read_text(),
+                          json.loads(run.controls.read_text()), summary.to_dict())
+        assert constructions_stage(config, load_data(config), run)[1].to_dict() == summary.to_dict()  # read back
+    assert outcomes[1] == outcomes[2]
