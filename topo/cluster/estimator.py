@@ -348,4 +348,3 @@ def _window_mask(offs: np.ndarray, window: int) -> tuple[np.ndarray, bool]:
         best = np.unravel_index(int(held.sum(axis=2).argmax()), held.shape[:2])
         keep = held[best]
     return keep, cut
-

@@ -17,7 +17,11 @@ _BINCOUNT_LIMIT = 1 << 22  # (set, shift) bins counted densely up to this many
 
 def member_codes(members: Iterable[Member]) -> np.ndarray:
     """Sorted integer codes of a member set; the difference of two same-channel codes encodes their shift."""
-    arr = np.array(sorted(set(members)), dtype=np.int64).reshape(-1, 3)
+    return _encode(np.array(sorted(set(members)), dtype=np.int64).reshape(-1, 3))
+
+
+def _encode(arr: np.ndarray) -> np.ndarray:
+    """The codes of members given as rows (c, dy, dx) of an int64 array."""
     if arr.size and np.abs(arr[:, 1:]).max() >= _OFFSET_LIMIT:
         raise ValueError(f"member offsets must lie within +-{_OFFSET_LIMIT - 1}")
     return (arr[:, 0] << 16) + ((arr[:, 1] + _OFFSET_LIMIT) << 8) + (arr[:, 2] + _OFFSET_LIMIT)
@@ -27,10 +31,7 @@ def many_member_codes(sets: Sequence[Iterable[Member]]) -> list[np.ndarray]:
     """``[member_codes(s) for s in sets]``, in one pass (sorted and deduplicated per set)."""
     sizes = np.array([len(s) for s in sets], dtype=np.int64)
     flat = np.fromiter(chain.from_iterable(chain.from_iterable(sets)), dtype=np.int64, count=3 * int(sizes.sum()))
-    arr = flat.reshape(-1, 3)
-    if arr.size and np.abs(arr[:, 1:]).max() >= _OFFSET_LIMIT:
-        raise ValueError(f"member offsets must lie within +-{_OFFSET_LIMIT - 1}")
-    codes = (arr[:, 0] << 16) + ((arr[:, 1] + _OFFSET_LIMIT) << 8) + (arr[:, 2] + _OFFSET_LIMIT)
+    codes = _encode(flat.reshape(-1, 3))
     owner = np.repeat(np.arange(len(sets)), sizes)
     order = np.lexsort((codes, owner))
     codes, owner = codes[order], owner[order]

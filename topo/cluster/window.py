@@ -93,8 +93,6 @@ class WindowGraph:
         return np.where(valid, np.ascontiguousarray(stack).reshape(-1).take(flat), fill)
 
 
-
-
 def mean_strength(local_strength: np.ndarray) -> float:
     """A group's tier: the mean strength of the edges among its members, from their local strength matrix
     (`WindowGraph.local` of `WindowGraph.strength`, 0 off the edges); 0 without edges."""
