@@ -9,8 +9,9 @@ By default ``record`` estimates each unit's firing threshold (its
 ``fire_quantile``-quantile) in a calibration pass, then adds every activation to
 the statistics: from copies the calibration pass kept, while they fit in
 ``replay_bytes`` (one forward pass in all), or else in a second pass that sees
-the same batches in the same order (see :func:`record`). Positions per map are chosen per layer from the model's counted
-forward multiply-adds (``positions="auto"``, :func:`topo.stats.choose_positions`).
+the same batches in the same order (see :func:`record`). Positions per map are
+chosen per layer from the model's counted forward multiply-adds
+(``positions="auto"``, :func:`topo.stats.choose_positions`).
 """
 from __future__ import annotations
 
