@@ -99,7 +99,8 @@ def found_chain(planted, schedule, seed: int, decode=decode) -> list[dict]:
     x, models = planted.activations, []
     for layer in range(1, planted.config.depth + 1):
         models.append(fit(x, schedule[0] if layer == 1 else schedule[1], seed))
-        x = decode(x, [c.members for c in decoded_clusters(models[-1])])
+        if layer < planted.config.depth:  # the top layer's decoding would feed nothing
+            x = decode(x, [c.members for c in decoded_clusters(models[-1])])
     return [{"layer": r["layer"], "jaccard": r["jaccard"], "precision": r["precision_jaccard"],
              "units decoded": r["units_decoded"]} for r in layer_recovery(planted, models)]
 
