@@ -67,6 +67,8 @@ class LayerRecord(TypedDict, total=False):
     reference: dict[str, Any] | None  # the hand-designed module's InceptionSpec dict
     macs: int                      # multiply-adds of the discovered module
     budget_macs: int               # its share of the multiply-add budget
+    decoded_units: int             # --decoder threshold: the units whose threshold it set (topo.decoding)
+    decoded_rate: float | None     # their mean target firing rate
 
 
 class ComparisonRow(TypedDict, total=False):

@@ -21,9 +21,12 @@ per-kernel counts, the share of true units some decoded channel reads). Also:
   standardised inputs at layer 1) and without its decoding, with and without
   strength tiers;
 * ``--diagnose``: the construction with ``fire_quantile=None``;
+* ``--decoders``: the construction with the threshold decoder (``decoder="threshold"``, `topo.decoding`), with
+  the default firing, and with units firing when positive tested against independence (``fire_quantile=None,
+  null="none"``), with and without the pooling branch, beside the mean decoder without it;
 * ``--sweep``: layer-1 recovery as above over depth, top density and degree.
 
-    python benchmarks/bench_recovery.py [--seeds 5] [--cli] [--diagnose] [--sweep] [--threads 1]
+    python benchmarks/bench_recovery.py [--seeds 5] [--cli] [--diagnose] [--decoders] [--sweep] [--threads 1]
 
 Prints markdown tables (paste them into docs/clustering.md, "Deep recovery").
 """
@@ -189,6 +192,9 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="layer-1 sweep over depth, density, degree")
     ap.add_argument("--diagnose", action="store_true",
                     help="also the construction with fire_quantile=None (a unit fires when positive)")
+    ap.add_argument("--decoders", action="store_true",
+                    help="also the construction with decoder='threshold' (topo.decoding), with the default firing "
+                         "and with fire_quantile=None")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -198,6 +204,14 @@ def main() -> None:
     rows = library_rows(seeds) + (cli_rows() if args.cli else [])
     if args.diagnose:
         rows += library_rows(seeds, "construct(fire_quantile=None)", fire_quantile=None)
+    if args.decoders:
+        rows += library_rows(seeds, 'construct(decoder="threshold")', decoder="threshold")
+        sparse = {"fire_quantile": None, "null": "none"}
+        rows += library_rows(seeds, 'construct(decoder="threshold", fire_quantile=None, null="none")',
+                             decoder="threshold", **sparse)
+        for decoder in ("threshold", "mean"):
+            rows += library_rows(seeds, f'construct(decoder="{decoder}", fire_quantile=None, null="none", '
+                                        'pool_branch=False)', decoder=decoder, pool_branch=False, **sparse)
     df = pd.DataFrame(rows)
     cols = ["jaccard", "precision", "count error", "true 3+5 share", "found 3+5 share", "units decoded", "time_s"]
     print("## Per layer (mean, min-max over seeds)\n")

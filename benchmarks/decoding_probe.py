@@ -78,9 +78,33 @@ def decode(x: np.ndarray, supports) -> np.ndarray:
     return np.maximum((s - mean) / np.maximum(std, 1e-12), 0.0).astype(np.float32)
 
 
-def fit(x: np.ndarray, q: float | None, seed: int) -> UnitClustering:
-    stats = from_activations(torch.from_numpy(np.ascontiguousarray(x)), max_offset=REACH, positions=None,
-                             fire_quantile=q)
+def cofiring_rate(stats, members) -> float:
+    """The least often any two members fire together at their relative offsets (one member: its rate)."""
+    rates = [float(stats.firing_rate[members[0][0]])]
+    for a, (i, ay, ax) in enumerate(members):
+        for j, by, bx in members[a + 1:]:
+            rates.append(float(stats.coactivation(by - ay, bx - ax)[0][i, j]))
+    return min(rates)
+
+
+def decode_rate(x: np.ndarray, supports, stats) -> np.ndarray:
+    """The sum of each support's channels, rectified above the quantile at which the unit fires as often as
+    its least co-firing pair of members (``stats``: the statistics of ``x``)."""
+    s = _support_sums(x, supports)
+    out = np.zeros_like(s)
+    for unit, members in enumerate(supports):
+        level = np.quantile(s[:, unit], 1.0 - cofiring_rate(stats, members))
+        out[:, unit] = np.maximum(s[:, unit] - level, 0.0)
+    return out.astype(np.float32)
+
+
+def statistics(x: np.ndarray, q: float | None):
+    return from_activations(torch.from_numpy(np.ascontiguousarray(x)), max_offset=REACH, positions=None,
+                            fire_quantile=q)
+
+
+def fit(x: np.ndarray, q: float | None, seed: int, stats=None) -> UnitClustering:
+    stats = statistics(x, q) if stats is None else stats
     return UnitClustering(method="arora", window=5, random_state=seed, progress=False).fit(stats)
 
 
@@ -88,7 +112,8 @@ def true_chain(planted, schedule, seed: int, decode=decode) -> list[dict]:
     """Layers 2..L clustered from maps decoded with the true supports of the layer below."""
     rows, x = [], planted.activations
     for layer in range(2, planted.config.depth + 1):
-        x = decode(x, planted.layer_truth(layer - 1).supports)
+        q = schedule[0] if layer == 2 else schedule[1]
+        x = _decode(decode, x, planted.layer_truth(layer - 1).supports, q)
         scores = recovery_scores(planted.layer_truth(layer), fit(x, schedule[1], seed))
         rows.append({"layer": layer, "jaccard": scores["jaccard"], "precision": scores["precision_jaccard"]})
     return rows
@@ -98,11 +123,17 @@ def found_chain(planted, schedule, seed: int, decode=decode) -> list[dict]:
     """Every layer clustered from the maps its own found clusters below decode."""
     x, models = planted.activations, []
     for layer in range(1, planted.config.depth + 1):
-        models.append(fit(x, schedule[0] if layer == 1 else schedule[1], seed))
+        q = schedule[0] if layer == 1 else schedule[1]
+        models.append(fit(x, q, seed))
         if layer < planted.config.depth:  # the top layer's decoding would feed nothing
-            x = decode(x, [c.members for c in decoded_clusters(models[-1])])
+            x = _decode(decode, x, [c.members for c in decoded_clusters(models[-1])], q)
     return [{"layer": r["layer"], "jaccard": r["jaccard"], "precision": r["precision_jaccard"],
              "units decoded": r["units_decoded"]} for r in layer_recovery(planted, models)]
+
+
+def _decode(decoder, x: np.ndarray, supports, q: float | None) -> np.ndarray:
+    """``decoder`` applied to ``x``; the rate-matched decoder also reads the statistics of ``x`` under ``q``."""
+    return decoder(x, supports, statistics(x, q)) if decoder is decode_rate else decoder(x, supports)
 
 
 def main() -> None:
@@ -110,9 +141,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--and", dest="and_decoder", action="store_true", help="the threshold (AND) decoder")
+    ap.add_argument("--rate", dest="rate_decoder", action="store_true",
+                    help="the rate-matched threshold decoder (the network's --decoder threshold)")
     args = ap.parse_args()
     decoder_fn, schedules = (decode_and, {"positive / positive": (None, None)}) if args.and_decoder else \
-        (decode, SCHEDULES)
+        (decode_rate, SCHEDULES) if args.rate_decoder else (decode, SCHEDULES)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)  # the power/dense warnings, reported elsewhere
     rows = []

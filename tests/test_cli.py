@@ -223,6 +223,20 @@ def test_run_under_torchrun(tmp_path: Path):
     assert len(pd.read_csv(out / "comparison.csv")) == 2
 
 
+@pytest.mark.slow
+def test_threshold_decoding_under_torchrun_grows_one_network(tmp_path: Path):
+    """Each process samples its own shard for the thresholds; every process takes rank 0's weights."""
+    out = tmp_path / "ddp"
+    returncode, _, stderr = finish(torchrun(
+        "-m", "topo.cli", "construct", "--data", "planted", "--stem", "none", "--init", "hebbian", "--budget", "none",
+        "--skeleton", "2", "--decoder", "threshold", "--fire-quantile", "none", "--null", "none", "--no-pool-branch",
+        "--stats-batches", "2", "--workers", "0", "--no-progress", "--no-controls", "--out", out,
+    ), timeout=300)
+    assert returncode == 0, stderr[-2000:]
+    records = json.loads((out / "construction" / "records.json").read_text())
+    assert records[0]["decoded_units"] > 0 and 0 < records[0]["decoded_rate"] < 0.5
+
+
 class _BrokenImages(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return 4

@@ -43,6 +43,7 @@ from topo.cluster import METHODS
 from topo.construct import BUDGETS, FALLBACKS, INIT_MODES, NULLS, SPLITS, STEMS, WINDOWS, ConstructConfig
 from topo.controls import verdict
 from topo.data import DATASETS
+from topo.decoding import DECODERS
 from topo.errors import SpecError, UserError
 from topo.export import FORMATS, export_run, load_safetensors
 from topo.files import read_json, read_spec, read_text, read_weights
@@ -284,6 +285,12 @@ def _add_construct(p: argparse.ArgumentParser) -> dict[str, str]:
                                          "reference's) or 'none' (one unit per cluster)", type=_multiply_adds)
     flags.add("--init", "init", "initialise new modules at random or from their clusters (Hebbian)",
               choices=INIT_MODES)
+    flags.add("--decoder", "decoder", "with --init hebbian --budget none, a decoded unit fires above its sum's "
+                                      "mean, or (threshold) as often as its cluster's members fire together",
+              choices=DECODERS)
+    flags.add("--pool-branch", "pool_branch", "each module's pooling branch, its units the clusters of the "
+                                              "max-pooled input (--no-pool-branch: none, as in the theory's layers)",
+              action=argparse.BooleanOptionalAction)
     flags.add("--budget-split", "budget_split", "share of the budget per module: 'even' (an equal share of "
                                                "what is left), 'data' (each module as its clusters call for, one "
                                                "scale factor on the whole network) or 'reference' (GoogLeNet's "

@@ -38,6 +38,7 @@ from topo import distributed as dist_info
 from topo.cluster import METHODS, UnitClustering
 from topo.errors import UserError
 from topo.files import read_prefix, read_progress
+from topo.decoding import DECODERS, threshold_decode_
 from topo.hebbian import hebbian_init_
 from topo.hooks import record
 from topo.io import atomic_torch_save, atomic_write_json
@@ -96,7 +97,10 @@ class ConstructConfig:
     where the ceilings leave more than 2% of the budget unspent (`SPENT`), the
     network is scaled as a whole to the budget at the end (`fit_to_total`).
     ``epochs_per_layer``: brief training of each prefix before its statistics are recorded (0: statistics of the random
-    network).
+    network). ``decoder``: with ``init="hebbian"`` and ``budget_macs="none"``, how a decoded unit fires:
+    ``"mean"``, above its sum's mean (BatchNorm bias 0); ``"threshold"``, as often as its cluster's members
+    fire together (`topo.decoding`). ``pool_branch``: each module's pooling branch, one unit per cluster of its
+    3x3 max-pooled input (False: no pooling branch, as in the theory's layers).
     """
 
     skeleton: str = DEFAULT_SKELETON
@@ -116,6 +120,8 @@ class ConstructConfig:
     stats_batches: int | None = 16
     positions: int | str | None = DEFAULT_POSITIONS
     fire_quantile: float | None = DEFAULT_FIRE_QUANTILE
+    decoder: str = "mean"
+    pool_branch: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -128,7 +134,7 @@ class ConstructConfig:
             raise UserError(f"window {self.window} is not supported: use 1, 3 or 5")
         check_fire_quantile(self.fire_quantile)
         for name, value, choices in (("budget split", self.budget_split, SPLITS), ("null", self.null, NULLS),
-                                     ("fallback", self.fallback, FALLBACKS)):
+                                     ("fallback", self.fallback, FALLBACKS), ("decoder", self.decoder, DECODERS)):
             if value not in choices:
                 raise UserError(f"{name} {value!r} is unknown: use one of {', '.join(choices)}")
         if self.stem not in STEMS:
@@ -380,7 +386,7 @@ def cluster_layer(config: ConstructConfig, stats: LayerStats, pooled: LayerStats
     layer_null, pooled_null = null if null is not None else (None, None)
     clustering = config.clustering(window, progress=progress).fit(stats, null=layer_null)
     pool_clustering = (config.clustering(1, progress=progress).fit(pooled, null=pooled_null)
-                       if pooled is not None else None)
+                       if pooled is not None and config.pool_branch else None)
     return LayerClusters(window, clustering, pool_clustering)
 
 
@@ -390,7 +396,8 @@ def build_module(config: ConstructConfig, found: LayerClusters, stats: LayerStat
     fallback = DATA_FALLBACK if config.fallback == DATA_FALLBACK else (reference_module or FALLBACK_SHAPE)
     return from_clusters(found.clustering, stats, budget=share, round_to=config.round_to if config.budgeted else None,
                          reduce_to_channels=not config.budgeted, in_channels=in_channels,
-                         pool_units=found.pool_clustering.n_clusters_, name=name, fallback=fallback,
+                         pool_units=found.pool_clustering.n_clusters_ if found.pool_clustering is not None else 0,
+                         name=name, fallback=fallback,
                          max_scale=config.max_units_per_cluster)
 
 
@@ -437,13 +444,47 @@ def describe(record: dict[str, Any]) -> str:
 
 
 def grow(spec: NetworkSpec, module: InceptionSpec, model: nn.Module, init: str, found: LayerClusters,
-         stats: LayerStats) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
-    """Append ``module``; the earlier layers keep their (possibly trained) weights. Returns (spec, weights)."""
+         stats: LayerStats) -> tuple[NetworkSpec, nn.Module]:
+    """Append ``module``; the earlier layers keep their (possibly trained) weights. Returns (spec, network)."""
     spec = dataclasses.replace(spec, stages=spec.stages + (module,))
     grown = builders.build(spec)
     load_prefix(grown, model.state_dict())
     if init == "hebbian":
         hebbian_init_(getattr(grown, module.name), found.clustering, stats, found.pool_clustering)
+    return spec, grown
+
+
+def decode_thresholds(grown: nn.Module, name: str, found: LayerClusters, stats: LayerStats, pooled: LayerStats,
+                      batches_factory: Callable[[], Any], config: ConstructConfig,
+                      device: torch.device) -> dict[str, Any]:
+    """`topo.decoding.threshold_decode_` on ``grown``'s new module ``name`` over the calibration batches.
+
+    Under ``torchrun`` every process then takes rank 0's weights, so all grow the same network.
+    """
+    grown.to(device)
+    max_batches = config.stats_batches or 16
+
+    def run() -> None:
+        for i, batch in enumerate(batches_factory()):
+            if i >= max_batches:
+                break
+            grown((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
+
+    info = threshold_decode_(grown, getattr(grown, name), found.clustering, stats,
+                             pool_clustering=found.pool_clustering, pooled=pooled,
+                             calibrate=lambda: calibrate_batchnorm(grown, batches_factory(), max_batches, device),
+                             run=run, seed=config.seed)
+    grown.load_state_dict(dist_info.same_on_all_ranks({k: v.cpu() for k, v in grown.state_dict().items()}))
+    return info
+
+
+def grow_step(spec: NetworkSpec, module: InceptionSpec, model: nn.Module, config: ConstructConfig,
+              found: LayerClusters, layer: tuple[LayerStats, LayerStats], batches_factory: Callable[[], Any],
+              device: torch.device, record_: dict[str, Any]) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
+    """`grow`, then the threshold decoder where ``config`` asks for it (its rates go into ``record_``)."""
+    spec, grown = grow(spec, module, model, config.init, found, layer[0])
+    if config.init == "hebbian" and not config.budgeted and config.decoder == "threshold":
+        record_.update(decode_thresholds(grown, module.name, found, *layer, batches_factory, config, device))
     return spec, {k: v.detach().cpu() for k, v in grown.state_dict().items()}
 
 
@@ -499,7 +540,8 @@ def construct(
                                     in_channels=spec.out_channels, map_hw=tuple(stats.spatial_shape or (1, 1)),
                                     largest_window=config.window, null=config.null))
         log.info(describe(records[-1]))
-        spec, state = grow(spec, module, model, config.init, found, stats)
+        spec, state = grow_step(spec, module, model, config, found, (stats, pooled), lambda: loader(train_data),
+                                device, records[-1])
         result.stats[stats.name] = stats
         result.clusterings[item] = found.clustering
         save_step(files, item, stats, found.clustering, spec, records, state)
