@@ -12,6 +12,11 @@ BatchNorm followed by ReLU). Beside it, the theory's threshold decoder
 (``--and``, not in the network): ``u`` is on at ``p`` when every member fires
 (is positive) at its offset, as every child of a planted unit does when the
 unit is on; its maps are binary, so the decoded layers fire when positive.
+``--rate``: the network's threshold decoder (`topo.decoding`, ``--decoder
+threshold``): the sum rectified above the level it exceeds as often as the
+cluster's least co-firing pair of members fire together; ``--rate excess`` and
+``--rate normalised``: two variants of that rule (``decode_rate``), firing when
+positive.
 
 Two decoders feed the next layer:
 
@@ -26,13 +31,14 @@ and each runs under three firing schedules, ``(q of the observed layer, q of
 the decoded layers)``: a unit fires above its own q-quantile, or when positive
 (``None``).
 
-    python benchmarks/decoding_probe.py [--seeds 5] [--and]
+    python benchmarks/decoding_probe.py [--seeds 5] [--and | --rate [cofiring|excess|normalised]]
 
 Prints markdown tables; writes nothing.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -43,6 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from topo.cluster import UnitClustering, recovery_scores
+from topo.decoding import cofiring_rate
 from topo.planted import DeepPlantedConfig, generate_deep
 from topo.recovery import decoded_clusters, layer_recovery
 from topo.stats import from_activations
@@ -78,22 +85,29 @@ def decode(x: np.ndarray, supports) -> np.ndarray:
     return np.maximum((s - mean) / np.maximum(std, 1e-12), 0.0).astype(np.float32)
 
 
-def cofiring_rate(stats, members) -> float:
-    """The least often any two members fire together at their relative offsets (one member: its rate)."""
-    rates = [float(stats.firing_rate[members[0][0]])]
+def excess_cofiring_rate(stats, members) -> float:
+    """Variant: the least co-firing of two members *beyond chance*, ``P(i, j) - P(i) P(j)`` (floor 1e-4)."""
+    rates, fire = [float(stats.firing_rate[members[0][0]])], stats.firing_rate
     for a, (i, ay, ax) in enumerate(members):
         for j, by, bx in members[a + 1:]:
-            rates.append(float(stats.coactivation(by - ay, bx - ax)[0][i, j]))
-    return min(rates)
+            rates.append(float(stats.coactivation(by - ay, bx - ax)[0][i, j]) - fire[i] * fire[j])
+    return max(min(rates), 1e-4)
 
 
-def decode_rate(x: np.ndarray, supports, stats) -> np.ndarray:
-    """The sum of each support's channels, rectified above the quantile at which the unit fires as often as
-    its least co-firing pair of members (``stats``: the statistics of ``x``)."""
+def decode_rate(x: np.ndarray, supports, stats, variant: str = "cofiring") -> np.ndarray:
+    """The sum of each support's channels, rectified above the quantile at which the unit fires at its rate
+    (``stats``: the statistics of ``x``). ``variant``: ``"cofiring"``, the network's rule (`topo.decoding`: its
+    least co-firing pair of members); ``"excess"``, the least co-firing beyond chance; ``"normalised"``, the
+    network's rule on members each divided by its mean when positive (so that no member dominates the sum)."""
+    if variant == "normalised":
+        positive = np.maximum(x, 0.0)
+        on = positive.mean(axis=(0, 2, 3)) / np.maximum((x > 0).mean(axis=(0, 2, 3)), 1e-12)
+        x = (positive / np.maximum(on, 1e-12)[None, :, None, None]).astype(np.float32)
+    rate = excess_cofiring_rate if variant == "excess" else cofiring_rate
     s = _support_sums(x, supports)
     out = np.zeros_like(s)
     for unit, members in enumerate(supports):
-        level = np.quantile(s[:, unit], 1.0 - cofiring_rate(stats, members))
+        level = np.quantile(s[:, unit], 1.0 - rate(stats, members))
         out[:, unit] = np.maximum(s[:, unit] - level, 0.0)
     return out.astype(np.float32)
 
@@ -132,8 +146,10 @@ def found_chain(planted, schedule, seed: int, decode=decode) -> list[dict]:
 
 
 def _decode(decoder, x: np.ndarray, supports, q: float | None) -> np.ndarray:
-    """``decoder`` applied to ``x``; the rate-matched decoder also reads the statistics of ``x`` under ``q``."""
-    return decoder(x, supports, statistics(x, q)) if decoder is decode_rate else decoder(x, supports)
+    """``decoder`` applied to ``x``; a rate-matched decoder also reads the statistics of ``x`` under ``q``."""
+    if isinstance(decoder, functools.partial) and decoder.func is decode_rate:
+        return decoder(x, supports, statistics(x, q))
+    return decoder(x, supports)
 
 
 def main() -> None:
@@ -141,11 +157,12 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--and", dest="and_decoder", action="store_true", help="the threshold (AND) decoder")
-    ap.add_argument("--rate", dest="rate_decoder", action="store_true",
-                    help="the rate-matched threshold decoder (the network's --decoder threshold)")
+    ap.add_argument("--rate", nargs="?", const="cofiring", choices=("cofiring", "excess", "normalised"),
+                    help="a rate-matched threshold decoder: cofiring (the network's --decoder threshold) or a variant")
     args = ap.parse_args()
     decoder_fn, schedules = (decode_and, {"positive / positive": (None, None)}) if args.and_decoder else \
-        (decode_rate, SCHEDULES) if args.rate_decoder else (decode, SCHEDULES)
+        (functools.partial(decode_rate, variant=args.rate), SCHEDULES if args.rate == "cofiring" else
+         {"positive / positive": (None, None)}) if args.rate else (decode, SCHEDULES)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)  # the power/dense warnings, reported elsewhere
     rows = []
