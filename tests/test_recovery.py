@@ -302,7 +302,7 @@ def test_the_construction_recovers_layer_one_when_units_fire_when_positive(small
 def test_bench_recovery_prints_every_layer_of_the_construction_and_the_clustering_alone():
     from test_benchmarks import run_benchmark, table_rows
 
-    out = run_benchmark("bench_recovery.py", "--seeds", "1", "--cli")
+    out = run_benchmark("bench_recovery.py", "--seeds", "1", "--cli", "--overlap")
     rows = table_rows(out, "construct()")
     assert [int(r[1]) for r in rows[:3]] == [1, 2, 3]  # the summary, one row per layer
     for r in rows[:3]:
@@ -310,6 +310,8 @@ def test_bench_recovery_prints_every_layer_of_the_construction_and_the_clusterin
     oracle = [r for r in (table_rows(out, str(layer)) for layer in (1, 2, 3))]
     assert all(len(r) >= 1 for r in oracle)
     assert "Each layer from the true maps of the layer below" in out
+    overlap = table_rows(out, "False") + table_rows(out, "True")  # units sharing half their support, and the rest
+    assert sum(int(r[1]) for r in overlap) == 12  # every unit of layer 1 (the generator's 12), in one group or the other
     # the main job on --data planted and on the same data saved as .npz (--data tensors): the same recovery
     name = "topo-build construct --data {} (inception3a, inception3b, inception3c)"
     planted, tensors = table_rows(out, name.format("planted")), table_rows(out, name.format("tensors"))
