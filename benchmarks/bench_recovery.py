@@ -9,8 +9,9 @@ statistics over all batches; module l is scored against planted layer l with
 per-kernel counts, the share of true units some decoded channel reads). Also:
 
 * ``--cli``: the same from the command line, ``topo-build construct --data
-  planted --stem none --init hebbian --budget none --skeleton 3 --no-controls``
-  (its defaults otherwise: ``--positions auto``, 16 statistics batches, seed 0),
+  planted --stem none --init hebbian --budget none --skeleton 3 --no-controls
+  --seed s`` for each seed (its defaults otherwise: ``--positions auto``, 16
+  statistics batches; with ``--decoders`` also with `BEST_FLAGS`),
   scored from the clusters it writes; and again with ``--data tensors`` on the
   same data saved by `topo.planted.save_npz`. Three modules in one stage, so that
   module l meets layer l at the maps' resolution (the default skeleton pools
@@ -110,26 +111,32 @@ def clustering_from_json(path: Path) -> SimpleNamespace:
     return SimpleNamespace(clusters_=clusters, kernel_counts_=counts)
 
 
-def cli_rows() -> list[dict]:
-    """``topo-build construct`` on ``--data planted`` and on the same data saved as ``.npz`` (``--data tensors``)."""
-    sample = generate_deep(PLANTED_DATA, seed=0)
+#: The best command line measured so far (docs/clustering.md, "Deep recovery"), beside the defaults.
+BEST_FLAGS = ("--decoder", "threshold", "--fire-quantile", "none", "--null", "none", "--no-pool-branch")
+
+
+def cli_rows(seeds, flags: tuple[str, ...] = ()) -> list[dict]:
+    """``topo-build construct --seed s`` on ``--data planted`` and on the same data saved as ``.npz`` (``--data
+    tensors``), with ``flags`` after the defaults' command line."""
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        npz = Path(tmp) / "planted.npz"
-        save_npz(sample, npz)
-        for data in (["planted"], ["tensors", "--data-dir", str(npz)]):
-            out = Path(tmp) / data[0]
-            cmd = ["topo-build", "construct", "--data", *data, "--stem", "none", "--init", "hebbian",
-                   "--budget", "none", "--skeleton", "3", "--no-controls", "--out", str(out), "--no-progress",
-                   "--quiet"]
-            t0 = time.perf_counter()
-            subprocess.run(cmd, check=True)
-            elapsed = time.perf_counter() - t0
-            files = sorted((out / "construction").glob("*_clusters.json"), key=lambda p: p.stat().st_mtime)
-            names = [p.name.replace("_clusters.json", "") for p in files]
-            label = f"topo-build construct --data {data[0]} (" + ", ".join(names) + ")"
-            rows += [{**r, "time_s": elapsed}
-                     for r in rows_for(sample, [clustering_from_json(p) for p in files], label, 0)]
+    for seed in seeds:
+        sample = generate_deep(PLANTED_DATA, seed=seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            npz = Path(tmp) / "planted.npz"
+            save_npz(sample, npz)
+            for data in (["planted"], ["tensors", "--data-dir", str(npz)]):
+                out = Path(tmp) / data[0]
+                cmd = ["topo-build", "construct", "--data", *data, "--stem", "none", "--init", "hebbian",
+                       "--budget", "none", "--skeleton", "3", "--no-controls", "--seed", str(seed), *flags,
+                       "--out", str(out), "--no-progress", "--quiet"]
+                t0 = time.perf_counter()
+                subprocess.run(cmd, check=True)
+                elapsed = time.perf_counter() - t0
+                files = sorted((out / "construction").glob("*_clusters.json"), key=lambda p: p.stat().st_mtime)
+                names = [p.name.replace("_clusters.json", "") for p in files]
+                label = " ".join(["topo-build construct --data", data[0], *flags]) + " (" + ", ".join(names) + ")"
+                rows += [{**r, "time_s": elapsed}
+                         for r in rows_for(sample, [clustering_from_json(p) for p in files], label, seed)]
     return rows
 
 
@@ -204,7 +211,7 @@ def summary(df: pd.DataFrame, by: list[str], cols: list[str]) -> pd.DataFrame:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=5)
-    ap.add_argument("--cli", action="store_true", help="also run topo-build construct (seed 0), on --data planted and --data tensors")
+    ap.add_argument("--cli", action="store_true", help="also run topo-build construct (each seed), on --data planted and --data tensors")
     ap.add_argument("--sweep", action="store_true", help="layer-1 sweep over depth, density, degree")
     ap.add_argument("--diagnose", action="store_true",
                     help="also the construction with fire_quantile=None (a unit fires when positive)")
@@ -220,7 +227,9 @@ def main() -> None:
     seeds = list(range(args.seeds))
     print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {platform.node()}, {platform.processor() or platform.machine()}, "
           f"torch threads {args.threads}, python {sys.version.split()[0]}\n")
-    rows = library_rows(seeds) + (cli_rows() if args.cli else [])
+    rows = library_rows(seeds) + (cli_rows(seeds) if args.cli else [])
+    if args.cli and args.decoders:
+        rows += cli_rows(seeds, BEST_FLAGS)
     if args.diagnose:
         rows += library_rows(seeds, "construct(fire_quantile=None)", fire_quantile=None)
     if args.decoders:
