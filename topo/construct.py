@@ -36,9 +36,9 @@ from builders.googlenet import INCEPTION_TABLE
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
 from topo import distributed as dist_info
 from topo.cluster import METHODS, UnitClustering
+from topo.decoding import DECODERS, threshold_decode_
 from topo.errors import UserError
 from topo.files import read_prefix, read_progress
-from topo.decoding import DECODERS, threshold_decode_
 from topo.hebbian import hebbian_init_
 from topo.hooks import record
 from topo.io import atomic_torch_save, atomic_write_json
@@ -463,17 +463,11 @@ def decode_thresholds(grown: nn.Module, name: str, found: LayerClusters, stats: 
     """
     grown.to(device)
     max_batches = config.stats_batches or 16
-
-    def run() -> None:
-        for i, batch in enumerate(batches_factory()):
-            if i >= max_batches:
-                break
-            grown((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
-
     info = threshold_decode_(grown, getattr(grown, name), found.clustering, stats,
                              pool_clustering=found.pool_clustering, pooled=pooled,
                              calibrate=lambda: calibrate_batchnorm(grown, batches_factory(), max_batches, device),
-                             run=run, seed=config.seed)
+                             run=lambda: forward_batches(grown, batches_factory(), max_batches, device),
+                             seed=config.seed)
     grown.load_state_dict(dist_info.same_on_all_ranks({k: v.cpu() for k, v in grown.state_dict().items()}))
     return info
 
@@ -602,14 +596,18 @@ def calibrate_batchnorm(model: nn.Module, batches: Any, max_batches: int, device
         m.momentum = None  # cumulative average
     model.train()
     with torch.no_grad():
-        for i, batch in enumerate(batches):
-            if i >= max_batches:
-                break
-            inputs = batch[0] if isinstance(batch, (list, tuple)) else batch
-            model(inputs.to(device))
+        forward_batches(model, batches, max_batches, device)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
     model.train(was_training)
+
+
+def forward_batches(model: nn.Module, batches: Any, max_batches: int, device: torch.device) -> None:
+    """Pass the inputs of the first ``max_batches`` of ``batches`` through ``model`` (outputs discarded)."""
+    for i, batch in enumerate(batches):
+        if i >= max_batches:
+            break
+        model((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
 
 
 def load_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -136,7 +136,7 @@ def threshold_decode_(model: nn.Module, module: Inception, clustering: UnitClust
 
     ``module`` is the last module of ``model``, Hebbian-initialised at ``--budget none``; ``calibrate()``
     sets ``model``'s BatchNorm running statistics, ``run()`` passes the calibration batches through it.
-    Returns what was set: per branch, the target rates (for the construction's records).
+    Returns, for the construction's records, how many units were decoded and their mean target rate.
     """
     calibrate()
     for bn, channels in _reduction_bns(module):
