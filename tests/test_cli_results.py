@@ -63,7 +63,7 @@ def _saved_run(root: Path, config: RunConfig, command: str = "run") -> Path:
 SETTINGS = RunConfig(
     data="digits", seed=3, reference="googlenet-small", width_mult=0.5, aux_heads="reference",
     construct=ConstructConfig(method="spectral", window=3, n_clusters=4, positions=None, fire_quantile=None,
-                              budget_macs=2_000_000, decoder="threshold", pool_branch=False, seed=3),
+                              budget_macs=2_000_000, pool_branch=False, seed=3),
     train=TrainConfig(epochs=2, lr=0.1, ema_decay=0.99, grad_clip=1.0, schedule="paper", deterministic=True,
                       sync_bn=True, workers=0, progress=False, seed=3),
 )
@@ -209,7 +209,8 @@ def test_flags_override_the_config_file(tmp_path):
 
 
 def test_the_decoder_and_pool_branch_flags_reach_the_construction():
-    config = run_config(parse("construct", ["--decoder", "threshold", "--no-pool-branch"])).construct
+    flags = ["--init", "hebbian", "--budget", "none", "--decoder", "threshold", "--no-pool-branch"]
+    config = run_config(parse("construct", flags)).construct
     assert (config.decoder, config.pool_branch) == ("threshold", False)
     assert (lambda c: (c.decoder, c.pool_branch))(run_config(parse("construct", [])).construct) == ("mean", True)
 

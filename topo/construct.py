@@ -137,6 +137,9 @@ class ConstructConfig:
                                      ("fallback", self.fallback, FALLBACKS), ("decoder", self.decoder, DECODERS)):
             if value not in choices:
                 raise UserError(f"{name} {value!r} is unknown: use one of {', '.join(choices)}")
+        if self.decoder == "threshold" and (self.init != "hebbian" or self.budget_macs != "none"):
+            raise UserError("decoder 'threshold' decodes one unit per cluster: use it with --init hebbian "
+                            "--budget none, or drop --decoder")
         if self.stem not in STEMS:
             raise UserError(f"stem {self.stem!r} is unknown: use one of {', '.join(STEMS)}")
         if self.max_units_per_cluster is not None and not self.max_units_per_cluster >= 1:
