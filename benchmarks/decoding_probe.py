@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 
 from topo.cluster import UnitClustering, recovery_scores
-from topo.decoding import cofiring_rate
+from topo.decoding import cofiring_rate, pair_cofiring
 from topo.planted import DeepPlantedConfig, generate_deep
 from topo.recovery import decoded_clusters, layer_recovery
 from topo.stats import from_activations
@@ -87,11 +87,9 @@ def decode(x: np.ndarray, supports) -> np.ndarray:
 
 def excess_cofiring_rate(stats, members) -> float:
     """Variant: the least co-firing of two members *beyond chance*, ``P(i, j) - P(i) P(j)`` (floor 1e-4)."""
-    rates, fire = [float(stats.firing_rate[members[0][0]])], stats.firing_rate
-    for a, (i, ay, ax) in enumerate(members):
-        for j, by, bx in members[a + 1:]:
-            rates.append(float(stats.coactivation(by - ay, bx - ax)[0][i, j]) - fire[i] * fire[j])
-    return max(min(rates), 1e-4)
+    fire = stats.firing_rate
+    excess = [p - fire[i] * fire[j] for i, j, p in pair_cofiring(stats, members)]
+    return max(min([float(fire[members[0][0]])] + excess), 1e-4)
 
 
 def decode_rate(x: np.ndarray, supports, stats, variant: str = "cofiring") -> np.ndarray:
@@ -117,9 +115,8 @@ def statistics(x: np.ndarray, q: float | None):
                             fire_quantile=q)
 
 
-def fit(x: np.ndarray, q: float | None, seed: int, stats=None) -> UnitClustering:
-    stats = statistics(x, q) if stats is None else stats
-    return UnitClustering(method="arora", window=5, random_state=seed, progress=False).fit(stats)
+def fit(x: np.ndarray, q: float | None, seed: int) -> UnitClustering:
+    return UnitClustering(method="arora", window=5, random_state=seed, progress=False).fit(statistics(x, q))
 
 
 def true_chain(planted, schedule, seed: int, decode=decode) -> list[dict]:

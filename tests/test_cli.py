@@ -225,7 +225,8 @@ def test_run_under_torchrun(tmp_path: Path):
 
 @pytest.mark.slow
 def test_threshold_decoding_under_torchrun_grows_one_network(tmp_path: Path):
-    """Each process samples its own shard for the thresholds; every process takes rank 0's weights."""
+    """The threshold decoder runs under torchrun (each process samples its own shard; all take rank 0's
+    weights, `topo.construct.decode_thresholds`): the construction completes with its units decoded."""
     out = tmp_path / "ddp"
     returncode, _, stderr = finish(torchrun(
         "-m", "topo.cli", "construct", "--data", "planted", "--stem", "none", "--init", "hebbian", "--budget", "none",

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from builders.from_clusters import clusters_by_branch, from_clusters
 from builders.inception import Inception
 from topo.cluster import UnitClustering
-from topo.construct import ConstructConfig, calibrate_batchnorm
+from topo.construct import ConstructConfig, calibrate_batchnorm, forward_batches
 from topo.decoding import cofiring_rate, threshold_decode_, unit_rates
 from topo.errors import UserError
 from topo.hebbian import hebbian_init_
@@ -45,13 +45,9 @@ def decoded():
     torch.manual_seed(0)
     module = hebbian_init_(Inception(spec, kernel5x5=5), clustering, stats, pool_clustering)
     batches = list(x.split(16))
-
-    def run() -> None:
-        for batch in batches:
-            module(batch)
-
     info = threshold_decode_(module, module, clustering, stats, pool_clustering=pool_clustering, pooled=pooled,
-                             calibrate=lambda: calibrate_batchnorm(module, batches, len(batches), "cpu"), run=run)
+                             calibrate=lambda: calibrate_batchnorm(module, batches, len(batches), "cpu"),
+                             run=lambda: forward_batches(module, batches, len(batches), "cpu"))
     module.eval()
     return sample, x, stats, clustering, pool_clustering, pooled, module, info
 

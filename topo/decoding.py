@@ -42,19 +42,24 @@ DECODERS = ("threshold", "mean")
 Member = tuple[int, int, int]
 
 
-def cofiring_rate(stats: LayerStats, members: Sequence[Member]) -> float:
-    """The least often any two ``members`` fire together at their relative offsets (one member: its rate).
+def pair_cofiring(stats: LayerStats, members: Sequence[Member]) -> list[tuple[int, int, float]]:
+    """``(i, j, P(i at p and j at p + d fire))`` for every pair of ``members``, ``d`` their relative offset.
 
     Pairs whose displacement was not recorded (wider than the statistics' ``max_offset``) are skipped.
     """
-    rates = [float(stats.firing_rate[members[0][0]])]
+    pairs = []
     for a, (i, ay, ax) in enumerate(members):
         for j, by, bx in members[a + 1:]:
             try:
-                rates.append(float(stats.coactivation(by - ay, bx - ax)[0][i, j]))
+                pairs.append((i, j, float(stats.coactivation(by - ay, bx - ax)[0][i, j])))
             except StatsError:
                 continue
-    return min(rates)
+    return pairs
+
+
+def cofiring_rate(stats: LayerStats, members: Sequence[Member]) -> float:
+    """The least often any two ``members`` fire together at their relative offsets (one member: its rate)."""
+    return min([float(stats.firing_rate[members[0][0]])] + [p for _, _, p in pair_cofiring(stats, members)])
 
 
 def unit_rates(clusters: Sequence[Cluster], stats: LayerStats) -> np.ndarray:
