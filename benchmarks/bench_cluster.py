@@ -22,6 +22,9 @@ Hebbian edges and how many candidates the window cut.
     python benchmarks/bench_cluster.py --case dense [--layer inception4a:input] [--batches 16]
     python benchmarks/bench_cluster.py --case dense --stats FILE   # record once, then fit from FILE
 
+Arora is timed in one process and in two (``--jobs 1,2``: `UnitClustering` ``n_jobs``, forked workers for the
+per-anchor search and the union check; the same clusters), side by side in one run.
+
 ``--stats FILE`` (dense case) saves the recorded statistics there, and where
 FILE exists reads them instead of recording (minutes): two versions of the
 clustering can then be timed on the same numbers, one process each.
@@ -127,6 +130,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--methods", default="arora,spectral,agglomerative,louvain")
+    ap.add_argument("--jobs", type=lambda text: [int(j) for j in text.split(",")], default=[1, 2],
+                    help="arora's worker processes (UnitClustering n_jobs), each timed in turn (default 1,2)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
@@ -146,13 +151,16 @@ def main() -> None:
         print("| method | window | time (s) | clusters | per kernel (1/3/5) | Hebbian edges | window cuts |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     messages: set[str] = set()
-    for method in args.methods.split(","):
+    runs = [(method, jobs) for method in args.methods.split(",")
+            for jobs in (args.jobs if method == "arora" else [1])]  # n_jobs acts on arora only
+    for method, jobs in runs:
         t0 = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            model = UnitClustering(method=method, window=args.window, random_state=args.seed,
+            model = UnitClustering(method=method, window=args.window, random_state=args.seed, n_jobs=jobs,
                                    progress=False).fit(stats)
         dt = time.perf_counter() - t0
+        name = method if jobs == 1 else f"{method}, {jobs} processes"
         messages |= {str(w.message) for w in caught}
         kc = model.kernel_counts_
         if truth is not None:
@@ -160,7 +168,7 @@ def main() -> None:
             last = f"{tc[1]}/{tc[3]}/{tc[5]} | {jaccard:.3f}"
         else:
             last = f"{model.n_edges_} | {model.n_window_cuts_} of {model.n_candidates_}"
-        print(f"| {method} | {args.window} | {dt:.1f} | {model.n_clusters_} | {kc[1]}/{kc[3]}/{kc[5]} | {last} |",
+        print(f"| {name} | {args.window} | {dt:.1f} | {model.n_clusters_} | {kc[1]}/{kc[3]}/{kc[5]} | {last} |",
               flush=True)
     for message in sorted(messages):
         print(f"warning: {message}")

@@ -16,3 +16,5 @@ def test_bench_cluster_dense_case_builds_its_statistics_and_clusters():
         cuts, candidates = (int(v) for v in row[6].split(" of "))
         assert time_s >= 0 and clusters >= 0 and edges > 0 and 0 <= cuts <= candidates
     assert "dense regime" in out  # the layer fires most of the time, and the run says so
+    [alone], [apart] = table_rows(out, "arora"), table_rows(out, "arora, 2 processes")  # --jobs 1,2 by default
+    assert apart[3:] == alone[3:]  # the same clusters, kernels, edges and cuts in two processes

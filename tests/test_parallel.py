@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from topo.errors import DataError, UserError
+from topo.forked import forked_map
 from topo.parallel import Job, check_processes, default_processes, run_jobs
 
 
@@ -64,6 +65,40 @@ def test_process_counts():
             check_processes(bad)
 
 
+def _scaled_with_blas_threads(shared: dict, x: int) -> tuple[int, int, int]:
+    from threadpoolctl import threadpool_info
+
+    blas = [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+    return shared["factor"] * x, os.getpid(), max(blas, default=1)
+
+
+def test_forked_map_gives_the_results_in_order_from_workers_that_inherit_the_shared_data():
+    """The shared data reaches the workers without pickling (a lock cannot be pickled), the results come back in
+    order, each worker's BLAS keeps one thread; one process, or one item, computes here."""
+    import threading
+
+    shared = {"factor": 3, "lock": threading.Lock()}
+    items = list(range(40))
+    apart = forked_map(_scaled_with_blas_threads, shared, items, 2)
+    assert [r[0] for r in apart] == [3 * x for x in items]
+    assert os.getpid() not in {r[1] for r in apart} and len({r[1] for r in apart}) <= 2
+    assert {r[2] for r in apart} == {1}
+    here = forked_map(_scaled_with_blas_threads, shared, items, 1)
+    assert [r[0] for r in here] == [r[0] for r in apart] and {r[1] for r in here} == {os.getpid()}
+    assert forked_map(_scaled_with_blas_threads, shared, [5], 4)[0][:2] == (15, os.getpid())
+    assert forked_map(_scaled_with_blas_threads, shared, [], 2) == []
+
+
+def test_each_constructions_clustering_gets_the_cores_the_constructions_leave(monkeypatch):
+    import topo.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "available_cpus", lambda: 8)
+    assert pipeline.cluster_processes("auto", 1) == 8  # a construction alone: every core
+    assert pipeline.cluster_processes("auto", 2) == 4
+    assert pipeline.cluster_processes("auto", 16) == 1
+    assert pipeline.cluster_processes(1, 1) == pipeline.cluster_processes(3, 1) == 1  # --jobs N: one each
+
+
 @pytest.mark.slow
 def test_a_killed_parent_leaves_no_worker_behind(tmp_path):
     """SIGKILL the process that runs the jobs: its workers notice within a second and exit."""
@@ -106,7 +141,8 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.slow
 def test_constructions_side_by_side_equal_those_one_after_the_other(tmp_path, one_thread):
-    """The run's construction and its control's, in two processes or in this one: the same files, bit for bit."""
+    """The run's construction and its control's, in two processes or in this one, and with "auto" (here one
+    process, one thread: the clustering in forked workers on every core): the same files, bit for bit."""
     from topo.construct import ConstructConfig
     from topo.controls import ControlConfig
     from topo.pipeline import RunConfig, constructions_stage, load_data
@@ -114,7 +150,7 @@ def test_constructions_side_by_side_equal_those_one_after_the_other(tmp_path, on
     from topo.train import TrainConfig
 
     outcomes = {}
-    for jobs in (1, 2):
+    for jobs in (1, 2, "auto"):
         config = RunConfig(data="planted", jobs=jobs,
                            construct=ConstructConfig(skeleton="2", stem="none", budget_macs="none", stats_batches=2),
                            control=ControlConfig(real_seeds=2, control_seeds=1, permutations=99),
@@ -125,4 +161,4 @@ def test_constructions_side_by_side_equal_those_one_after_the_other(tmp_path, on
         outcomes[jobs] = (spec.to_json(), run.topology.read_text(), run.construction.records.read_text(),
                           json.loads(run.controls.read_text()), summary.to_dict())
         assert constructions_stage(config, load_data(config), run)[1].to_dict() == summary.to_dict()  # read back
-    assert outcomes[1] == outcomes[2]
+    assert outcomes[1] == outcomes[2] == outcomes["auto"]

@@ -258,6 +258,32 @@ def test_tiers_recover_each_layer_beside_its_siblings(small_deep, layer, level):
     assert tiered["jaccard"] >= flat["jaccard"] + 0.25, (tiered, flat)
 
 
+def test_the_clustering_in_worker_processes_finds_the_same_clusters(small_deep, monkeypatch):
+    """``n_jobs=2``: the per-anchor search and the union check (which replaces unions here: layer 1 has
+    siblings) run in two forked workers and give the same clusters, votes and counts as one process."""
+    import topo.cluster.estimator as estimator
+    import topo.cluster.select as select
+
+    calls = []
+
+    def spy(real):
+        def forked(function, shared, items, processes, **kwargs):
+            calls.append((function.__name__, processes, len(items)))
+            return real(function, shared, items, processes, **kwargs)
+        return forked
+
+    monkeypatch.setattr(estimator, "forked_map", spy(estimator.forked_map))
+    monkeypatch.setattr(select, "forked_map", spy(select.forked_map))
+    stats = from_activations(torch.from_numpy(np.ascontiguousarray(small_deep.layer_activations(0))), threshold=0.0)
+    alone, apart = _fit(stats), _fit(stats, n_jobs=2)
+    assert {name for name, processes, items in calls if processes == 2 and items > 1} == {"_anchor_candidates",
+                                                                                          "_parts_of"}
+    assert [(c.members, c.votes) for c in apart.clusters_] == [(c.members, c.votes) for c in alone.clusters_]
+    assert (apart.n_candidates_, apart.n_window_cuts_) == (alone.n_candidates_, alone.n_window_cuts_)
+    flat = _fit(stats, tiers=False)
+    assert [c.members for c in flat.clusters_] != [c.members for c in alone.clusters_]  # the union check acted
+
+
 def test_the_top_layer_without_siblings_loses_nothing_to_tiers(small_deep):
     """The top units are independent: no unions to resolve, so tiers find what the plain procedure finds
     (here they also trim a member stuck to one support: precision 0.96 -> 1.00)."""

@@ -269,7 +269,8 @@ def _add_reference(p: argparse.ArgumentParser) -> dict[str, str]:
                                         "(--no-controls: skip)", action=argparse.BooleanOptionalAction)
     flags.add("--jobs", "jobs", "run, construct: the run's construction and the control's side by side in this "
                                 "many worker processes (the same results; 1: one after the other here); auto: one "
-                                "per core on the CPU, 1 on a GPU")
+                                "per core on the CPU, 1 on a GPU, and each construction's clustering in worker "
+                                "processes on the cores the constructions leave")
     flags.add("--fresh-init", "fresh_init", "train the discovered network from random weights even where the "
                                             "construction initialised it (the ablation of --init hebbian)",
               action="store_true")

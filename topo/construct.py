@@ -157,10 +157,12 @@ class ConstructConfig:
     def budgeted(self) -> bool:
         return self.budget_macs != "none"
 
-    def clustering(self, window: int, *, progress: bool = True) -> UnitClustering:
-        """The (unfitted) clustering estimator this configuration asks for, with ``window``."""
+    def clustering(self, window: int, *, progress: bool = True, n_jobs: int | None = None) -> UnitClustering:
+        """The (unfitted) clustering estimator this configuration asks for, with ``window`` (``n_jobs``: its
+        worker processes, which never change the clusters)."""
         return UnitClustering(method=self.method, window=window, n_clusters=self.n_clusters,
-                              max_clusters=self.max_clusters, random_state=self.seed, progress=progress)
+                              max_clusters=self.max_clusters, random_state=self.seed, n_jobs=n_jobs,
+                              progress=progress)
 
 
 def parse_skeleton(text: str) -> list[int | str]:
@@ -380,15 +382,16 @@ def record_null(model: nn.Module, spec: NetworkSpec, batches_factory: Callable[[
 
 
 def cluster_layer(config: ConstructConfig, stats: LayerStats, pooled: LayerStats | None, progress: bool,
-                  null: tuple[LayerStats, LayerStats] | None = None) -> LayerClusters:
+                  null: tuple[LayerStats, LayerStats] | None = None, jobs: int = 1) -> LayerClusters:
     """Cluster the layer with the largest window its map allows, and its pooled map with a 1x1 window.
 
     With ``null`` (the layer and its pooled map recorded on a null input), each pair is tested against it.
+    ``jobs``: worker processes of the clustering (`UnitClustering.n_jobs`; the same clusters).
     """
     window = window_for(stats.spatial_shape or (1, 1), config.window)
     layer_null, pooled_null = null if null is not None else (None, None)
-    clustering = config.clustering(window, progress=progress).fit(stats, null=layer_null)
-    pool_clustering = (config.clustering(1, progress=progress).fit(pooled, null=pooled_null)
+    clustering = config.clustering(window, progress=progress, n_jobs=jobs).fit(stats, null=layer_null)
+    pool_clustering = (config.clustering(1, progress=progress, n_jobs=jobs).fit(pooled, null=pooled_null)
                        if pooled is not None and config.pool_branch else None)
     return LayerClusters(window, clustering, pool_clustering)
 
@@ -497,6 +500,7 @@ def construct(
     out_dir: str | Path | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    cluster_jobs: int = 1,
 ) -> Construction:
     """Grow a network on the stem of ``reference`` following ``config.skeleton``.
 
@@ -504,6 +508,7 @@ def construct(
     ``trainer(model, layer_index)`` trains a prefix briefly (used when
     ``config.epochs_per_layer > 0``). With ``out_dir`` the statistics, clusters
     and progress are written there and an interrupted construction resumes.
+    ``cluster_jobs``: worker processes of each layer's clustering (the same network for any number).
 
     Under ``torchrun`` every process runs the loop in step: each records its
     shard of the data, the statistics are summed over processes, so every
@@ -528,7 +533,7 @@ def construct(
         model = prepare_prefix(model, index, trainer, loader(train_data), config, device)
         stats, pooled = record_layer(model, spec, loader(train_data), config, device, progress)
         null = record_null(model, spec, lambda: loader(train_data), config, device, progress)
-        found = cluster_layer(config, stats, pooled, progress, null)
+        found = cluster_layer(config, stats, pooled, progress, null, cluster_jobs)
         share = step_budget(config, budget, spec, records, weights, input_hw)
         reference_module = reference.inception_modules()[index] if index < len(reference.inception_modules()) else None
         module = build_module(config, found, stats, name=item, in_channels=spec.out_channels, share=share,

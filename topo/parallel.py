@@ -11,6 +11,7 @@ threads of one worker leave the cores to the other. Each worker exits when its
 parent dies (a killed run leaves no process writing into its folder). A job
 that fails raises its error here, after the jobs already running have ended; a
 worker that dies (out of memory, killed) ends them all, in one line naming the first job not done.
+(`topo.forked` is the lighter tool for one computation's many small, pure tasks.)
 """
 from __future__ import annotations
 

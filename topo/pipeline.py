@@ -40,6 +40,7 @@ from topo.construct import (
     window_for,
 )
 from topo.data import DataBundle, load, make_loader, resolve_device
+from topo.data.loader import available_cpus
 from topo.errors import DataError, SpecError, UserError
 from topo.files import (
     read_clusters,
@@ -300,8 +301,9 @@ def preflight(config: RunConfig, bundle: DataBundle, reference: NetworkSpec | No
 
 # --------------------------------------------------------------------------- stages
 def run_construction(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
-                     *, null: str | None = None, trainer: bool = True) -> Construction:
-    """One construction on the run's data (or, with ``null``, on its null version: `topo.nulls`)."""
+                     *, null: str | None = None, trainer: bool = True, cluster_jobs: int = 1) -> Construction:
+    """One construction on the run's data (or, with ``null``, on its null version: `topo.nulls`), its clustering
+    in ``cluster_jobs`` processes."""
     reference = reference_spec(config, bundle)
     device = resolve_device(config.train.device)
 
@@ -321,7 +323,7 @@ def run_construction(config: RunConfig, bundle: DataBundle, construct_config: Co
 
     return construct(reference, bundle.train, construct_config, input_hw=tuple(bundle.image_size), loader=loader,
                      trainer=brief_training if trainer else None, out_dir=out_dir, device=device,
-                     progress=config.train.progress)
+                     progress=config.train.progress, cluster_jobs=cluster_jobs)
 
 
 def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> NetworkSpec:
@@ -342,10 +344,12 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
     processes = default_processes(config.jobs, own + len(plan), resolve_device(config.train.device))
     quiet = config if processes == 1 else dataclasses.replace(config, train=dataclasses.replace(config.train,
                                                                                                   progress=False))
+    each = cluster_processes(config.jobs, processes)
     jobs = [Job("the construction", construction_job, (quiet, bundle, config.construct, run.construction.root,
-                                                       None, True))] if own else []
+                                                       None, True, each))] if own else []
     jobs += [Job(f"the control's construction {name}", construction_job,
-                 (quiet, bundle, dataclasses.replace(config.construct, seed=seed), run.control(name).root, kind, False))
+                 (quiet, bundle, dataclasses.replace(config.construct, seed=seed), run.control(name).root, kind, False,
+                  each))
              for name, kind, seed in plan]
     results = run_jobs(jobs, processes, desc="constructions", progress=config.train.progress and len(jobs) > 1)
     spec = _keep_construction(run, *next(results)) if own else read_spec(run.topology)
@@ -356,12 +360,22 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
     return spec, summary
 
 
+def cluster_processes(requested: int | str, construction_processes: int) -> int:
+    """Worker processes of each construction's clustering: with ``--jobs auto``, the cores that the
+    constructions' own processes leave (all of them to a construction that runs alone); else 1, and 1 under
+    ``torchrun`` (its processes share the machine's cores already)."""
+    if requested != "auto" or dist_info.is_distributed():
+        return 1
+    return max(1, available_cpus() // construction_processes)
+
+
 def construction_job(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
-                     null: str | None, trainer: bool) -> tuple[NetworkSpec, list[dict[str, Any]]]:
+                     null: str | None, trainer: bool, cluster_jobs: int = 1) -> tuple[NetworkSpec, list[dict[str, Any]]]:
     """`run_construction` as a job for `topo.parallel` (picklable in and out): the spec and the records."""
     log.info("constructing on %s, seed %d (%s)", f"the {null} null" if null else "the data", construct_config.seed,
              out_dir)
-    result = run_construction(config, bundle, construct_config, out_dir, null=null, trainer=trainer)
+    result = run_construction(config, bundle, construct_config, out_dir, null=null, trainer=trainer,
+                              cluster_jobs=cluster_jobs)
     return result.spec, result.records
 
 

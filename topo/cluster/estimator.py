@@ -5,19 +5,20 @@ import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
+from joblib import effective_n_jobs
 from sklearn.base import BaseEstimator
 from sklearn.utils import check_random_state
 from threadpoolctl import threadpool_limits
 
 from topo.cluster.arora import MAX_LEVELS, anchored_groups, tiered_groups
-from topo.cluster.clusters import Cluster
+from topo.cluster.clusters import Cluster, canonical_members
 from topo.cluster.evidence import assess, warn_if_weak
 from topo.cluster.partition import METHODS as PARTITION_METHODS
 from topo.cluster.partition import partition
-from topo.cluster.select import TierTest, add_candidate, drop_unions, merge_candidates, select_clusters
+from topo.cluster.select import TierTest, drop_unions, merge_candidates, select_clusters
 from topo.cluster.window import DEFAULT_ALPHA, bonferroni_log_alpha, build_window_graph, mean_strength, pairs_at
 from topo.errors import StatsError, UserError
-from topo.progress import progress_bar
+from topo.forked import forked_map
 from topo.stats import LayerStats
 
 METHODS = ("arora",) + PARTITION_METHODS
@@ -46,6 +47,9 @@ class UnitClustering(BaseEstimator):
     merge_containment : share of a cluster a larger one must hold to absorb it as a fragment.
     min_corr : agglomerative cut (groups whose average |corr| falls below it stay apart).
     min_observations : fewer recorded observations than this is an error.
+    n_jobs : arora only: worker processes for the per-anchor search and the union check (forked, so they
+        share the statistics without copies; joblib's convention: None is 1, -1 every core). Any value gives
+        the same clusters.
     progress : show a progress bar over the anchors (False to turn it off).
 
     Fitted attributes
@@ -77,7 +81,7 @@ class UnitClustering(BaseEstimator):
                  tiers: bool = True, max_levels: int = MAX_LEVELS,
                  min_size: int = 3, min_votes: int = 2, merge_jaccard: float = 0.5, merge_containment: float = 0.8,
                  min_corr: float = 0.1,
-                 min_observations: int = 100, progress: bool = True):
+                 min_observations: int = 100, n_jobs: int | None = None, progress: bool = True):
         self.method = method
         self.window = window
         self.n_clusters = n_clusters
@@ -95,6 +99,7 @@ class UnitClustering(BaseEstimator):
         self.merge_containment = merge_containment
         self.min_corr = min_corr
         self.min_observations = min_observations
+        self.n_jobs = n_jobs
         self.progress = progress
 
     # ------------------------------------------------------------------ checks
@@ -229,38 +234,50 @@ class UnitClustering(BaseEstimator):
         tiers: dict = {}
         base: set = set()
         cuts = WindowCuts()
-        anchors = np.flatnonzero(graph.alive)
+        anchors = np.flatnonzero(graph.alive).tolist()
+        processes = effective_n_jobs(self.n_jobs)
         # local problems are small: several BLAS threads on them mostly wait for each other (on a shared
         # machine 6-12x slower spectral clustering of a dense layer than one thread, docs/benchmarks/cluster.md)
         with threadpool_limits(limits=1, user_api="blas"):
-            for anchor in progress_bar(anchors, desc=f"clustering ({self.method})", disable=not self.progress):
-                self._add_anchor(graph, int(anchor), seed, _Candidates(candidates, tiers, base), cuts)
-        candidates = drop_unions(candidates, tiers, base, self.merge_containment, test)
+            found = forked_map(_anchor_candidates, (self, graph, seed), anchors, processes,
+                               desc=f"clustering ({self.method})", progress=self.progress)
+        kept = _Candidates(candidates, tiers, base)
+        for anchor, groups in zip(anchors, found):  # in anchor order, whoever computed them
+            for key, tier, whole, cut in groups:
+                cuts.groups += whole
+                cuts.cut += cut and whole
+                if key is not None:
+                    kept.add(key, anchor, tier, whole)
+                    if cut and whole:
+                        cuts.keys.add(key)
+        candidates = drop_unions(candidates, tiers, base, self.merge_containment, test, processes=processes)
         merged = merge_candidates(candidates, self.merge_jaccard, self.merge_containment,
                                   parts=set(candidates) - base)
         clusters = select_clusters(merged, min_votes=self.min_votes, min_size=self.min_size,
                                    n_clusters=self.n_clusters, max_clusters=self.max_clusters)
         return clusters, cuts
 
-    def _add_anchor(self, graph, anchor: int, seed: int, found: "_Candidates", cuts: "WindowCuts") -> None:
-        """The candidate groups around one anchor channel, cut to the window, into ``found``."""
+    def _anchor_candidates(self, graph, anchor: int, seed: int) -> list[tuple[tuple, float, bool, bool]]:
+        """The candidate groups around one anchor channel, cut to the window: (canonical members, tier, found on
+        the whole graph, cut) of each group that keeps at least ``min_size`` members. A pure function of its
+        arguments, so that anchors can be searched in any process."""
         chans, offs = graph.neighbours(anchor)
         if len(chans) < self.min_size - 1:
-            return
+            return []
         all_chans = np.concatenate([[anchor], chans])
         all_offs = np.concatenate([np.zeros((1, 2), dtype=np.int64), offs])
         groups, strength = self._local_groups(graph, chans, offs, all_chans, all_offs, seed)
+        out = []
         for group, whole in groups:
             keep, cut = _window_mask(all_offs[group], self.window)
             kept = group[keep]
-            cuts.groups += whole
-            cuts.cut += cut and whole
             if len(kept) >= self.min_size:
-                members = list(zip(all_chans[kept].tolist(), all_offs[kept, 0].tolist(), all_offs[kept, 1].tolist()))
+                members = zip(all_chans[kept].tolist(), all_offs[kept, 0].tolist(), all_offs[kept, 1].tolist())
                 tier = mean_strength(strength[np.ix_(kept, kept)]) if strength is not None and len(kept) > 1 else 0.0
-                key = found.add(members, anchor, tier, whole)
-                if cut and whole:
-                    cuts.keys.add(key)
+                out.append((canonical_members(members), tier, bool(whole), cut))
+            elif whole:
+                out.append((None, 0.0, True, cut))  # counted among the candidates, too small to keep
+        return out
 
     def _local_groups(self, graph, chans, offs, all_chans, all_offs, seed: int):
         """Groups of one anchor's neighbourhood, as indices into (anchor, neighbours...), with whether the
@@ -315,12 +332,12 @@ class _Candidates:
     tiers: dict
     base: set
 
-    def add(self, members, anchor: int, tier: float, whole: bool) -> tuple:
-        key = add_candidate(self.anchors, members, anchor)
+    def add(self, key: tuple, anchor: int, tier: float, whole: bool) -> None:
+        """``anchor`` found the group of canonical members ``key``."""
+        self.anchors.setdefault(key, set()).add(anchor)
         self.tiers[key] = tier  # the mean strength among the members: the same from every anchor
         if whole:
             self.base.add(key)
-        return key
 
 
 @dataclass
@@ -330,6 +347,12 @@ class WindowCuts:
     groups: int = 0
     cut: int = 0
     keys: set = field(default_factory=set)
+
+
+def _anchor_candidates(shared: tuple, anchor: int) -> list[tuple[tuple, float, bool, bool]]:
+    """`UnitClustering._anchor_candidates` of ``shared`` = (estimator, graph, seed), for `forked_map`."""
+    estimator, graph, seed = shared
+    return estimator._anchor_candidates(graph, anchor, seed)
 
 
 def _window_mask(offs: np.ndarray, window: int) -> tuple[np.ndarray, bool]:

@@ -38,8 +38,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import eigh
 
-from topo.cluster.clusters import Cluster, Member, canonical_members
+from topo.cluster.clusters import Cluster, Member
 from topo.cluster.metrics import codes_best_shifts, codes_covered, codes_overlaps, many_member_codes, member_codes
+from topo.forked import forked_map
 
 
 def eigengap_k(affinity: np.ndarray, k_max: int) -> int:
@@ -141,7 +142,8 @@ class _ChannelCounts:
     def shared(self, row: np.ndarray, among: np.ndarray | None = None) -> np.ndarray:
         """The bound against every kept cluster, or against the clusters ``among`` (indices)."""
         used = np.flatnonzero(row)
-        cols = self.columns[used, : self.n] if among is None else self.columns[np.ix_(used, among)]
+        rows = self.columns.take(used, axis=0)  # two takes: faster than one fancy index
+        cols = rows[:, : self.n] if among is None else rows.take(among, axis=1)
         return np.minimum(cols, row[used][:, None]).sum(axis=0, dtype=np.int64)
 
     def sizes(self) -> np.ndarray:
@@ -199,34 +201,37 @@ class TierTest:
 
 def drop_unions(candidates: dict[tuple[Member, ...], set[int]], tiers: dict[tuple[Member, ...], float],
                 base: set[tuple[Member, ...]], containment: float,
-                test: TierTest | None = None) -> dict[tuple[Member, ...], set[int]]:
+                test: TierTest | None = None, processes: int = 1) -> dict[tuple[Member, ...], set[int]]:
     """The ``base`` candidates (found on the whole graph), each that holds significantly stronger candidates
-    replaced by those (see the module docstring); without a ``test``, the ``base`` candidates themselves."""
+    replaced by those (see the module docstring); without a ``test``, the ``base`` candidates themselves.
+    ``processes``: the base candidates' parts are searched in that many forked workers (the same result)."""
     keys = list(candidates)
     if test is None or len({tiers.get(k, 0.0) for k in keys}) < 2:
         return {k: candidates[k] for k in keys if k in base}
     index = _UnionIndex(keys, tiers, containment, test)
+    roots = [i for i, k in enumerate(keys) if k in base]
+    index.find_parts(roots, processes)
     out: dict[tuple[Member, ...], set[int]] = {}
-    for key in keys:
-        if key in base:
-            for part in index.resolve(key):
-                out[part] = candidates[part]
+    for root in roots:
+        for part in index.resolve(root):
+            out[keys[part]] = candidates[keys[part]]
     return out
 
 
 class _UnionIndex:
-    """Candidates with their tiers, sizes, codes and channel counts, for `drop_unions`."""
+    """Candidates (by their index in ``keys``) with their tiers, sizes, codes and channel counts, for
+    `drop_unions`."""
 
     def __init__(self, keys, tiers, containment: float, test: TierTest) -> None:
-        self.keys, self.containment, self.test = keys, containment, test
-        self.position = {k: i for i, k in enumerate(keys)}
+        self.containment, self.test = containment, test
         self.tier = np.array([tiers.get(k, 0.0) for k in keys])
         self.sizes = np.array([len(k) for k in keys])
         self.codes = many_member_codes(keys)
         self.counts = _ChannelCounts.of_codes(self.codes)
         self._by_tier = np.argsort(-self.tier, kind="stable")  # strongest first
         self._falling = -self.tier[self._by_tier]  # ascending, for searchsorted
-        self._resolved: dict = {}
+        self._parts: dict[int, np.ndarray] = {}
+        self._resolved: dict[int, list[int]] = {}
 
     def stronger(self, g: int) -> np.ndarray:
         """Indices (ascending) of the candidates smaller than ``g`` and significantly stronger: a prefix of the
@@ -237,40 +242,52 @@ class _UnionIndex:
         found = np.sort(prefix[self.test.above(self.tier[prefix], lo)])
         return found[self.sizes[found] < self.sizes[g]]
 
-    def parts(self, key) -> list:
-        """The significantly stronger candidates ``key`` holds, strongest first, each adding members (empty: none)."""
-        g = self.position[key]
+    def parts(self, g: int) -> np.ndarray:
+        """The significantly stronger candidates ``g`` holds, strongest first, each adding members (empty: none)."""
         c = self.containment
         hopeful = self.stronger(g)
         if not len(hopeful):
-            return []
+            return hopeful
         bound = self.counts.shared(self.counts.row(g), hopeful)  # no shift shares more members than this
         hopeful = hopeful[bound >= c * self.sizes[hopeful]]
         if not len(hopeful):
-            return []
+            return hopeful
         overlaps, shifts = codes_best_shifts(self.codes[g], [self.codes[h] for h in hopeful])
         held = overlaps >= c * self.sizes[hopeful]
         if not held.any():
-            return []
+            return hopeful[held]
         order = np.argsort(-self.tier[hopeful[held]], kind="stable")
         parts, shifts = hopeful[held][order], shifts[held][order]
         others = [self.codes[h] for h in parts]
-        inside = codes_covered(self.codes[g], others, shifts)  # (parts, members of key)
+        inside = codes_covered(self.codes[g], others, shifts)  # (parts, members of g)
         # greedy cover, strongest first: a part is taken when it holds a member no stronger part holds (a part
         # not taken adds nothing, so what the taken ones cover is what all the stronger ones cover)
         before = np.zeros_like(inside)
         np.logical_or.accumulate(inside[:-1], axis=0, out=before[1:])
-        return [self.keys[h] for h in parts[(inside & ~before).any(axis=1)]]
+        return parts[(inside & ~before).any(axis=1)]
 
-    def resolve(self, key) -> list:
-        """``key`` itself, or the stronger candidates it holds, resolved in turn (tiers rise, so this ends).
+    def find_parts(self, candidates: list[int], processes: int) -> None:
+        """`parts` of every one of ``candidates``, kept for `resolve`; side by side in ``processes`` forked
+        workers (`parts` is pure)."""
+        found = forked_map(_parts_of, self, candidates, processes)
+        self._parts.update(zip(candidates, found))
 
-        Each key is resolved once: the parts of the candidates of one layer are shared by many of them.
+    def resolve(self, g: int) -> list[int]:
+        """``g`` itself, or the stronger candidates it holds, resolved in turn (tiers rise, so this ends).
+
+        Each candidate is resolved once: the parts of the candidates of one layer are shared by many of them.
         """
-        if key not in self._resolved:
-            parts = self.parts(key)
-            self._resolved[key] = [key] if not parts else [p for part in parts for p in self.resolve(part)]
-        return self._resolved[key]
+        if g not in self._resolved:
+            if g not in self._parts:
+                self._parts[g] = self.parts(g)
+            parts = self._parts[g]
+            self._resolved[g] = [g] if not len(parts) else [p for part in parts.tolist() for p in self.resolve(part)]
+        return self._resolved[g]
+
+
+def _parts_of(index: _UnionIndex, g: int) -> np.ndarray:
+    """`_UnionIndex.parts`, for `forked_map`."""
+    return index.parts(g)
 
 
 def select_clusters(merged: list[tuple[tuple[Member, ...], set[int]]], *, min_votes: int, min_size: int,
@@ -285,10 +302,3 @@ def select_clusters(merged: list[tuple[tuple[Member, ...], set[int]]], *, min_vo
     if max_clusters is not None:
         clusters = clusters[: int(max_clusters)]
     return clusters
-
-
-def add_candidate(candidates: dict, members, anchor: int) -> tuple[Member, ...]:
-    """Record that ``anchor`` found ``members``; returns their canonical key."""
-    key = canonical_members(members)
-    candidates.setdefault(key, set()).add(anchor)
-    return key
