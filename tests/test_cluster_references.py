@@ -262,6 +262,29 @@ def test_grow_adds_a_member_missing_one_edge():
     assert grow(adj, core, 0.5).tolist() == support
 
 
+
+def test_links_into_cores_are_the_edge_counts_by_brute_force_dense_or_sparse(monkeypatch):
+    """`grow_all`'s count of the edges from every node into every core: the same exact integers from the dense
+    product (small neighbourhoods) and the sparse one (hubs), and the same as counting edge by edge."""
+    import topo.cluster.arora as arora
+
+    rng = np.random.default_rng(5)
+    adj = _random_graph(rng, 60, 0.3)
+    cores = [np.sort(rng.choice(60, size=int(rng.integers(1, 30)), replace=False)) for _ in range(25)]
+    sizes = np.array([len(c) for c in cores])
+    want = np.array([[adj[v, c].sum() for v in range(60)] for c in cores])
+    members = np.array([np.isin(np.arange(60), c) for c in cores])
+    anchored = [np.r_[0, c[c > 0]] for c in cores]
+    grown = []
+    for limit in (1 << 24, 0):  # 25 x 60 x 60 multiply-adds: dense under the first limit, sparse under 0
+        monkeypatch.setattr(arora, "_DENSE_LINKS", limit)
+        links, member = arora._links_into(adj, cores, sizes)
+        np.testing.assert_array_equal(links, want)
+        np.testing.assert_array_equal(member, members)
+        grown.append([g.tolist() for g in arora.grow_all(adj, anchored, 0.5)])
+    assert grown[0] == grown[1]
+
+
 # ---------------------------------------------------------------- reduction widths
 
 

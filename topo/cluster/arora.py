@@ -49,6 +49,7 @@ from scipy import sparse
 _GONE = np.iinfo(np.int32).max
 _BATCH_BYTES = 1 << 24  # at most this many bytes of stacked sub-adjacency per peeling batch
 _BATCH_SPREAD = 2.0  # a batch holds sets of at most this ratio of sizes (padding stays cheap)
+_DENSE_LINKS = 1 << 24  # `_links_into` multiplies densely up to this many multiply-adds
 #: Strength levels per anchor at most (beyond, quantiles of the anchor's edge strengths): a bound on the work.
 MAX_LEVELS = 8
 
@@ -123,10 +124,7 @@ def grow_all(adj: np.ndarray, cores: Sequence[np.ndarray], density: float) -> li
     if not cores:
         return []
     sizes = np.array([len(c) for c in cores])
-    inside = sparse.csr_matrix((np.ones(sizes.sum(), dtype=np.int32), np.concatenate(cores),
-                                np.concatenate([[0], np.cumsum(sizes)])), shape=(len(cores), adj.shape[0]))
-    links = (inside @ sparse.csr_matrix(adj.T, dtype=np.int32)).toarray()  # links[r, v]: edges from v into core r
-    member = inside.toarray() > 0
+    links, member = _links_into(adj, cores, sizes)
     extra = (links >= sizes[:, None] - 1) & ~member
     rows = np.flatnonzero((sizes >= 2) & extra.any(axis=1))
     unions = [np.flatnonzero(extra[r] | member[r]) for r in rows]
@@ -138,6 +136,20 @@ def grow_all(adj: np.ndarray, cores: Sequence[np.ndarray], density: float) -> li
         if len(grown) and grown[0] == 0:
             out[r] = grown
     return out
+
+
+def _links_into(adj: np.ndarray, cores: Sequence[np.ndarray], sizes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``links[r, v]``, the edges from node v into core r, and ``member[r, v]``, whether v is in it. Exact either
+    way: a dense float32 product where it is small (most neighbourhoods; integer counts far below 2**24), a
+    sparse one for the hubs of a dense layer, where the dense one would cost (cores x nodes x nodes)."""
+    n = adj.shape[0]
+    if len(cores) * n * n <= _DENSE_LINKS:
+        member = np.zeros((len(cores), n), dtype=bool)
+        member[np.repeat(np.arange(len(cores)), sizes), np.concatenate(cores)] = True
+        return member.astype(np.float32) @ adj.astype(np.float32), member  # adj is symmetric
+    inside = sparse.csr_matrix((np.ones(sizes.sum(), dtype=np.int32), np.concatenate(cores),
+                                np.concatenate([[0], np.cumsum(sizes)])), shape=(len(cores), n))
+    return (inside @ sparse.csr_matrix(adj.T, dtype=np.int32)).toarray(), inside.toarray() > 0
 
 
 def pair_sets(adj: np.ndarray) -> list[np.ndarray]:
