@@ -272,6 +272,7 @@ def test_the_clustering_in_worker_processes_finds_the_same_clusters(small_deep, 
             return real(function, shared, items, processes, **kwargs)
         return forked
 
+    monkeypatch.setattr(estimator, "MIN_FORKED_EDGES", 0)  # whatever this small layer's edges
     monkeypatch.setattr(estimator, "forked_map", spy(estimator.forked_map))
     monkeypatch.setattr(select, "forked_map", spy(select.forked_map))
     stats = from_activations(torch.from_numpy(np.ascontiguousarray(small_deep.layer_activations(0))), threshold=0.0)

@@ -22,6 +22,9 @@ from topo.forked import forked_map
 from topo.stats import LayerStats
 
 METHODS = ("arora",) + PARTITION_METHODS
+#: ``n_jobs`` acts on graphs of at least this many Hebbian edges: starting forked workers costs about 45 ms,
+#: more than clustering a smaller layer takes (a 300-edge layer of the default construction: 0.17 s in all).
+MIN_FORKED_EDGES = 500
 
 
 class UnitClustering(BaseEstimator):
@@ -48,8 +51,8 @@ class UnitClustering(BaseEstimator):
     min_corr : agglomerative cut (groups whose average |corr| falls below it stay apart).
     min_observations : fewer recorded observations than this is an error.
     n_jobs : arora only: worker processes for the per-anchor search and the union check (forked, so they
-        share the statistics without copies; joblib's convention: None is 1, -1 every core). Any value gives
-        the same clusters.
+        share the statistics without copies; joblib's convention: None is 1, -1 every core), on graphs of at
+        least `MIN_FORKED_EDGES` edges. Any value gives the same clusters.
     progress : show a progress bar over the anchors (False to turn it off).
 
     Fitted attributes
@@ -235,7 +238,7 @@ class UnitClustering(BaseEstimator):
         base: set = set()
         cuts = WindowCuts()
         anchors = np.flatnonzero(graph.alive).tolist()
-        processes = effective_n_jobs(self.n_jobs)
+        processes = effective_n_jobs(self.n_jobs) if graph.n_edges >= MIN_FORKED_EDGES else 1
         # local problems are small: several BLAS threads on them mostly wait for each other (on a shared
         # machine 6-12x slower spectral clustering of a dense layer than one thread, docs/benchmarks/cluster.md)
         with threadpool_limits(limits=1, user_api="blas"):
