@@ -89,6 +89,19 @@ def test_forked_map_gives_the_results_in_order_from_workers_that_inherit_the_sha
     assert forked_map(_scaled_with_blas_threads, shared, [], 2) == []
 
 
+def _forked_squares(n: int) -> list[tuple[int, int, int]]:
+    return forked_map(_scaled_with_blas_threads, {"factor": 1}, list(range(n)), 2)
+
+
+def test_a_job_side_by_side_may_fork_workers_of_its_own():
+    """On a machine with more cores than constructions, each construction (a `run_jobs` worker) clusters in
+    forked workers of its own: a worker process may start them."""
+    results = list(run_jobs([Job("a", _forked_squares, (10,)), Job("b", _forked_squares, (12,))], 2,
+                            progress=False))
+    assert [[r[0] for r in result] for result in results] == [list(range(10)), list(range(12))]
+    assert os.getpid() not in {r[1] for result in results for r in result}
+
+
 def test_each_constructions_clustering_gets_the_cores_the_constructions_leave(monkeypatch):
     import topo.pipeline as pipeline
 
