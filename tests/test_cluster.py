@@ -227,6 +227,9 @@ def test_bad_parameters():
         UnitClustering(method="kmeans").fit(stats)
     with pytest.raises(UserError, match="window"):
         UnitClustering(window=4).fit(stats)
+    for bad in (0, 1.5, "two", True):
+        with pytest.raises(UserError, match="n_jobs must be None"):
+            UnitClustering(n_jobs=bad).fit(stats)
 
 
 # ---------------------------------------------------------------- the window cut

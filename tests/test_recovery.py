@@ -277,8 +277,7 @@ def test_the_clustering_in_worker_processes_finds_the_same_clusters(small_deep, 
     monkeypatch.setattr(select, "forked_map", spy(select.forked_map))
     stats = from_activations(torch.from_numpy(np.ascontiguousarray(small_deep.layer_activations(0))), threshold=0.0)
     alone, apart = _fit(stats), _fit(stats, n_jobs=2)
-    assert {name for name, processes, items in calls if processes == 2 and items > 1} == {"_anchor_candidates",
-                                                                                          "_parts_of"}
+    assert {name for name, processes, items in calls if processes == 2 and items > 1} == {"_search_anchor", "_parts_of"}
     assert [(c.members, c.votes) for c in apart.clusters_] == [(c.members, c.votes) for c in alone.clusters_]
     assert (apart.n_candidates_, apart.n_window_cuts_) == (alone.n_candidates_, alone.n_window_cuts_)
     flat = _fit(stats, tiers=False)

@@ -116,6 +116,10 @@ class UnitClustering(BaseEstimator):
         if not isinstance(self.max_levels, (int, np.integer)) or self.max_levels < 1:
             raise UserError(f"UnitClustering: max_levels must be a positive int (strength levels per anchor), "
                             f"got {self.max_levels!r}")
+        if self.n_jobs is not None and (isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, (int, np.integer))
+                                        or self.n_jobs == 0):
+            raise UserError(f"UnitClustering: n_jobs must be None, a positive int or a negative one (-1: every "
+                            f"core), got {self.n_jobs!r}")
         if self.max_clusters is not None and self.max_clusters < 1:
             raise UserError(f"UnitClustering: max_clusters must be None or >= 1, got {self.max_clusters!r}")
 
@@ -242,7 +246,7 @@ class UnitClustering(BaseEstimator):
         # local problems are small: several BLAS threads on them mostly wait for each other (on a shared
         # machine 6-12x slower spectral clustering of a dense layer than one thread, docs/benchmarks/cluster.md)
         with threadpool_limits(limits=1, user_api="blas"):
-            found = forked_map(_anchor_candidates, (self, graph, seed), anchors, processes,
+            found = forked_map(_search_anchor, (self, graph, seed), anchors, processes,
                                desc=f"clustering ({self.method})", progress=self.progress)
         kept = _Candidates(candidates, tiers, base)
         for anchor, groups in zip(anchors, found):  # in anchor order, whoever computed them
@@ -352,7 +356,7 @@ class WindowCuts:
     keys: set = field(default_factory=set)
 
 
-def _anchor_candidates(shared: tuple, anchor: int) -> list[tuple[tuple, float, bool, bool]]:
+def _search_anchor(shared: tuple, anchor: int) -> list[tuple[tuple, float, bool, bool]]:
     """`UnitClustering._anchor_candidates` of ``shared`` = (estimator, graph, seed), for `forked_map`."""
     estimator, graph, seed = shared
     return estimator._anchor_candidates(graph, anchor, seed)
