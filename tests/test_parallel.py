@@ -15,7 +15,7 @@ import torch
 
 from topo.errors import DataError, UserError
 from topo.forked import forked_map
-from topo.parallel import Job, check_processes, default_processes, run_jobs
+from topo.parallel import Job, check_processes, default_processes, processes_within, run_jobs
 
 
 def _fail(message: str) -> None:
@@ -103,13 +103,13 @@ def test_a_job_side_by_side_may_fork_workers_of_its_own():
 
 
 def test_each_constructions_clustering_gets_the_cores_the_constructions_leave(monkeypatch):
-    import topo.pipeline as pipeline
+    import topo.parallel as parallel
 
-    monkeypatch.setattr(pipeline, "available_cpus", lambda: 8)
-    assert pipeline.cluster_processes("auto", 1) == 8  # a construction alone: every core
-    assert pipeline.cluster_processes("auto", 2) == 4
-    assert pipeline.cluster_processes("auto", 16) == 1
-    assert pipeline.cluster_processes(1, 1) == pipeline.cluster_processes(3, 1) == 1  # --jobs N: one each
+    monkeypatch.setattr(parallel, "available_cpus", lambda: 8)
+    assert processes_within("auto", 1) == 8  # a construction alone: every core
+    assert processes_within("auto", 2) == 4
+    assert processes_within("auto", 16) == 1
+    assert processes_within(1, 1) == processes_within(3, 1) == 1  # --jobs N: one each
 
 
 @pytest.mark.slow

@@ -76,6 +76,15 @@ def default_processes(requested: int | str, n_jobs: int, device: torch.device) -
     return max(1, min(n_jobs, available_cpus(), torch.get_num_threads()))
 
 
+def processes_within(requested: int | str, processes: int) -> int:
+    """Worker processes each of ``processes`` side-by-side jobs may start for work of its own (a construction's
+    clustering, `topo.forked`): with ``"auto"``, the cores the jobs' processes leave (all of them to a job that
+    runs alone); else 1, and 1 under ``torch.distributed`` (its processes share the machine's cores already)."""
+    if requested != "auto" or dist_info.is_distributed():
+        return 1
+    return max(1, available_cpus() // processes)
+
+
 def run_jobs(jobs: Sequence[Job], processes: int, *, desc: str = "jobs", progress: bool = True) -> Iterator[Any]:
     """The results of ``jobs``, in order, each as soon as it and those before it are done; with ``processes`` > 1
     computed side by side in that many spawned workers (see the module docstring), else here, one after the other.

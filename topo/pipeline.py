@@ -40,7 +40,6 @@ from topo.construct import (
     window_for,
 )
 from topo.data import DataBundle, load, make_loader, resolve_device
-from topo.data.loader import available_cpus
 from topo.errors import DataError, SpecError, UserError
 from topo.files import (
     read_clusters,
@@ -59,7 +58,7 @@ from topo.controls import ControlConfig, ControlSummary, summarise, verdict
 from topo.hooks import record
 from topo.io import atomic_write_json, atomic_write_text
 from topo.nulls import null_batches
-from topo.parallel import Job, check_processes, default_processes, run_jobs
+from topo.parallel import Job, check_processes, default_processes, processes_within, run_jobs
 from topo.rundir import AnalysisFiles, RunDir
 from topo.stats import LayerStats
 from topo.train import TrainConfig, TrainResult, train
@@ -344,7 +343,7 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
     processes = default_processes(config.jobs, own + len(plan), resolve_device(config.train.device))
     quiet = config if processes == 1 else dataclasses.replace(config, train=dataclasses.replace(config.train,
                                                                                                   progress=False))
-    each = cluster_processes(config.jobs, processes)
+    each = processes_within(config.jobs, processes)
     jobs = [Job("the construction", construction_job, (quiet, bundle, config.construct, run.construction.root,
                                                        None, True, each))] if own else []
     jobs += [Job(f"the control's construction {name}", construction_job,
@@ -358,15 +357,6 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
     else:
         summary = read_controls(run) if config.controls else None
     return spec, summary
-
-
-def cluster_processes(requested: int | str, construction_processes: int) -> int:
-    """Worker processes of each construction's clustering: with ``--jobs auto``, the cores that the
-    constructions' own processes leave (all of them to a construction that runs alone); else 1, and 1 under
-    ``torchrun`` (its processes share the machine's cores already)."""
-    if requested != "auto" or dist_info.is_distributed():
-        return 1
-    return max(1, available_cpus() // construction_processes)
 
 
 def construction_job(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
