@@ -1,6 +1,7 @@
 """The construction loop on the embedded digits: budget, determinism, resume, Hebbian initialisation."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -147,3 +148,20 @@ def test_hebbian_init_puts_filters_on_cluster_members(reference, digits):
         outside = [i for i in range(first.size) if i not in members]
         assert np.allclose(first[outside], 0)
         assert np.all(first[sorted(members)] > 0)
+
+
+def test_record_layer_keeps_what_the_clustering_reads(reference, digits):
+    """The layer at its window's reach, the pooled map (1x1 window) at offset (0, 0) only and at the layer's
+    anchors; without a pooling branch no pooled map is recorded at all."""
+    from topo.construct import record_layer
+
+    spec = dataclasses.replace(reference, stages=reference.stages[:4])  # the stem's first layers
+    model = builders.build(spec).eval()
+    config = ConstructConfig(skeleton=SKELETON, stats_batches=2, window=3)
+    layer, pooled = record_layer(model, spec, _loader(digits.train), config, torch.device("cpu"), False)
+    assert layer.max_offset == 2 and pooled.max_offset == 0 and pooled.offsets == [(0, 0)]
+    assert pooled.positions_used == layer.positions_used and pooled.count == layer.count
+    no_pool = dataclasses.replace(config, pool_branch=False)
+    layer_only, none = record_layer(model, spec, _loader(digits.train), no_pool, torch.device("cpu"), False)
+    assert none is None
+    np.testing.assert_allclose(layer_only.cov(), layer.cov(), rtol=1e-12, atol=1e-14)

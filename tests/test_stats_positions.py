@@ -120,3 +120,25 @@ def test_a_bare_layer_stats_with_auto_and_no_budget_is_exact():
     assert LayerStats().update(torch.rand(5, 4)).positions_used == 1  # a vector layer
     with pytest.raises(StatsError, match="'auto'"):
         LayerStats(positions="some")
+
+
+def test_layers_recorded_together_at_smaller_reaches_share_the_farthest_layers_anchors():
+    """A max-pooled copy of a map recorded at offset (0, 0) beside the map at reach 4 (the construction's
+    pooling branch): its positions are planned for reach 4, so it is sampled at the layer's anchors, and its
+    statistics at (0, 0) are those of recording it alone at reach 4."""
+    maps = torch.from_numpy(correlated_maps(n=400, c=6, h=16, w=16, seed=41)).float()
+    loader = DataLoader(TensorDataset(maps), batch_size=50)
+    model = nn.Sequential(nn.Identity(), nn.MaxPool2d(3, 1, padding=1))
+    both = topo.record(model, loader, ["0", "1"], max_offset={"0": 4, "1": 0}, progress=False)
+    alone = topo.record(model, loader, ["1"], max_offset=4, progress=False)["1"]
+    pooled = both["1"]
+    assert pooled.max_offset == 0 and pooled.offsets == [(0, 0)] and both["0"].max_offset == 4
+    assert not pooled.exact and pooled.positions_used == both["0"].positions_used == alone.positions_used == 45
+    assert pooled.budget.reach == 4 and both["0"].budget.reach == 4
+    np.testing.assert_allclose(pooled.cov(), alone.cov(), rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(pooled.coactivation()[0], alone.coactivation()[0])
+    # planned for its own reach, the pooled map alone would need fewer positions: inside = every position
+    own = topo.record(model, loader, ["1"], max_offset=0, progress=False)["1"]
+    assert own.budget.reach is None and own.positions_used == math.ceil(MIN_PAIRS / 400) == 25
+    with pytest.raises(StatsError, match="one per recorded layer"):
+        topo.record(model, loader, ["0", "1"], max_offset={"0": 4}, progress=False)

@@ -354,26 +354,29 @@ def prepare_prefix(model: nn.Module, index: int, trainer: Callable[[nn.Module, i
 
 
 def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: ConstructConfig,
-                 device: torch.device, progress: bool) -> tuple[LayerStats, LayerStats]:
-    """Statistics of the prefix's output and of its 3x3 max-pooled map, in one pass.
+                 device: torch.device, progress: bool) -> tuple[LayerStats, LayerStats | None]:
+    """Statistics of the prefix's output and of its 3x3 max-pooled map (None without a pooling branch), in one pass.
 
     Both are read at the pooling probe appended to the prefix (its input is the
     prefix's output, also when the prefix has no layer yet: then it is the data);
     the first is named after the prefix's last layer (``"input"`` without one).
+    The layer keeps the offsets its largest window reads; the pooled map, clustered
+    with a 1x1 window, only offset (0, 0), at the same anchor positions as the layer.
     """
     probe = builders.build(dataclasses.replace(spec, stages=spec.stages + (PoolSpec(PROBE, 3, 1, padding=1),)))
     probe.load_state_dict(model.state_dict())
     probe.to(device)
-    stats = record(probe, batches, [f"{PROBE}:input", PROBE], max_batches=config.stats_batches,
+    reach = {f"{PROBE}:input": config.window - 1, **({PROBE: 0} if config.pool_branch else {})}
+    stats = record(probe, batches, list(reach), max_offset=reach, max_batches=config.stats_batches,
                    positions=config.positions, fire_quantile=config.fire_quantile, seed=config.seed,
                    progress=progress)
     layer = stats[f"{PROBE}:input"]
     layer.name = spec.layers[-1].name if spec.layers else "input"
-    return layer, stats[PROBE]
+    return layer, stats.get(PROBE)
 
 
 def record_null(model: nn.Module, spec: NetworkSpec, batches_factory: Callable[[], Any], config: ConstructConfig,
-                device: torch.device, progress: bool) -> tuple[LayerStats, LayerStats] | None:
+                device: torch.device, progress: bool) -> tuple[LayerStats, LayerStats | None] | None:
     """The same statistics of the same prefix on ``config.null``'s null input (None without a null)."""
     if config.null == "none":
         return None

@@ -18,7 +18,7 @@ from __future__ import annotations
 import difflib
 import itertools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +88,7 @@ def record(
     data: Iterable[Any],
     layers: str | Sequence[str],
     *,
-    max_offset: int = 4,
+    max_offset: int | Mapping[str, int] = 4,
     max_batches: int | None = None,
     device: str | torch.device | None = None,
     threshold: float | None = None,
@@ -114,6 +114,10 @@ def record(
     statistics' device) its copies of them are recorded instead: one pass, bitwise the same statistics (not with
     0, nor under ``torch.distributed``). ``threshold=None, fire_quantile=None``: threshold 0, one pass.
 
+    ``max_offset``: the farthest displacement stored, for every layer or per layer (a mapping from the
+    strings of ``layers``); layers recorded at a smaller one than another layer of the call are sampled as if
+    they stored as far (`PositionBudget.reach`): at the same anchors, where channels and map agree.
+
     ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted
     once, on one image) and the number of images (:func:`topo.stats.choose_positions`; logged, and kept in
     ``positions_used`` / ``exact``); an int samples that many anchor positions per map and image; ``None``
@@ -126,14 +130,16 @@ def record(
     modules = dict(model.named_modules())
     targets = {spec: _find_module(model, modules, *parse_layer(spec)) for spec in specs}
     quantile = _checked_settings(threshold, fire_quantile, replay_bytes)
-    LayerStats(max_offset=max_offset, positions=positions, seed=seed)  # a bad setting fails before any pass
+    offsets = _offsets_by_layer(max_offset, specs)
+    for reach in set(offsets.values()):
+        LayerStats(max_offset=reach, positions=positions, seed=seed)  # a bad setting fails before any pass
     run = _Run(model, data, targets, max_batches, device or _model_device(model), progress,
-               all_reduce and dist_info.is_distributed(), replay_bytes)
+               all_reduce and dist_info.is_distributed(), replay_bytes, reach=_shared_reach(offsets))
     auto = positions == "auto"
     with _evaluating(model):
         thresholds = run.calibrate(quantile, seed, probe=auto) if quantile is not None else {}
         stats = {
-            spec: LayerStats(max_offset=max_offset, threshold=thresholds.get(spec, threshold or 0.0),
+            spec: LayerStats(max_offset=offsets[spec], threshold=thresholds.get(spec, threshold or 0.0),
                              positions=positions, seed=seed, name=spec, fire_quantile=quantile)
             for spec in specs
         }
@@ -143,6 +149,21 @@ def record(
         if run.distributed:
             layer.all_reduce()
     return stats
+
+
+def _offsets_by_layer(max_offset: int | Mapping[str, int], specs: list[str]) -> dict[str, int]:
+    """``max_offset`` for each layer of ``specs`` (one int for all, or a mapping that names each)."""
+    if not isinstance(max_offset, Mapping):
+        return dict.fromkeys(specs, max_offset)
+    if set(max_offset) != set(specs):
+        raise StatsError(f"max_offset is given for {sorted(max_offset)}, but the layers recorded are {specs}; "
+                         "give one int for every layer, or one per recorded layer")
+    return {spec: max_offset[spec] for spec in specs}
+
+
+def _shared_reach(offsets: dict[str, int]) -> int | None:
+    """The reach every layer's positions are planned for: the farthest, where the layers differ (else None)."""
+    return max(offsets.values()) if len(set(offsets.values())) > 1 else None
 
 
 def _checked_settings(threshold, fire_quantile, replay_bytes) -> float | None:
@@ -208,8 +229,9 @@ class _Taping:
 class _Run:
     """The passes of one :func:`record` call over the same data."""
 
-    def __init__(self, model, data, targets, max_batches, device, progress, distributed, replay_bytes: int) -> None:
-        self.model, self.data, self.targets = model, data, targets
+    def __init__(self, model, data, targets, max_batches, device, progress, distributed, replay_bytes: int, *,
+                 reach: int | None) -> None:
+        self.model, self.data, self.targets, self.reach = model, data, targets, reach
         self.max_batches, self.device, self.progress, self.distributed = max_batches, device, progress, distributed
         self.images: int | None = None  # over all processes, once a pass has counted them
         self.forward_macs: int | None = None
@@ -234,7 +256,7 @@ class _Run:
         """The recording pass (after a calibration pass: its kept activations, or the same batches again)."""
         def budget(x: torch.Tensor | None) -> None:
             images = self.images or _images_lower_bound(self.data, self.max_batches, x.shape[0])
-            plan = PositionBudget(forward_macs=self.forward_macs, num_images=images)
+            plan = PositionBudget(forward_macs=self.forward_macs, num_images=images, reach=self.reach)
             for layer in stats.values():
                 layer.budget = plan
 

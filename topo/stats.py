@@ -139,19 +139,22 @@ class PositionBudget:
 
     ``forward_macs``: multiply-adds of the model's forward pass for one image
     (counted, see :func:`topo.hooks.forward_macs`); ``num_images``: the images the
-    statistics will see (over all processes; a lower bound where unknown).
+    statistics will see (over all processes; a lower bound where unknown). ``reach``: plan the positions
+    as for a layer storing offsets up to this reach where it stores fewer (None: its own), so that layers
+    recorded together at different reaches are sampled at the same anchors (`topo.record`).
     """
 
     forward_macs: int
     num_images: int
     cost_multiple: float = EXACT_COST_MULTIPLE
     min_pairs: int = MIN_PAIRS
+    reach: int | None = None
 
     def __post_init__(self) -> None:
-        if self.forward_macs < 0 or self.num_images < 1 or self.cost_multiple < 0 or self.min_pairs < 1:
-            raise StatsError(
-                f"{self} is invalid; need forward_macs >= 0, num_images >= 1, cost_multiple >= 0, min_pairs >= 1"
-            )
+        if (self.forward_macs < 0 or self.num_images < 1 or self.cost_multiple < 0 or self.min_pairs < 1
+                or (self.reach is not None and self.reach < 0)):
+            raise StatsError(f"{self} is invalid; need forward_macs >= 0, num_images >= 1, cost_multiple >= 0, "
+                             "min_pairs >= 1, reach None or >= 0")
 
 
 @dataclass(frozen=True)
@@ -437,7 +440,9 @@ class LayerStats:
         if shape is None:
             choice = PositionChoice(1, True, "one observation per image (a vector layer)")
         elif self.positions == "auto":
-            choice = choose_positions(self.num_channels, shape, self._offsets, self.budget)
+            planned = (self._offsets if self.budget is None or self.budget.reach is None
+                       else half_offsets(max(self.budget.reach, self.max_offset), shape))
+            choice = choose_positions(self.num_channels, shape, planned, self.budget)
         elif self.positions is None or self.positions >= shape[0] * shape[1]:
             choice = PositionChoice(shape[0] * shape[1], True, "every position (as requested)")
         else:
