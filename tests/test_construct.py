@@ -165,3 +165,34 @@ def test_record_layer_keeps_what_the_clustering_reads(reference, digits):
     layer_only, none = record_layer(model, spec, _loader(digits.train), no_pool, torch.device("cpu"), False)
     assert none is None
     np.testing.assert_allclose(layer_only.cov(), layer.cov(), rtol=1e-12, atol=1e-14)
+
+
+def _state(construction_dir):
+    from topo.files import read_prefix, read_progress
+
+    modules = len(read_progress(construction_dir / "progress.json")["records"])
+    return read_prefix(construction_dir / f"prefix{modules}.pt", modules)
+
+
+def test_carrying_the_prefix_outputs_changes_no_number(reference, digits, tmp_path, monkeypatch, one_thread):
+    """Each step runs only the new layers on the carried outputs (`topo.carried`); running the whole prefix
+    again at every step, as without them, gives the same records, clusters and weights, bit for bit. A
+    global random state consumed in between changes nothing either: each module's init is seeded."""
+    import topo.construct as construct_module
+
+    carried = _construct(reference, digits, out_dir=tmp_path / "carried")
+    monkeypatch.setattr(construct_module, "start_carrying", lambda *args, **kwargs: None)
+    torch.manual_seed(12345)
+    torch.rand(7)
+    whole = _construct(reference, digits, out_dir=tmp_path / "whole")
+    assert carried.spec.to_json() == whole.spec.to_json()
+    assert json.dumps(carried.records) == json.dumps(whole.records)
+    for name in ("inception3a", "inception4a"):
+        assert ((tmp_path / "carried" / f"{name}_clusters.json").read_text()
+                == (tmp_path / "whole" / f"{name}_clusters.json").read_text())
+    assert carried.stats.keys() == whole.stats.keys()
+    for layer in carried.stats:
+        np.testing.assert_array_equal(carried.stats[layer].cov(), whole.stats[layer].cov())
+        np.testing.assert_array_equal(carried.stats[layer].thresholds, whole.stats[layer].thresholds)
+    a, b = _state(tmp_path / "carried"), _state(tmp_path / "whole")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

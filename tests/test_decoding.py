@@ -149,7 +149,7 @@ def _construction(**overrides):
     reference = builders.googlenet_spec("small", num_classes=bundle.num_classes, width_mult=0.25,
                                         in_channels=bundle.in_channels, input_size=16)
     config = ConstructConfig(skeleton="2", stem="none", init="hebbian", budget_macs="none", positions=None,
-                             stats_batches=None, fire_quantile=None, null="none", seed=0, **overrides)
+                             stats_batches=None, fire_quantile=None, null="none", **{"seed": 0, **overrides})
     loader = lambda d: make_loader(d, batch_size=64, train=True, seed=0, workers=0, device="cpu", distributed=False)
     return construct(reference, bundle.train, config, input_hw=(16, 16), loader=loader, progress=False)
 
@@ -176,14 +176,21 @@ def test_the_decoded_rates_reach_the_next_layers_statistics(constructions):
 
 @pytest.mark.slow
 def test_the_threshold_decoder_recovers_the_second_layer_better_than_the_mean(constructions):
-    """Seed 0 of docs/clustering.md's table (5 seeds there): layer 2 Jaccard 0.6 against 0.28."""
+    """Over construction seeds 0-2 (each seed its modules' random init; the data is seed 0's): layer 2's Jaccard
+    gains more than 0.15 on average, and on every seed (docs/clustering.md: the gain varies with the init)."""
     from topo.planted import generate_deep
     from topo.data.tensors import PLANTED_DATA
     from topo.recovery import layer_recovery
 
     sample = generate_deep(PLANTED_DATA, seed=0)
-    scores = {d: [r["jaccard"] for r in layer_recovery(sample, [c.clusterings[m] for m in ("inception3a",
-                                                                                          "inception3b")])]
-              for d, c in constructions.items()}
-    assert scores["threshold"][0] == scores["mean"][0]  # layer 1: the same statistics, the same clusters
-    assert scores["threshold"][1] > scores["mean"][1] + 0.15, scores
+    gains = []
+    for seed in (0, 1, 2):
+        runs = constructions if seed == 0 else {d: _construction(decoder=d, pool_branch=False, seed=seed)
+                                                for d in ("threshold", "mean")}
+        scores = {d: [r["jaccard"] for r in layer_recovery(sample, [c.clusterings[m] for m in ("inception3a",
+                                                                                               "inception3b")])]
+                  for d, c in runs.items()}
+        assert scores["threshold"][0] == scores["mean"][0]  # layer 1: the same statistics, the same clusters
+        assert scores["threshold"][1] > scores["mean"][1], (seed, scores)
+        gains.append(scores["threshold"][1] - scores["mean"][1])
+    assert np.mean(gains) > 0.15, gains

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -40,7 +41,8 @@ from topo.decoding import DECODERS, threshold_decode_
 from topo.errors import UserError
 from topo.files import read_prefix, read_progress
 from topo.hebbian import hebbian_init_
-from topo.hooks import record
+from topo.carried import CarriedOutputs
+from topo.hooks import forward_macs, record
 from topo.io import atomic_torch_save, atomic_write_json
 from topo.nulls import KINDS as NULL_KINDS
 from topo.nulls import null_batches
@@ -354,7 +356,8 @@ def prepare_prefix(model: nn.Module, index: int, trainer: Callable[[nn.Module, i
 
 
 def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: ConstructConfig,
-                 device: torch.device, progress: bool) -> tuple[LayerStats, LayerStats | None]:
+                 device: torch.device, progress: bool, *, carried: CarriedOutputs | None = None
+                 ) -> tuple[LayerStats, LayerStats | None]:
     """Statistics of the prefix's output and of its 3x3 max-pooled map (None without a pooling branch), in one pass.
 
     Both are read at the pooling probe appended to the prefix (its input is the
@@ -362,14 +365,20 @@ def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: Cons
     the first is named after the prefix's last layer (``"input"`` without one).
     The layer keeps the offsets its largest window reads; the pooled map, clustered
     with a 1x1 window, only offset (0, 0), at the same anchor positions as the layer.
+    With ``carried``, ``batches`` are the prefix's outputs (`topo.carried`): only the probe runs on them, and
+    the positions rule weighs the whole prefix's forward cost, as it would running it.
     """
     probe = builders.build(dataclasses.replace(spec, stages=spec.stages + (PoolSpec(PROBE, 3, 1, padding=1),)))
     probe.load_state_dict(model.state_dict())
-    probe.to(device)
+    probe.to(device).eval()
     reach = {f"{PROBE}:input": config.window - 1, **({PROBE: 0} if config.pool_branch else {})}
-    stats = record(probe, batches, list(reach), max_offset=reach, max_batches=config.stats_batches,
+    source, cost = probe, None
+    if carried is not None:
+        source = nn.Sequential(OrderedDict([(PROBE, getattr(probe, PROBE))]))
+        cost = forward_macs(probe, carried.example) if config.positions == "auto" else None
+    stats = record(source, batches, list(reach), max_offset=reach, max_batches=config.stats_batches,
                    positions=config.positions, fire_quantile=config.fire_quantile, seed=config.seed,
-                   progress=progress)
+                   progress=progress, forward_cost=cost)
     layer = stats[f"{PROBE}:input"]
     layer.name = spec.layers[-1].name if spec.layers else "input"
     return layer, stats.get(PROBE)
@@ -380,8 +389,38 @@ def record_null(model: nn.Module, spec: NetworkSpec, batches_factory: Callable[[
     """The same statistics of the same prefix on ``config.null``'s null input (None without a null)."""
     if config.null == "none":
         return None
-    batches = null_batches(batches_factory, config.null, seed=config.seed, max_batches=config.stats_batches)
-    return record_layer(model, spec, batches, config, device, progress)
+    return record_layer(model, spec, null_input(batches_factory, config), config, device, progress)
+
+
+def null_input(batches_factory: Callable[[], Any], config: ConstructConfig) -> Any:
+    """``config.null``'s null version of the recording batches (`topo.nulls`)."""
+    return null_batches(batches_factory, config.null, seed=config.seed, max_batches=config.stats_batches)
+
+
+def start_carrying(config: ConstructConfig, batches_factory: Callable[[], Any], trainer: Any,
+                   device: torch.device) -> CarriedOutputs | None:
+    """`CarriedOutputs` of the recording batches (and of their null input), or None where each step must run the
+    whole prefix: a prefix trained at every step, or statistics over every batch (``stats_batches=None``)."""
+    if (trainer is not None and config.epochs_per_layer > 0) or config.stats_batches is None:
+        return None
+    null = None if config.null == "none" else null_input(batches_factory, config)
+    return CarriedOutputs(batches_factory(), null, config.stats_batches, device)
+
+
+def record_step(model: nn.Module, spec: NetworkSpec, index: int, carried: CarriedOutputs | None,
+                batches_factory: Callable[[], Any], trainer: Any, config: ConstructConfig, device: torch.device,
+                progress: bool) -> tuple[nn.Module, tuple, tuple | None, CarriedOutputs | None]:
+    """Calibrate (or train) the prefix and record its last layer on the data and on the null: from the carried
+    outputs where there are any (the same numbers), else through the whole prefix. Returns the prefix, the
+    layer's statistics and their null, and what is still carried."""
+    if carried is not None and carried.advance(model, [layer.name for layer in spec.layers]):
+        layer = record_layer(model, spec, carried.eval, config, device, progress, carried=carried)
+        null = (None if carried.null is None else
+                record_layer(model, spec, carried.null, config, device, progress, carried=carried))
+        return model, layer, null, carried
+    model = prepare_prefix(model, index, trainer, batches_factory(), config, device)
+    layer = record_layer(model, spec, batches_factory(), config, device, progress)
+    return model, layer, record_null(model, spec, batches_factory, config, device, progress), None
 
 
 def cluster_layer(config: ConstructConfig, stats: LayerStats, pooled: LayerStats | None, progress: bool,
@@ -453,11 +492,11 @@ def describe(record: dict[str, Any]) -> str:
 
 
 def grow(spec: NetworkSpec, module: InceptionSpec, model: nn.Module, init: str, found: LayerClusters,
-         stats: LayerStats) -> tuple[NetworkSpec, nn.Module]:
-    """Append ``module``; the earlier layers keep their (possibly trained) weights. Returns (spec, network)."""
+         stats: LayerStats, seed: int) -> tuple[NetworkSpec, nn.Module]:
+    """Append ``module``, initialised from ``seed`` (or from its clusters); the earlier layers keep their (possibly
+    trained) weights. Returns (spec, network)."""
     spec = dataclasses.replace(spec, stages=spec.stages + (module,))
-    grown = builders.build(spec)
-    load_prefix(grown, model.state_dict())
+    grown = build_prefix(spec, model.state_dict(), seed, next(model.parameters()).device)
     if init == "hebbian":
         hebbian_init_(getattr(grown, module.name), found.clustering, stats, found.pool_clustering)
     return spec, grown
@@ -483,9 +522,10 @@ def decode_thresholds(grown: nn.Module, name: str, found: LayerClusters, stats: 
 
 def grow_step(spec: NetworkSpec, module: InceptionSpec, model: nn.Module, config: ConstructConfig,
               found: LayerClusters, layer: tuple[LayerStats, LayerStats], batches_factory: Callable[[], Any],
-              device: torch.device, record_: dict[str, Any]) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
-    """`grow`, then the threshold decoder where ``config`` asks for it (its rates go into ``record_``)."""
-    spec, grown = grow(spec, module, model, config.init, found, layer[0])
+              device: torch.device, record_: dict[str, Any], seed: int) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
+    """`grow` (from ``seed``), then the threshold decoder where ``config`` asks for it (its rates go into
+    ``record_``)."""
+    spec, grown = grow(spec, module, model, config.init, found, layer[0], seed)
     if config.init == "hebbian" and not config.budgeted and config.decoder == "threshold":
         record_.update(decode_thresholds(grown, module.name, found, *layer, batches_factory, config, device))
     return spec, {k: v.detach().cpu() for k, v in grown.state_dict().items()}
@@ -525,6 +565,7 @@ def construct(
     weights = module_weights(plan, reference, input_hw, config.budget_split)
     spec, records, state = load_progress(files, discovered_base(config, reference, input_hw))
     result = Construction(spec=spec, records=records)
+    carried = start_carrying(config, lambda: loader(train_data), trainer, device)
     for step, item in enumerate(plan):
         if step < len(spec.stages):  # built before the resume
             continue
@@ -533,9 +574,8 @@ def construct(
             continue
         index = len(records)
         model = build_prefix(spec, state, config.seed + step, device)
-        model = prepare_prefix(model, index, trainer, loader(train_data), config, device)
-        stats, pooled = record_layer(model, spec, loader(train_data), config, device, progress)
-        null = record_null(model, spec, lambda: loader(train_data), config, device, progress)
+        model, (stats, pooled), null, carried = record_step(model, spec, index, carried, lambda: loader(train_data),
+                                                            trainer, config, device, progress)
         found = cluster_layer(config, stats, pooled, progress, null, cluster_jobs)
         share = step_budget(config, budget, spec, records, weights, input_hw)
         reference_module = reference.inception_modules()[index] if index < len(reference.inception_modules()) else None
@@ -546,7 +586,7 @@ def construct(
                                     largest_window=config.window, null=config.null))
         log.info(describe(records[-1]))
         spec, state = grow_step(spec, module, model, config, found, (stats, pooled), lambda: loader(train_data),
-                                device, records[-1])
+                                device, records[-1], config.seed + step)
         result.stats[stats.name] = stats
         result.clusterings[item] = found.clustering
         save_step(files, item, stats, found.clustering, spec, records, state)

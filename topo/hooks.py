@@ -98,6 +98,7 @@ def record(
     progress: bool = True,
     all_reduce: bool = True,
     replay_bytes: int = REPLAY_BYTES,
+    forward_cost: int | None = None,
 ) -> dict[str, LayerStats]:
     """Run ``data`` through ``model`` and return the statistics of each layer in ``layers`` (keyed by those strings).
 
@@ -114,35 +115,28 @@ def record(
     statistics' device) its copies of them are recorded instead: one pass, bitwise the same statistics (not with
     0, nor under ``torch.distributed``). ``threshold=None, fire_quantile=None``: threshold 0, one pass.
 
-    ``max_offset``: the farthest displacement stored, for every layer or per layer (a mapping from the
-    strings of ``layers``); layers recorded at a smaller one than another layer of the call are sampled as if
-    they stored as far (`PositionBudget.reach`): at the same anchors, where channels and map agree.
+    ``max_offset``: the farthest displacement stored, one for all or per layer (a mapping keyed like ``layers``);
+    layers recorded at a smaller one are sampled as if they stored as far as the farthest (`PositionBudget.reach`).
 
     ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted
-    once, on one image) and the number of images (:func:`topo.stats.choose_positions`; logged, and kept in
+    once, on one image; ``forward_cost`` instead, where ``data`` are activations a larger network computed) and
+    the number of images (:func:`topo.stats.choose_positions`; logged, and kept in
     ``positions_used`` / ``exact``); an int samples that many anchor positions per map and image; ``None``
     uses all. Under ``torch.distributed`` with ``all_reduce=True`` the statistics are summed over ranks (each
     with its own shard), thresholds come from every rank's samples, and when one rank fails (or saw nothing
     of a layer) every rank raises. See docs/statistics.md."""
     specs = [layers] if isinstance(layers, str) else list(layers)
-    if not specs:
-        raise StatsError("no layers given to record; pass module names from model.named_modules()")
-    modules = dict(model.named_modules())
-    targets = {spec: _find_module(model, modules, *parse_layer(spec)) for spec in specs}
+    targets = _targets(model, specs)
     quantile = _checked_settings(threshold, fire_quantile, replay_bytes)
-    offsets = _offsets_by_layer(max_offset, specs)
-    for reach in set(offsets.values()):
-        LayerStats(max_offset=reach, positions=positions, seed=seed)  # a bad setting fails before any pass
+    offsets = _offsets_by_layer(max_offset, specs, positions, seed)
     run = _Run(model, data, targets, max_batches, device or _model_device(model), progress,
-               all_reduce and dist_info.is_distributed(), replay_bytes, reach=_shared_reach(offsets))
+               all_reduce and dist_info.is_distributed(), replay_bytes, reach=_shared_reach(offsets),
+               forward_macs=forward_cost)
     auto = positions == "auto"
     with _evaluating(model):
         thresholds = run.calibrate(quantile, seed, probe=auto) if quantile is not None else {}
-        stats = {
-            spec: LayerStats(max_offset=offsets[spec], threshold=thresholds.get(spec, threshold or 0.0),
-                             positions=positions, seed=seed, name=spec, fire_quantile=quantile)
-            for spec in specs
-        }
+        stats = {spec: LayerStats(max_offset=offsets[spec], threshold=thresholds.get(spec, threshold or 0.0),
+                                  positions=positions, seed=seed, name=spec, fire_quantile=quantile) for spec in specs}
         run.record(stats, auto=auto)
     for layer in stats.values():
         layer.release_buffers()
@@ -151,14 +145,25 @@ def record(
     return stats
 
 
-def _offsets_by_layer(max_offset: int | Mapping[str, int], specs: list[str]) -> dict[str, int]:
-    """``max_offset`` for each layer of ``specs`` (one int for all, or a mapping that names each)."""
-    if not isinstance(max_offset, Mapping):
-        return dict.fromkeys(specs, max_offset)
-    if set(max_offset) != set(specs):
+def _targets(model: nn.Module, specs: list[str]) -> dict[str, tuple[nn.Module, str]]:
+    """Each layer string's module and where on it to read (`parse_layer`); a one-line error for none or a typo."""
+    if not specs:
+        raise StatsError("no layers given to record; pass module names from model.named_modules()")
+    modules = dict(model.named_modules())
+    return {spec: _find_module(model, modules, *parse_layer(spec)) for spec in specs}
+
+
+def _offsets_by_layer(max_offset: int | Mapping[str, int], specs: list[str], positions, seed: int) -> dict[str, int]:
+    """``max_offset`` for each layer of ``specs`` (one int for all, or a mapping that names each); a bad setting
+    (of these or of ``positions``, ``seed``) fails here, before any pass."""
+    if isinstance(max_offset, Mapping) and set(max_offset) != set(specs):
         raise StatsError(f"max_offset is given for {sorted(max_offset)}, but the layers recorded are {specs}; "
                          "give one int for every layer, or one per recorded layer")
-    return {spec: max_offset[spec] for spec in specs}
+    offsets = {spec: max_offset[spec] for spec in specs} if isinstance(max_offset, Mapping) else \
+        dict.fromkeys(specs, max_offset)
+    for reach in set(offsets.values()):
+        LayerStats(max_offset=reach, positions=positions, seed=seed)
+    return offsets
 
 
 def _shared_reach(offsets: dict[str, int]) -> int | None:
@@ -230,11 +235,11 @@ class _Run:
     """The passes of one :func:`record` call over the same data."""
 
     def __init__(self, model, data, targets, max_batches, device, progress, distributed, replay_bytes: int, *,
-                 reach: int | None) -> None:
+                 reach: int | None, forward_macs: int | None) -> None:
         self.model, self.data, self.targets, self.reach = model, data, targets, reach
         self.max_batches, self.device, self.progress, self.distributed = max_batches, device, progress, distributed
         self.images: int | None = None  # over all processes, once a pass has counted them
-        self.forward_macs: int | None = None
+        self.forward_macs = forward_macs  # counted on the first batch where None
         self._generators = _generator_states(data)
         # under torch.distributed every rank runs the same forward passes (a model may synchronise in them)
         self._tape = _Tape(0 if distributed else replay_bytes)

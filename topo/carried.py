@@ -1,0 +1,99 @@
+"""The prefix's outputs, carried from one module of the construction to the next.
+
+Each step of the construction loop records the network grown so far on the same
+batches: it calibrates every BatchNorm (train mode, `calibrate_batchnorm`), then
+records the last layer on the data and on its null input (eval mode). Only the
+layers added since the last step are new; the others have the same weights and,
+on the same batches, give the same outputs. `CarriedOutputs` keeps the three
+outputs of the last layer seen (train mode, eval mode, eval mode on the null
+input) and runs just the new layers on them, calibrating just their
+BatchNorms: the same numbers as running the whole prefix again, at the cost of
+one module per step instead of all of them. It holds the batches in memory and
+lets go of them (the construction then runs the whole prefix, as before) where
+they would exceed ``max_bytes``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+#: At most this many bytes of carried activations (the three sets together).
+MAX_BYTES = 2 << 30
+
+
+def _inputs(batches: Iterable[Any], max_batches: int, device: torch.device) -> list[torch.Tensor]:
+    """The input tensors of the first ``max_batches`` batches, on ``device``."""
+    out = []
+    for batch in batches:
+        if len(out) >= max_batches:
+            break
+        out.append((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
+    return out
+
+
+class CarriedOutputs:
+    """The outputs after the first ``depth`` layers of the growing network on fixed batches (see the module's
+    docstring); ``example`` is one raw input image, for counting the whole prefix's forward cost."""
+
+    def __init__(self, data: Iterable[Any], null: Iterable[Any] | None, max_batches: int, device: torch.device,
+                 max_bytes: int = MAX_BYTES) -> None:
+        raw = _inputs(data, max_batches, device)
+        self.example = raw[0][:1]
+        self.train, self.eval = raw, raw
+        self.null = None if null is None else _inputs(null, max_batches, device)
+        self.depth, self.max_bytes = 0, max_bytes
+
+    def advance(self, model: nn.Module, layer_names: list[str]) -> bool:
+        """Run the layers of ``model`` named ``layer_names[depth:]`` on the carried outputs, calibrating their
+        BatchNorms first as `calibrate_batchnorm` calibrates a whole network; False (nothing kept) where the new
+        outputs would exceed ``max_bytes``."""
+        new = [getattr(model, name) for name in layer_names[self.depth:]]
+        with torch.no_grad():
+            self.train = _in_mode(new, True, lambda: _calibrate(new, self.train))
+            self.eval = _in_mode(new, False, lambda: [_run(new, x) for x in self.eval])
+            self.null = None if self.null is None else _in_mode(new, False, lambda: [_run(new, x) for x in self.null])
+        self.depth = len(layer_names)
+        kept = sum(x.numel() * x.element_size() for x in self.train + self.eval + (self.null or []))
+        if kept > self.max_bytes:
+            log.info("the prefix's outputs (%.1f GiB) are no longer carried from module to module", kept / 2**30)
+            return False
+        return True
+
+
+def _run(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def _in_mode(layers: list[nn.Module], training: bool, compute: Callable[[], Any]) -> Any:
+    """``compute()`` with every module of ``layers`` in train (or eval) mode; their modes are put back."""
+    modules = [m for layer in layers for m in layer.modules()]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.training = training
+    try:
+        return compute()
+    finally:
+        for m, mode in zip(modules, modes):
+            m.training = mode
+
+
+def _calibrate(layers: list[nn.Module], batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The (train-mode) outputs of ``layers`` on ``batches``, their BatchNorms' running statistics set to the
+    average over the batches (cumulative); their momenta are put back."""
+    norms = [m for layer in layers for m in layer.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    try:
+        return [_run(layers, x) for x in batches]
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
