@@ -93,7 +93,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True
     amp_dtype: str = "bfloat16"
-    channels_last: bool = False
+    channels_last: bool = True
     compile: bool = False
     sync_bn: bool = False
     deterministic: bool = False
@@ -626,7 +626,8 @@ def train(
     and ``resume=True`` continues from an existing checkpoint. On CPU a resumed
     run ends with exactly the weights and metrics of an uninterrupted one. An
     epoch whose training or validation loss is NaN or infinite stops training
-    with a :class:`DivergenceError` before it is saved (the last good checkpoint stays).
+    with a :class:`DivergenceError` before it is saved (the last good checkpoint stays). With
+    ``config.channels_last`` the model trains in that layout and comes back in the default one.
     """
     device = resolve_device(config.device)
     if device.type == "cuda":
@@ -661,4 +662,8 @@ def train(
             writer.close()
     if files is not None and rank == 0 and not history:
         _write_history(files.metrics(name), history)
+    if config.channels_last:  # trained channels-last, handed back in the default layout (as a file rebuilds it)
+        for trained in (training.model, training.ema):
+            if trained is not None:
+                trained.to(memory_format=torch.contiguous_format)
     return _result(training, history)
