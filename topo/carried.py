@@ -15,7 +15,8 @@ they would exceed ``max_bytes``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -84,16 +85,23 @@ def _in_mode(layers: list[nn.Module], training: bool, compute: Callable[[], Any]
             m.training = mode
 
 
-def _calibrate(layers: list[nn.Module], batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The (train-mode) outputs of ``layers`` on ``batches``, their BatchNorms' running statistics set to the
-    average over the batches (cumulative); their momenta are put back."""
-    norms = [m for layer in layers for m in layer.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+@contextmanager
+def calibrating(modules: Iterable[nn.Module]) -> Iterator[list[nn.Module]]:
+    """Every BatchNorm in ``modules`` with its running statistics reset and averaged cumulatively (momentum None)
+    over the batches run inside the block, which gets the list of them; their momenta are put back."""
+    norms = [m for module in modules for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
     try:
-        return [_run(layers, x) for x in batches]
+        yield norms
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum
+
+
+def _calibrate(layers: list[nn.Module], batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The (train-mode) outputs of ``layers`` on ``batches``, their BatchNorms calibrated on them (`calibrating`)."""
+    with calibrating(layers):
+        return [_run(layers, x) for x in batches]

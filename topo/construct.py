@@ -36,12 +36,12 @@ from builders.from_clusters import DATA_FALLBACK, from_clusters
 from builders.googlenet import INCEPTION_TABLE
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
 from topo import distributed as dist_info
+from topo.carried import CarriedOutputs, calibrating
 from topo.cluster import METHODS, UnitClustering
 from topo.decoding import DECODERS, threshold_decode_
 from topo.errors import UserError
 from topo.files import read_prefix, read_progress
 from topo.hebbian import hebbian_init_
-from topo.carried import CarriedOutputs
 from topo.hooks import forward_macs, record
 from topo.io import atomic_torch_save, atomic_write_json
 from topo.nulls import KINDS as NULL_KINDS
@@ -637,20 +637,14 @@ def calibrate_batchnorm(model: nn.Module, batches: Any, max_batches: int, device
     layers vanishingly small; statistics recorded then would call every unit
     dead. Calibrating first records the network as training would see it.
     """
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not norms:
-        return
-    momenta = [m.momentum for m in norms]
-    was_training = model.training
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    with torch.no_grad():
-        forward_batches(model, batches, max_batches, device)
-    for m, momentum in zip(norms, momenta):
-        m.momentum = momentum
-    model.train(was_training)
+    with calibrating([model]) as norms:
+        if not norms:
+            return
+        was_training = model.training
+        model.train()
+        with torch.no_grad():
+            forward_batches(model, batches, max_batches, device)
+        model.train(was_training)
 
 
 def forward_batches(model: nn.Module, batches: Any, max_batches: int, device: torch.device) -> None:
