@@ -168,10 +168,13 @@ def test_record_layer_keeps_what_the_clustering_reads(reference, digits):
 
 
 def _state(construction_dir):
+    """The weights a construction left in ``construction_dir`` (its last prefix file)."""
     from topo.files import read_prefix, read_progress
+    from topo.rundir import ConstructionFiles
 
-    modules = len(read_progress(construction_dir / "progress.json")["records"])
-    return read_prefix(construction_dir / f"prefix{modules}.pt", modules)
+    files = ConstructionFiles(construction_dir)
+    modules = len(read_progress(files.progress)["records"])
+    return read_prefix(files.prefix(modules), modules)
 
 
 def test_carrying_the_prefix_outputs_changes_no_number(reference, digits, tmp_path, monkeypatch, one_thread):
