@@ -8,7 +8,10 @@
     time of the statistics and peak memory (each measurement in a fresh process);
 (c) one exact ``LayerStats.update`` against its bound: the same products done as
     one fused matrix multiply each (float64 sums, float32 co-firing counts) on a
-    shifted stack built beforehand, interleaved in one process.
+    shifted stack built beforehand, interleaved in one process;
+(d) the exact update's two ways to multiply, side by side on the same batch: one stacked product
+    for all offsets against offset by offset on crops of the map, over map sizes (the default takes
+    the crops where at most 0.7 of the (position, offset) pairs stay inside the map).
 
     python benchmarks/bench_stats.py                       # CPU, small variant, 32x32
     python benchmarks/bench_stats.py --device cuda --size 224
@@ -292,6 +295,46 @@ def exact_vs_bound(args) -> dict:
             "ratio": sum(update_s) / sum(bound_s), "offsets": len(offsets), "rows": a.shape[0]}
 
 
+def product_paths(args) -> list[dict]:
+    """Per map size: one exact update with the stacked product vs the cropped products, interleaved (the two
+    forced through ``topo.stats._CROPS_BELOW``, restored afterwards)."""
+    import topo.stats as stats_module
+    from topo.stats import LayerStats, inside_share
+
+    chosen = stats_module._CROPS_BELOW
+    rows = []
+    try:
+        for size in args.paths_sizes:
+            x = torch.randn(args.paths_batch, args.paths_channels, size, size,
+                            generator=torch.Generator().manual_seed(size)).relu().to(args.device)
+            times = {"stacked": [], "cropped": []}
+            stats = {path: LayerStats(max_offset=4, positions=None, threshold=0.0) for path in times}
+            for repeat in range(args.paths_repeats + 1):  # the first round allocates and is not counted
+                for path in (("stacked", "cropped") if repeat % 2 else ("cropped", "stacked")):
+                    stats_module._CROPS_BELOW = -1.0 if path == "stacked" else 1.0
+                    _sync(args.device)
+                    start = time.perf_counter()
+                    stats[path].update(x)
+                    _sync(args.device)
+                    if repeat:
+                        times[path].append(time.perf_counter() - start)
+            share = inside_share(half_offsets(4, (size, size)), (size, size))
+            rows.append({"size": size, "share": share, "default": "cropped" if share <= chosen else "stacked",
+                         **{path: sum(t) / len(t) for path, t in times.items()}})
+    finally:
+        stats_module._CROPS_BELOW = chosen
+    return rows
+
+
+def print_paths(rows: list[dict], args) -> None:
+    print(f"(d) one exact update, C={args.paths_channels}, batch {args.paths_batch}, 41 offsets (fewer on maps "
+          f"under 5x5), {args.paths_repeats} interleaved repeats: stacked product vs cropped products")
+    print("    map     | pairs inside | stacked s | cropped s | stacked / cropped | default")
+    for r in rows:
+        print(f"    {r['size']:2d} x {r['size']:2d} | {r['share']:12.2f} | {r['stacked']:9.4f} | {r['cropped']:9.4f} | "
+              f"{r['stacked'] / r['cropped']:16.2f}x | {r['default']}")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -311,6 +354,11 @@ def main(argv=None) -> None:
     parser.add_argument("--bound-batch", type=int, default=16)
     parser.add_argument("--bound-repeats", type=int, default=8)
     parser.add_argument("--skip-bound", action="store_true")
+    parser.add_argument("--paths-sizes", type=int, nargs="*", default=[5, 8, 10, 14, 16, 20],
+                        help="(d) map sizes (none: skip (d))")
+    parser.add_argument("--paths-channels", type=int, default=128)
+    parser.add_argument("--paths-batch", type=int, default=64)
+    parser.add_argument("--paths-repeats", type=int, default=4)
     args = parser.parse_args(argv)
 
     torch.set_grad_enabled(False)
@@ -319,6 +367,8 @@ def main(argv=None) -> None:
           f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     if not args.skip_bound:
         print_bound(exact_vs_bound(args), args)
+    if args.paths_sizes:
+        print_paths(product_paths(args), args)
     print_overhead(overhead(args), args)
     if args.skip_naive or args.device != "cpu":
         return

@@ -94,7 +94,15 @@ def test_bench_stats_reports_the_overhead_ratio():
     out = run_benchmark(
         "bench_stats.py", "--size", "32", "--batch-size", "4", "--batches", "2", "--repeats", "1", "--skip-naive",
         "--bound-channels", "16", "--bound-size", "8", "--bound-batch", "2", "--bound-repeats", "2",
+        "--paths-sizes", "5", "16", "--paths-channels", "8", "--paths-batch", "4", "--paths-repeats", "2",
     )
+    # (d): both product paths per map size, their ratio, and the default's choice by the share of pairs inside
+    paths = re.findall(r"(\d+) x +(\d+) \| +(\d\.\d+) \| +(\S+) \| +(\S+) \| +(\S+)x \| (\w+)", out)
+    assert [p[0] for p in paths] == ["5", "16"], out
+    for _, _, share, stacked, cropped, printed, default in paths:
+        assert_ratio_of_rounded(printed, stacked, cropped)
+        assert default == ("cropped" if float(share) <= 0.7 else "stacked")
+    assert [p[6] for p in paths] == ["cropped", "stacked"]  # 0.32 and 0.74 of the pairs inside
     # (a): the statistics' overhead on the forward pass, from the two times it prints
     match = re.search(r"steady state, interleaved: forward (\d+\.\d+) s\s+forward \+ statistics (\d+\.\d+) s\s+"
                       r"ratio (\d+\.\d+)x", out)

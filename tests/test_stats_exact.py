@@ -1,4 +1,5 @@
-"""The exact path of LayerStats (one product per batch for all offsets) against float64 NumPy references."""
+"""The exact path of LayerStats against float64 NumPy references, with either way of multiplying a batch: one
+stacked product for all offsets, or offset by offset on crops of the map (every test here runs with both)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,6 +9,14 @@ from test_stats import correlated_maps, numpy_cross_corr, pairs
 
 import topo.stats as stats_module
 from topo.stats import LayerStats, from_activations, half_offsets, sample_anchors
+
+
+@pytest.fixture(autouse=True, params=["stacked", "cropped"])
+def product_path(request, monkeypatch):
+    """Force the exact path's products one way for the whole test: the share of pairs inside the map is never
+    below -1 (always stacked) and never above 1 (always cropped)."""
+    monkeypatch.setattr(stats_module, "_CROPS_BELOW", -1.0 if request.param == "stacked" else 1.0)
+    return request.param
 
 
 def reference(x: np.ndarray, dy: int, dx: int, threshold) -> dict[str, np.ndarray]:
@@ -67,8 +76,10 @@ def test_batches_far_from_the_first_ones_mean_keep_precision():
     assert_matches_numpy(stats, x, 1e4 + 25, atol=1e-10)
 
 
-def test_blocks_of_rows_and_groups_of_offsets_give_the_same_sums(monkeypatch):
+def test_blocks_of_rows_and_groups_of_offsets_give_the_same_sums(monkeypatch, product_path):
     """Small stack budgets split a batch into row blocks, or into groups of offsets: same numbers."""
+    if product_path == "cropped":
+        pytest.skip("the cropped products build no stack")
     x = correlated_maps(n=4, c=5, h=8, w=7, seed=23)
     whole = from_activations(torch.from_numpy(x), positions=None, threshold=0.0)
     assert stats_module._blocks(4 * 56, len(half_offsets(4, (8, 7))), 5) == (224, 41)  # one block by default
@@ -146,3 +157,35 @@ def test_release_buffers_keeps_the_statistics():
     np.testing.assert_array_equal(stats.cov(), before)
     stats.update(x[2:])  # buffers come back as needed
     np.testing.assert_allclose(stats.cross_corr(1, 2), numpy_cross_corr(x.numpy(), 1, 2), atol=1e-12)
+
+
+def test_both_product_paths_and_the_default_choice_give_the_same_sums(monkeypatch):
+    """A small map (most pairs leave it: cropped by default) and a large one (stacked by default): the two
+    paths agree to float64 round-off on every stored sum, and the default picks by the share of pairs inside."""
+    for h, w, default in [(5, 5, "cropped"), (20, 20, "stacked")]:
+        share = stats_module.inside_share(half_offsets(4, (h, w)), (h, w))
+        assert (share <= 0.7) == (default == "cropped"), share
+        x = torch.from_numpy(correlated_maps(n=6, c=5, h=h, w=w, seed=29))
+        results = {}
+        for path, limit in [("stacked", -1.0), ("cropped", 1.0), ("default", 0.7)]:
+            monkeypatch.setattr(stats_module, "_CROPS_BELOW", limit)
+            results[path] = from_activations(list(x.split(4)), positions=None, threshold=0.2)._state
+        for key in ("prod", "joint", "sum_b", "sq_b", "n"):
+            np.testing.assert_allclose(results["cropped"][key].numpy(), results["stacked"][key].numpy(),
+                                       rtol=1e-13, atol=1e-11)
+            np.testing.assert_array_equal(results["default"][key].numpy(), results[default][key].numpy())
+
+
+def test_inside_share_counts_the_pairs_inside_the_map():
+    offsets = half_offsets(4, (5, 7))
+    inside = sum(0 <= y + dy < 5 and 0 <= x + dx < 7 for dy, dx in offsets for y in range(5) for x in range(7))
+    assert stats_module.inside_share(offsets, (5, 7)) == pytest.approx(inside / (len(offsets) * 35), abs=1e-15)
+
+
+@pytest.mark.parametrize("elements", [7, 2**18], ids=["a-few-rows-at-a-time", "all-rows-at-once"])
+def test_column_sums_match_numpy(monkeypatch, elements):
+    monkeypatch.setattr(stats_module, "_SQUARE_ELEMENTS", elements)
+    x = np.random.default_rng(30).normal(3.0, 2.0, size=(23, 9))
+    sums, squares = stats_module._column_sums(torch.from_numpy(x), stats_module._Scratch())
+    np.testing.assert_allclose(sums.numpy(), x.sum(0), rtol=1e-14)
+    np.testing.assert_allclose(squares.numpy(), (x * x).sum(0), rtol=1e-14)

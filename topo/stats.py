@@ -21,10 +21,11 @@ first batch), in float64 (the 0/1 counts in float32 while that is exact, below
 
 Shifting by a value close to the mean makes the final ``S - sum_a sum_b^T / n``
 subtraction benign (the "shifted data" algorithm), so a large common offset (mean
-1e4, standard deviation 1) costs no precision. Every stored offset of a batch is
-added with ONE matrix product of the anchor rows against a zero-padded, shifted
-stack of the map (rows x D C); the marginal sums come from per-position sums and
-masks of the valid pairs. Merging two statistics moves one onto the other's shift
+1e4, standard deviation 1) costs no precision. On large maps every stored offset
+of a batch is added with ONE matrix product of the anchor rows against a
+zero-padded, shifted stack of the map (rows x D C); on small maps, where most of
+that stack's pairs would leave the map, offset by offset on crops of the map;
+the marginal sums come from per-position sums and masks of the valid pairs. Merging two statistics moves one onto the other's shift
 first. Memory is O(C^2 x offsets), whatever the number of images: no activation is kept.
 
 Positions: ``positions=None`` (or ``"all"``) uses every position and is exact; an
@@ -83,6 +84,12 @@ _MIN_ROWS = 256
 _STACK_ELEMENTS = 2**25
 # Fewer rows than this per block would make its products inefficient; then offsets are grouped instead.
 _MIN_BLOCK_ROWS = 1024
+# The exact path multiplies offset by offset, on crops of the map, when at most this share of its
+# (position, offset) pairs stays inside the map (small maps: 0.32 for 5 x 5 at max_offset 4, 0.61 for
+# 10 x 10, 0.79 for 20 x 20); docs/statistics.md has the measurements.
+_CROPS_BELOW = 0.7
+# Elements squared at a time by `_column_sums` (2 MiB of float64: a buffer that stays in cache).
+_SQUARE_ELEMENTS = 2**18
 _STATE_KEYS = ("shift", "n", "sum_a", "sum_b", "sq_a", "sq_b", "prod", "fire_a", "fire_b", "joint")
 
 
@@ -465,7 +472,7 @@ class LayerStats:
         self._pending, self._pending_rows = [], 0
         self._count_rows(stack.shape[0])
         with _full_precision(stack.device):
-            _add_gathered(self._state, stack, fired, valid)
+            _add_gathered(self._state, stack, fired, valid, self._scratch)
 
     def _count_rows(self, rows: int) -> None:
         """Keep the co-activation counts exact: float64 once they could reach 2**24."""
@@ -936,14 +943,13 @@ def _valid_masks(offsets: list[tuple[int, int]], spatial_shape: tuple[int, int],
 
 
 def _add_marginals(state, values: torch.Tensor, flags: torch.Tensor, offsets: list[tuple[int, int]],
-                   spatial_shape: tuple[int, int]) -> None:
+                   spatial_shape: tuple[int, int], scratch: _Scratch) -> None:
     """Add the pair counts and both sides' sums, sums of squares and firing counts at every offset, from
     the zero-padded shifted values and 0/1 firing (N, H + ry, W + 2 rx, C): per-position sums over the
     images (contiguous reductions), then the masks of the valid pairs on the map's own positions."""
     n_img, channels = values.shape[0], values.shape[3]
     (height, width), rx = spatial_shape, _reach(offsets)[1]
-    variance, mean = torch.var_mean(values.view(n_img, -1), dim=0, correction=0)  # one pass for both sums
-    sums = [mean * n_img, (variance + mean * mean) * n_img, flags.view(n_img, -1).sum(0, dtype=torch.float64)]
+    sums = [*_column_sums(values.view(n_img, -1), scratch), flags.view(n_img, -1).sum(0, dtype=torch.float64)]
     per_position = torch.stack([t.view(values.shape[1:]) for t in sums], dim=2)  # (H + ry, W + 2 rx, 3, C)
     inside = per_position[:height, rx : rx + width].reshape(height * width, 3 * channels)
     masks = _valid_masks(offsets, spatial_shape, values.device)
@@ -953,6 +959,20 @@ def _add_marginals(state, values: torch.Tensor, flags: torch.Tensor, offsets: li
         state[f"sum_{side}"] += part[:, 0]
         state[f"sq_{side}"] += part[:, 1]
         state[f"fire_{side}"] += part[:, 2]
+
+
+def _column_sums(x: torch.Tensor, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and sums of squares of the columns of ``x`` (rows, cols), float64: two plain passes (one
+    `torch.var_mean` pass cost as much as the batch's product), the squares made a few rows at a time in a
+    reused buffer (`_SQUARE_ELEMENTS`)."""
+    rows, cols = x.shape
+    step = max(1, _SQUARE_ELEMENTS // cols)
+    buffer = scratch.get("squares", min(rows, step) * cols, x.dtype, x.device)[0]
+    squares = torch.zeros(cols, dtype=torch.float64, device=x.device)
+    for r0 in range(0, rows, step):
+        part = x[r0 : r0 + step]
+        squares += torch.mul(part, part, out=buffer[: part.numel()].view_as(part)).sum(0)
+    return x.sum(0, dtype=torch.float64), squares
 
 
 class _Scratch:
@@ -1016,13 +1036,52 @@ def _add_stacked_products(prod: torch.Tensor, joint: torch.Tensor, values: torch
 
 def _add_exact(state: dict[str, torch.Tensor], x: torch.Tensor, offsets: list[tuple[int, int]],
                threshold: float | torch.Tensor, scratch: _Scratch) -> None:
-    """Every pair of positions inside the map, all offsets at once (see `_add_stacked_products`)."""
+    """Every pair of positions inside the map: offset by offset on crops of the map when most pairs of a
+    stacked product would leave it (`_add_cropped_products`), else all offsets at once (`_add_stacked_products`)."""
     n_img, channels, height, width = x.shape
     values, flags = _padded_maps(state, x, offsets, threshold, scratch)
-    _add_marginals(state, values, flags, offsets, (height, width))
+    _add_marginals(state, values, flags, offsets, (height, width), scratch)
+    if inside_share(offsets, (height, width)) <= _CROPS_BELOW:
+        rx = _reach(offsets)[1]
+        interior = (slice(None), slice(0, height), slice(rx, rx + width))
+        _add_cropped_products(state["prod"], state["joint"], values[interior], flags[interior], offsets,
+                              scratch)
+        return
     anchors, shifts = _stack_index(n_img, (height, width), offsets, x.device)
     _add_stacked_products(state["prod"].view(channels, -1), state["joint"].view(channels, -1),
                           values.view(-1, channels), flags.view(-1, channels), anchors, shifts, scratch)
+
+
+def inside_share(offsets: list[tuple[int, int]], spatial_shape: tuple[int, int]) -> float:
+    """The share of (position, offset) pairs of a map whose target ``p + d`` is inside it."""
+    height, width = spatial_shape
+    inside = sum((height - abs(dy)) * (width - abs(dx)) for dy, dx in offsets)
+    return inside / (len(offsets) * height * width)
+
+
+def _add_cropped_products(prod: torch.Tensor, joint: torch.Tensor, values: torch.Tensor, flags: torch.Tensor,
+                          offsets: list[tuple[int, int]], scratch: _Scratch) -> None:
+    """``prod``, ``joint`` (C, D, C) += the products of every offset ``d``, one at a time, over the positions
+    whose target stays in the map: the map cropped to the anchors against the map cropped to their targets.
+
+    ``values`` (float64) and ``flags`` (float32) are the maps, channels-last (N, H, W, C). No pair that
+    leaves the map is multiplied, where the stacked product multiplies their padding zeros. The crops are
+    copied into reused buffers (see `_Scratch`).
+    """
+    height, width, channels = values.shape[1:]
+    for k, (dy, dx) in enumerate(offsets):
+        x0, x1 = max(0, -dx), width - max(0, dx)
+        anchors = (slice(None), slice(0, height - dy), slice(x0, x1))
+        targets = (slice(None), slice(dy, height), slice(x0 + dx, x1 + dx))
+        for out, maps in ((prod, values), (joint, flags)):
+            a, b = (_copied(maps[crop], name, scratch) for crop, name in ((anchors, "anchors"), (targets, "targets")))
+            _addmm_into(out[:, k], a, b)
+
+
+def _copied(crop: torch.Tensor, name: str, scratch: _Scratch) -> torch.Tensor:
+    """``crop`` (N, h, w, C) copied into the reused buffer ``name`` as rows (N h w, C)."""
+    buffer = scratch.get(name, crop.numel(), crop.dtype, crop.device)[0]
+    return buffer.view(crop.shape).copy_(crop).view(-1, crop.shape[-1])
 
 
 def sample_anchors(
@@ -1093,7 +1152,8 @@ def _gather_from_maps(state: dict[str, torch.Tensor], x: torch.Tensor, targets: 
     return stack.view(n_img * k, -1), fired.view(n_img * k, -1), inside.view(n_img * k, n_off).to(torch.float64)
 
 
-def _add_gathered(state: dict[str, torch.Tensor], stack: torch.Tensor, fired: torch.Tensor, valid: torch.Tensor):
+def _add_gathered(state: dict[str, torch.Tensor], stack: torch.Tensor, fired: torch.Tensor, valid: torch.Tensor,
+                  scratch: _Scratch):
     """Add anchor rows and their targets at every offset: ``stack`` (rows, D*C) float64 and ``fired`` float32
     (offset (0, 0) first: the anchors; 0 where a target leaves the map) and ``valid`` (rows, D)."""
     n_off = valid.shape[1]
@@ -1104,9 +1164,9 @@ def _add_gathered(state: dict[str, torch.Tensor], stack: torch.Tensor, fired: to
     state["sum_a"] += anchor_sums[:, 0]
     state["sq_a"] += anchor_sums[:, 1]
     state["fire_a"] += anchor_sums[:, 2]
-    variance, mean = torch.var_mean(stack, dim=0, correction=0)  # one pass for both sums
-    state["sum_b"] += (mean * len(stack)).view(n_off, channels)
-    state["sq_b"] += ((variance + mean * mean) * len(stack)).view(n_off, channels)
+    sums, squares = _column_sums(stack, scratch)
+    state["sum_b"] += sums.view(n_off, channels)
+    state["sq_b"] += squares.view(n_off, channels)
     state["fire_b"] += fired.sum(0).view(n_off, channels)  # float32 sums of 0/1, exact below 2**24 rows
     state["prod"].view(channels, -1).addmm_(a.T, stack)
     _add_counts(state, fa, fired)
