@@ -160,6 +160,10 @@ def test_record_layer_keeps_what_the_clustering_reads(reference, digits):
     config = ConstructConfig(skeleton=SKELETON, stats_batches=2, window=3)
     layer, pooled = record_layer(model, spec, _loader(digits.train), config, torch.device("cpu"), False)
     assert layer.max_offset == 2 and pooled.max_offset == 0 and pooled.offsets == [(0, 0)]
+    last = spec.layers[-1].name  # logs and errors name what was recorded, not the probe
+    assert (layer.name, pooled.name) == (last, f"{last}, 3x3 max-pooled")
+    on_null = record_layer(model, spec, _loader(digits.train), config, torch.device("cpu"), False, null="noise")
+    assert [s.name for s in on_null] == [f"{last} on the noise null", f"{last} on the noise null, 3x3 max-pooled"]
     assert pooled.positions_used == layer.positions_used and pooled.count == layer.count
     no_pool = dataclasses.replace(config, pool_branch=False)
     layer_only, none = record_layer(model, spec, _loader(digits.train), no_pool, torch.device("cpu"), False)

@@ -195,3 +195,13 @@ def test_recording_under_cpu_autocast_keeps_float64_sums(digits):
     plain = topo.record(model, loader, ["4"], max_offset=1, positions=None, progress=False)["4"]
     # bfloat16 activations differ from float32 ones by ~1e-2 relative; the correlations stay close
     assert np.abs(stats.corr() - plain.corr()).max() < 0.05
+
+
+def test_record_names_the_statistics_it_is_told_to_and_rejects_unknown_names():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 5, 1))
+    batches = [torch.randn(2, 3, 6, 6) for _ in range(2)]
+    stats = topo.record(model, batches, ["0", "2"], names={"2": "the 1x1 layer"}, progress=False)
+    assert stats["0"].name == "0" and stats["2"].name == "the 1x1 layer"
+    with pytest.raises(StatsError, match=r"names are given for \['1'\]"):
+        topo.record(model, batches, ["0", "2"], names={"1": "a layer not recorded"}, progress=False)

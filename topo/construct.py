@@ -356,13 +356,14 @@ def prepare_prefix(model: nn.Module, index: int, trainer: Callable[[nn.Module, i
 
 
 def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: ConstructConfig,
-                 device: torch.device, progress: bool, *, carried: CarriedOutputs | None = None
-                 ) -> tuple[LayerStats, LayerStats | None]:
+                 device: torch.device, progress: bool, *, carried: CarriedOutputs | None = None,
+                 null: str | None = None) -> tuple[LayerStats, LayerStats | None]:
     """Statistics of the prefix's output and of its 3x3 max-pooled map (None without a pooling branch), in one pass.
 
     Both are read at the pooling probe appended to the prefix (its input is the
     prefix's output, also when the prefix has no layer yet: then it is the data);
-    the first is named after the prefix's last layer (``"input"`` without one).
+    the first is named after the prefix's last layer (``"input"`` without one), the second after it too
+    (``"inception3a, 3x3 max-pooled"``); ``null`` (the kind of null input ``batches`` are) says so in both names.
     The layer keeps the offsets its largest window reads; the pooled map, clustered
     with a 1x1 window, only offset (0, 0), at the same anchor positions as the layer.
     With ``carried``, ``batches`` are the prefix's outputs (`topo.carried`): only the probe runs on them, and
@@ -376,12 +377,13 @@ def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: Cons
     if carried is not None:
         source = nn.Sequential(OrderedDict([(PROBE, getattr(probe, PROBE))]))
         cost = forward_macs(probe, carried.example) if config.positions == "auto" else None
+    name = (spec.layers[-1].name if spec.layers else "input") + ("" if null is None else f" on the {null} null")
     stats = record(source, batches, list(reach), max_offset=reach, max_batches=config.stats_batches,
                    positions=config.positions, fire_quantile=config.fire_quantile, seed=config.seed,
-                   progress=progress, forward_cost=cost)
-    layer = stats[f"{PROBE}:input"]
-    layer.name = spec.layers[-1].name if spec.layers else "input"
-    return layer, stats.get(PROBE)
+                   progress=progress, forward_cost=cost,
+                   names={f"{PROBE}:input": name, PROBE: f"{name}, 3x3 max-pooled"} if config.pool_branch
+                   else {f"{PROBE}:input": name})
+    return stats[f"{PROBE}:input"], stats.get(PROBE)
 
 
 def record_null(model: nn.Module, spec: NetworkSpec, batches_factory: Callable[[], Any], config: ConstructConfig,
@@ -389,7 +391,7 @@ def record_null(model: nn.Module, spec: NetworkSpec, batches_factory: Callable[[
     """The same statistics of the same prefix on ``config.null``'s null input (None without a null)."""
     if config.null == "none":
         return None
-    return record_layer(model, spec, null_input(batches_factory, config), config, device, progress)
+    return record_layer(model, spec, null_input(batches_factory, config), config, device, progress, null=config.null)
 
 
 def null_input(batches_factory: Callable[[], Any], config: ConstructConfig) -> Any:
@@ -416,7 +418,7 @@ def record_step(model: nn.Module, spec: NetworkSpec, index: int, carried: Carrie
     if carried is not None and carried.advance(model, [layer.name for layer in spec.layers]):
         layer = record_layer(model, spec, carried.eval, config, device, progress, carried=carried)
         null = (None if carried.null is None else
-                record_layer(model, spec, carried.null, config, device, progress, carried=carried))
+                record_layer(model, spec, carried.null, config, device, progress, carried=carried, null=config.null))
         return model, layer, null, carried
     model = prepare_prefix(model, index, trainer, batches_factory(), config, device)
     layer = record_layer(model, spec, batches_factory(), config, device, progress)

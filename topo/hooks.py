@@ -99,6 +99,7 @@ def record(
     all_reduce: bool = True,
     replay_bytes: int = REPLAY_BYTES,
     forward_cost: int | None = None,
+    names: Mapping[str, str] | None = None,
 ) -> dict[str, LayerStats]:
     """Run ``data`` through ``model`` and return the statistics of each layer in ``layers`` (keyed by those strings).
 
@@ -117,16 +118,17 @@ def record(
 
     ``max_offset``: the farthest displacement stored, one for all or per layer (a mapping keyed like ``layers``);
     layers recorded at a smaller one are sampled as if they stored as far as the farthest (`PositionBudget.reach`).
-
-    ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted
+    ``names``: the ``name`` (in logs and errors) of some layers' statistics, keyed like ``layers`` (default: the
+    layer string). ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted
     once, on one image; ``forward_cost`` instead, where ``data`` are activations a larger network computed) and
     the number of images (:func:`topo.stats.choose_positions`; logged, and kept in
     ``positions_used`` / ``exact``); an int samples that many anchor positions per map and image; ``None``
     uses all. Under ``torch.distributed`` with ``all_reduce=True`` the statistics are summed over ranks (each
-    with its own shard), thresholds come from every rank's samples, and when one rank fails (or saw nothing
-    of a layer) every rank raises. See docs/statistics.md."""
+    with its own shard), thresholds come from every rank's samples, and when one rank fails (or saw nothing of a
+    layer) every rank raises. See docs/statistics.md."""
     specs = [layers] if isinstance(layers, str) else list(layers)
     targets = _targets(model, specs)
+    names = _names(names, specs)
     quantile = _checked_settings(threshold, fire_quantile, replay_bytes)
     offsets = _offsets_by_layer(max_offset, specs, positions, seed)
     run = _Run(model, data, targets, max_batches, device or _model_device(model), progress,
@@ -136,13 +138,29 @@ def record(
     with _evaluating(model):
         thresholds = run.calibrate(quantile, seed, probe=auto) if quantile is not None else {}
         stats = {spec: LayerStats(max_offset=offsets[spec], threshold=thresholds.get(spec, threshold or 0.0),
-                                  positions=positions, seed=seed, name=spec, fire_quantile=quantile) for spec in specs}
+                                  positions=positions, seed=seed, name=names[spec], fire_quantile=quantile)
+                 for spec in specs}
         run.record(stats, auto=auto)
+    return _finished(stats, run.distributed)
+
+
+def _finished(stats: dict[str, LayerStats], distributed: bool) -> dict[str, LayerStats]:
+    """``stats`` once recorded: scratch buffers freed, and summed over the processes under ``torch.distributed``."""
     for layer in stats.values():
         layer.release_buffers()
-        if run.distributed:
+        if distributed:
             layer.all_reduce()
     return stats
+
+
+def _names(names: Mapping[str, str] | None, specs: list[str]) -> dict[str, str]:
+    """Each layer's statistics' name: ``names`` where given, else the layer string; a one-line error for a name
+    given to a layer not recorded."""
+    names = dict(names or {})
+    if not set(names) <= set(specs):
+        raise StatsError(f"names are given for {sorted(set(names) - set(specs))}, which are not among the layers "
+                         f"recorded ({specs}); key names like the layers")
+    return {spec: names.get(spec, spec) for spec in specs}
 
 
 def _targets(model: nn.Module, specs: list[str]) -> dict[str, tuple[nn.Module, str]]:
