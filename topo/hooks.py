@@ -118,8 +118,9 @@ def record(
 
     ``max_offset``: the farthest displacement stored, one for all or per layer (a mapping keyed like ``layers``);
     layers recorded at a smaller one are sampled as if they stored as far as the farthest (`PositionBudget.reach`).
-    ``names``: the ``name`` (in logs and errors) of some layers' statistics, keyed like ``layers`` (default: the
-    layer string). ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted
+    ``names``: some layers' statistics' ``name`` (in logs and errors), keyed like ``layers`` (default: the layer).
+
+    ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted
     once, on one image; ``forward_cost`` instead, where ``data`` are activations a larger network computed) and
     the number of images (:func:`topo.stats.choose_positions`; logged, and kept in
     ``positions_used`` / ``exact``); an int samples that many anchor positions per map and image; ``None``

@@ -25,8 +25,9 @@ subtraction benign (the "shifted data" algorithm), so a large common offset (mea
 of a batch is added with ONE matrix product of the anchor rows against a
 zero-padded, shifted stack of the map (rows x D C); on small maps, where most of
 that stack's pairs would leave the map, offset by offset on crops of the map;
-the marginal sums come from per-position sums and masks of the valid pairs. Merging two statistics moves one onto the other's shift
-first. Memory is O(C^2 x offsets), whatever the number of images: no activation is kept.
+the marginal sums come from per-position sums and masks of the valid pairs.
+Merging two statistics moves one onto the other's shift first. Memory is O(C^2 x
+offsets), whatever the number of images: no activation is kept.
 
 Positions: ``positions=None`` (or ``"all"``) uses every position and is exact; an
 int uses that many random anchor positions per map and image (seeded);
