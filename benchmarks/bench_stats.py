@@ -11,7 +11,7 @@
     shifted stack built beforehand, interleaved in one process;
 (d) the exact update's two ways to multiply, side by side on the same batch: one stacked product
     for all offsets against offset by offset on crops of the map, over map sizes (the default takes
-    the crops where at most 0.7 of the (position, offset) pairs stay inside the map).
+    the crops where at most 0.7 of the (position, offset) pairs stay inside the map; CPU only).
 
     python benchmarks/bench_stats.py                       # CPU, small variant, 32x32
     python benchmarks/bench_stats.py --device cuda --size 224
@@ -367,7 +367,7 @@ def main(argv=None) -> None:
           f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device.startswith("cuda") else ""))
     if not args.skip_bound:
         print_bound(exact_vs_bound(args), args)
-    if args.paths_sizes:
+    if args.paths_sizes and args.device == "cpu":  # the cropped products run on the CPU only (topo.stats)
         print_paths(product_paths(args), args)
     print_overhead(overhead(args), args)
     if args.skip_naive or args.device != "cpu":
