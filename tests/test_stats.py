@@ -233,10 +233,12 @@ def test_positions_at_least_the_map_size_is_exact():
     )
 
 
-def test_counts_switch_to_float64_before_float32_stops_being_exact(monkeypatch):
+@pytest.mark.parametrize("crops_below", [-1.0, 1.0], ids=["stacked-products", "cropped-products"])
+def test_counts_switch_to_float64_before_float32_stops_being_exact(monkeypatch, crops_below):
     import topo.stats as stats_module
 
     monkeypatch.setattr(stats_module, "_FLOAT32_EXACT", 100)
+    monkeypatch.setattr(stats_module, "_CROPS_BELOW", crops_below)  # float32 counts added into float64 either way
     x = correlated_maps(n=4, seed=12)
     small = from_activations(torch.from_numpy(x[:1]), positions=None, threshold=0.0)  # 42 rows: float32 counts
     assert small._state["joint"].dtype == torch.float32
