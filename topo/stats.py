@@ -964,8 +964,10 @@ def _add_marginals(state, values: torch.Tensor, flags: torch.Tensor, offsets: li
 
 def _column_sums(x: torch.Tensor, scratch: _Scratch) -> tuple[torch.Tensor, torch.Tensor]:
     """Sums and sums of squares of the columns of ``x`` (rows, cols), float64: two plain passes (one
-    `torch.var_mean` pass cost as much as the batch's product), the squares made a few rows at a time in a
-    reused buffer (`_SQUARE_ELEMENTS`)."""
+    `torch.var_mean` pass cost as much as the batch's product), on the CPU the squares made a few rows at a
+    time in a reused buffer that stays in cache (`_SQUARE_ELEMENTS`); on an accelerator in one kernel."""
+    if not x.is_cpu:
+        return x.sum(0, dtype=torch.float64), (x * x).sum(0, dtype=torch.float64)
     rows, cols = x.shape
     step = max(1, _SQUARE_ELEMENTS // cols)
     buffer = scratch.get("squares", min(rows, step) * cols, x.dtype, x.device)[0]
