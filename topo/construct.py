@@ -378,11 +378,10 @@ def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: Cons
         source = nn.Sequential(OrderedDict([(PROBE, getattr(probe, PROBE))]))
         cost = forward_macs(probe, carried.example) if config.positions == "auto" else None
     name = (spec.layers[-1].name if spec.layers else "input") + ("" if null is None else f" on the {null} null")
+    names = {f"{PROBE}:input": name, PROBE: f"{name}, 3x3 max-pooled"}
     stats = record(source, batches, list(reach), max_offset=reach, max_batches=config.stats_batches,
                    positions=config.positions, fire_quantile=config.fire_quantile, seed=config.seed,
-                   progress=progress, forward_cost=cost,
-                   names={f"{PROBE}:input": name, PROBE: f"{name}, 3x3 max-pooled"} if config.pool_branch
-                   else {f"{PROBE}:input": name})
+                   progress=progress, forward_cost=cost, names={spec: names[spec] for spec in reach})
     return stats[f"{PROBE}:input"], stats.get(PROBE)
 
 
