@@ -27,8 +27,8 @@ from analysis.tables import (
     depth_trend,
     kernel_shares,
 )
-from topo.errors import StatsError
-from topo.io import atomic_path
+from topo.common.errors import StatsError
+from topo.common.writing import atomic_path
 
 DISCOVERED_COLOR = "#1f77b4"
 REFERENCE_COLOR = "#bdbdbd"

@@ -30,9 +30,9 @@ from analysis.tables import (
     to_markdown,
     write_comparison,
 )
-from topo.controls import ControlSummary, verdict
-from topo.io import atomic_write_text
-from topo.rundir import RunDir
+from topo.controls.control import ControlSummary, verdict
+from topo.common.writing import atomic_write_text
+from topo.run.rundir import RunDir
 
 
 # --------------------------------------------------------------------------- findings

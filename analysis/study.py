@@ -34,7 +34,7 @@ from scipy import stats
 
 from analysis.plots import save_figure
 from analysis.tables import ReportError, accuracy_fraction, as_dict, is_missing, to_latex, to_markdown
-from topo.io import atomic_write_text
+from topo.common.writing import atomic_write_text
 
 #: The arms in the order tables and figures show them (others follow, sorted).
 ARM_ORDER = ("discovered", "reference", "random", "uniform", "shuffled")

@@ -25,8 +25,8 @@ from typing import Any, Mapping, Sequence, TypedDict
 import numpy as np
 import pandas as pd
 
-from topo.errors import UserError
-from topo.io import atomic_write_text
+from topo.common.errors import UserError
+from topo.common.writing import atomic_write_text
 
 # The six widths of an Inception module, in the paper's table order.
 BRANCHES: tuple[tuple[str, str], ...] = (

@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from topo.cluster import UnitClustering, recovery_scores
-from topo.planted import PlantedConfig, generate
-from topo.stats import LayerStats, from_activations
+from topo.planted.generator import PlantedConfig, generate
+from topo.stats.layer_stats import LayerStats, from_activations
 
 
 def planted_stats(args):

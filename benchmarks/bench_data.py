@@ -24,10 +24,11 @@ import torch
 from torch import nn
 
 import builders
-from topo.data import load, make_loader, resolve_device
-from topo.data.loader import available_cpus
+from topo.data import load, make_loader
+from topo.common.devices import resolve_device
+from topo.common.devices import available_cpus
 from topo.data.sample_tree import write_sample_tree
-from topo.train import split_output
+from topo.train.trainer import split_output
 
 
 def loader_rate(dataset, workers: int, batch_size: int, batches: int) -> float:

@@ -51,12 +51,13 @@ import torch
 
 import builders
 from topo.cluster import Cluster, UnitClustering, aligned_jaccard, recovery_scores
-from topo.construct import ConstructConfig, construct
+from topo.construct.config import ConstructConfig
+from topo.construct.loop import construct
 from topo.data import load, make_loader
 from topo.data.tensors import PLANTED_DATA
-from topo.planted import DeepPlantedConfig, generate_deep, save_npz
-from topo.recovery import layer_recovery
-from topo.stats import from_activations
+from topo.planted.generator import DeepPlantedConfig, generate_deep, save_npz
+from topo.planted.recovery import layer_recovery
+from topo.stats.layer_stats import from_activations
 
 MODULES = ("inception3a", "inception3b", "inception3c")
 

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-from topo.stats import DEFAULT_POSITIONS, PositionBudget, half_offsets
+from topo.stats.positions import DEFAULT_POSITIONS, PositionBudget, half_offsets
 
 INCEPTION = ["inception3a", "inception3b", "inception4a", "inception4b", "inception4c",
              "inception4d", "inception4e", "inception5a", "inception5b"]
@@ -64,8 +64,8 @@ def overhead(args) -> dict:
     a whole ``record`` call (threshold 0: one pass), which also allocates the
     statistics, is timed once for comparison.
     """
-    from topo.hooks import forward_macs, record
-    from topo.stats import LayerStats
+    from topo.stats.recording import forward_macs, record
+    from topo.stats.layer_stats import LayerStats
 
     model = make_model(args.size, args.device)
     batches = make_batches(args.batches, args.batch_size, args.size, args.device)
@@ -173,7 +173,7 @@ def _timed_hook(module: torch.nn.Module, work, spent: list[float]):
 
 def _naive_job(layer: str, n_images: int, batch_size: int, size: int, max_offset: int) -> dict:
     """Keep every activation of ``layer``, then corrcoef of shifted copies for each offset."""
-    from topo.stats import half_offsets
+    from topo.stats.positions import half_offsets
 
     torch.set_grad_enabled(False)
     model = make_model(size, "cpu")
@@ -202,14 +202,14 @@ def _naive_job(layer: str, n_images: int, batch_size: int, size: int, max_offset
 
 def _stream_job(layer: str, n_images: int, batch_size: int, size: int, max_offset: int, positions) -> dict:
     """Stream ``layer`` into a LayerStats (what ``record`` does), then query every offset."""
-    from topo.stats import LayerStats
+    from topo.stats.layer_stats import LayerStats
 
     torch.set_grad_enabled(False)
     model = make_model(size, "cpu")
     batches = make_batches(n_images // batch_size, batch_size, size, "cpu")
     budget = None
     if positions == "auto":  # planned for the images of this run, as record() would
-        from topo.hooks import forward_macs
+        from topo.stats.recording import forward_macs
 
         budget = PositionBudget(forward_macs(model, batches[0][:1]), n_images)
     stats = LayerStats(max_offset=max_offset, positions=positions, budget=budget, threshold=0.0, name=layer)
@@ -262,7 +262,7 @@ def shifted_stack(x: torch.Tensor, offsets, shift: torch.Tensor, dtype: torch.dt
 def exact_vs_bound(args) -> dict:
     """One exact ``LayerStats.update`` vs the same products as one fused matrix multiply each
     (float64 moments and float32 co-firing counts, on shifted stacks built beforehand), interleaved."""
-    from topo.stats import LayerStats
+    from topo.stats.layer_stats import LayerStats
 
     c, size, batch = args.bound_channels, args.bound_size, args.bound_batch
     x = torch.randn(batch, c, size, size, generator=torch.Generator().manual_seed(0)).relu().to(args.device)
@@ -298,8 +298,9 @@ def exact_vs_bound(args) -> dict:
 def product_paths(args) -> list[dict]:
     """Per map size: one exact update with the stacked product vs the cropped products, interleaved (the two
     forced through ``topo.stats._CROPS_BELOW``, restored afterwards)."""
-    import topo.stats as stats_module
-    from topo.stats import LayerStats, inside_share
+    import topo.stats.kernels as stats_module
+    from topo.stats.layer_stats import LayerStats
+    from topo.stats.positions import inside_share
 
     chosen = stats_module._CROPS_BELOW
     rows = []

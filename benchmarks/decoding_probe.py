@@ -49,10 +49,10 @@ import torch
 import torch.nn.functional as F
 
 from topo.cluster import UnitClustering, recovery_scores
-from topo.decoding import cofiring_rate, pair_cofiring
-from topo.planted import DeepPlantedConfig, generate_deep
-from topo.recovery import decoded_clusters, layer_recovery
-from topo.stats import from_activations
+from topo.construct.decoding import cofiring_rate, pair_cofiring
+from topo.planted.generator import DeepPlantedConfig, generate_deep
+from topo.planted.recovery import decoded_clusters, layer_recovery
+from topo.stats.layer_stats import from_activations
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery_report import summarise

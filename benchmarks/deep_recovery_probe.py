@@ -32,8 +32,8 @@ import pandas as pd
 import torch
 
 from topo.cluster import METHODS, UnitClustering, recovery_scores
-from topo.planted import DeepPlantedConfig, generate_deep, sibling_pairs, support_pairs
-from topo.stats import from_activations
+from topo.planted.generator import DeepPlantedConfig, generate_deep, sibling_pairs, support_pairs
+from topo.stats.layer_stats import from_activations
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from recovery_report import summarise

@@ -21,9 +21,9 @@ import pandas as pd
 import torch
 
 from topo.cluster import METHODS, UnitClustering, adjusted_rand, recovery_scores
-from topo.io import atomic_write_text
-from topo.planted import PlantedConfig, generate
-from topo.stats import from_activations
+from topo.common.writing import atomic_write_text
+from topo.planted.generator import PlantedConfig, generate
+from topo.stats.layer_stats import from_activations
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "clustering.md"
 

@@ -6,7 +6,7 @@ from typing import Callable, Mapping
 
 from builders.cost import inception_macs
 from builders.spec import InceptionSpec
-from topo.errors import StatsError
+from topo.common.errors import StatsError
 
 OUTPUTS = ("ch1x1", "ch3x3", "ch5x5", "pool_proj")
 """The fields of `InceptionSpec` that are output channels of the module."""

@@ -19,7 +19,8 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from builders.inception import Inception
-from builders.spec import InceptionSpec
+from builders.network import build
+from builders.spec import InceptionSpec, NetworkSpec
 
 def _example_input(model: nn.Module, input_size: Sequence[int] | int) -> torch.Tensor:
     """A batch-of-one input for ``input_size`` = ``(C, H, W)`` or ``(N, C, H, W)``, on the model's device."""
@@ -132,3 +133,28 @@ def reduction_factor(a: int, b: int, c: int, k: int = 5) -> float:
         if value <= 0:
             raise ValueError(f"reduction_factor: {name} = {value} must be positive")
     return k * k * a * b / (a * c + k * k * c * b)
+
+
+def module_macs(spec: NetworkSpec, input_hw: tuple[int, int]) -> list[int]:
+    """Multiply-adds of each Inception module of ``spec``, at its own map size."""
+    shapes = spec.input_shapes(input_hw)
+    return [inception_macs(m, *shapes[m.name][1:], kernel5x5=spec.kernel5x5) for m in spec.inception_modules()]
+
+
+def network_costs(spec: NetworkSpec, input_hw: tuple[int, int]) -> tuple[int, int]:
+    """(parameters, multiply-adds per image) of the network ``spec`` describes, at inference (auxiliary heads
+    excluded)."""
+    model = build(spec).eval()
+    aux = tuple(f"{a.name}." for a in spec.aux_heads)
+    params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(aux))
+    return params, count_macs(model, (1, spec.in_channels, *input_hw))
+
+
+def network_macs(spec: NetworkSpec, input_hw: tuple[int, int]) -> int:
+    """Multiply-adds per image of the network ``spec`` describes (eval mode, batch 1)."""
+    return network_costs(spec, input_hw)[1]
+
+
+def modules_macs(spec: NetworkSpec, input_hw: tuple[int, int]) -> int:
+    """Multiply-adds of the Inception modules alone."""
+    return sum(module_macs(spec, input_hw))

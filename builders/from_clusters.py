@@ -45,7 +45,7 @@ import numpy as np
 from builders.budget import fit_to_budget, round_width, scaled_widths
 from builders.cost import inception_macs
 from builders.spec import InceptionSpec
-from topo.errors import StatsError
+from topo.common.errors import StatsError
 
 log = logging.getLogger(__name__)
 

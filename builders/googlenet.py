@@ -27,7 +27,7 @@ stay 0 and ``width_mult=1`` gives the table's widths exactly.
 from __future__ import annotations
 
 from builders.network import Network, build
-from topo.errors import SpecError
+from topo.common.errors import SpecError
 
 from builders.spec import AuxHeadSpec, ConvSpec, HeadSpec, InceptionSpec, LRNSpec, NetworkSpec, PoolSpec
 

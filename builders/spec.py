@@ -17,10 +17,13 @@ import functools
 import json
 import keyword
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Union
 
-from topo.errors import SpecError
+from topo.common.errors import SpecError
+from topo.common.reading import SHAPE_ERRORS, error_reason, read_text
 
 NORMS = ("none", "lrn", "batchnorm")
 POOL_MODES = ("max", "avg")
@@ -550,3 +553,16 @@ class NetworkSpec(_JsonMixin):
                 raise SpecError(f"NetworkSpec.aux_heads = {items!r} is not a list")
             kwargs["aux_heads"] = [AuxHeadSpec.from_dict(d) for d in items]
         return cls(**kwargs)
+
+
+def read_spec(path: str | os.PathLike) -> NetworkSpec:
+    """A :class:`NetworkSpec` from a JSON file; a :class:`SpecError` naming the file otherwise."""
+    fix = "give the path of a NetworkSpec .json file (e.g. a run's topology.json)"
+    text = read_text(path, what="spec file", fix=fix, error=SpecError)
+    path = Path(path).expanduser()
+    try:
+        return NetworkSpec.from_json(text)
+    except SpecError as e:
+        raise SpecError(f"spec file {path}: {e}") from None
+    except SHAPE_ERRORS as e:
+        raise SpecError(f"spec file {path} is not a NetworkSpec ({error_reason(e)}); {fix}") from None

@@ -20,12 +20,12 @@ import pytest
 import torch
 
 from builders.spec import ConvSpec, HeadSpec, InceptionSpec, NetworkSpec
-from topo.cli import main
-from topo.construct import ConstructConfig
-from topo.io import atomic_torch_save, atomic_write_json, atomic_write_text
-from topo.pipeline import RunConfig
-from topo.rundir import RunDir
-from topo.train import TrainConfig
+from topo.cli.main import main
+from topo.construct.config import ConstructConfig
+from topo.common.writing import atomic_torch_save, atomic_write_json, atomic_write_text
+from topo.run.config import RunConfig
+from topo.run.rundir import RunDir
+from topo.train.config import TrainConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

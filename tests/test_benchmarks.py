@@ -124,7 +124,7 @@ def test_bench_cluster_recovers_a_small_planted_network():
         "bench_cluster.py", "--channels", "48", "--samples", "128", "--size", "8", "--window", "3",
         "--threads", "1", "--methods", "arora,agglomerative",
     )
-    from topo.planted import PlantedConfig, generate
+    from topo.planted.generator import PlantedConfig, generate
 
     # the truth the table prints is the planted network's, generated here independently with the same settings
     truth = generate(PlantedConfig(num_channels=48, num_hidden=12, degree=6, num_samples=128, height=8, width=8,

@@ -13,18 +13,11 @@ from builders.cost import inception_macs
 from builders.from_clusters import VARIANCE_SHARE, from_clusters
 from builders.spec import InceptionSpec
 from topo.cluster import UnitClustering
-from topo.construct import (
-    ConstructConfig,
-    discovered_base,
-    fit_network_to_budget,
-    head_macs,
-    module_budget,
-    module_weights,
-    network_macs,
-    skeleton_plan,
-)
-from topo.errors import UserError
-from topo.stats import from_activations
+from topo.construct.config import ConstructConfig, skeleton_plan
+from topo.construct.budget import discovered_base, fit_network_to_budget, head_macs, module_budget, module_weights
+from builders.cost import network_macs
+from topo.common.errors import UserError
+from topo.stats.layer_stats import from_activations
 
 HW = (20, 20)
 

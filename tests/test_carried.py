@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from topo.carried import CarriedOutputs
-from topo.construct import calibrate_batchnorm
+from topo.construct.prefix import CarriedOutputs
+from topo.construct.prefix import calibrate_batchnorm
 
 
 def _network() -> nn.Sequential:

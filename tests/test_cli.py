@@ -17,11 +17,11 @@ from gloo_group import finish, torchrun
 
 import builders
 from builders.spec import ConvSpec, HeadSpec, NetworkSpec
-from topo.cli import main
-from topo.construct import calibrate_batchnorm
+from topo.cli.main import main
+from topo.construct.prefix import calibrate_batchnorm
 from topo.data import load, make_loader
-from topo.files import read_checkpoint
-from topo.io import KILL_AT_WRITE
+from topo.train.files import read_checkpoint
+from topo.common.writing import KILL_AT_WRITE
 
 FAST = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "1", "--batch-size", "64",
         "--workers", "0", "--no-progress", "--data", "digits", "--no-controls"]
@@ -243,13 +243,13 @@ class _BrokenImages(torch.utils.data.Dataset):
         return 4
 
     def __getitem__(self, index: int):
-        from topo.errors import DataError
+        from topo.common.errors import DataError
 
         raise DataError(f"image {index}.jpg is truncated; delete it or run without --strict")
 
 
 def test_an_error_from_a_loader_worker_is_still_one_line():
-    from topo.cli import one_line
+    from topo.cli.main import one_line
 
     loader = torch.utils.data.DataLoader(_BrokenImages(), num_workers=1)
     with pytest.raises(Exception) as caught:
@@ -307,7 +307,7 @@ def _fail_write(monkeypatch, after: int, error: int, where: str) -> list[int]:
     """Make the ``after+1``-th atomic write fail with ``error`` (at ``fsync`` or creating the temporary file)."""
     import tempfile
 
-    import topo.io
+    import topo.common.writing as writing
 
     calls = []
     real = {"fsync": os.fsync, "mkstemp": tempfile.mkstemp}[where]
@@ -318,7 +318,7 @@ def _fail_write(monkeypatch, after: int, error: int, where: str) -> list[int]:
             raise OSError(error, os.strerror(error))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(topo.io.os if where == "fsync" else topo.io.tempfile, where, failing)
+    monkeypatch.setattr(writing.os if where == "fsync" else writing.tempfile, where, failing)
     return calls
 
 

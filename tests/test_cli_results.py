@@ -19,24 +19,21 @@ from torch.utils.data import Dataset
 
 import builders
 from analysis.tables import COMPARISON_CAPTION
-from topo import distributed as dist_info
-from topo.cli import _study_config, main, parse, run_config
-from topo.construct import ConstructConfig
+from topo.common import distributed as dist_info
+from topo.cli.resume import study_config
+from topo.cli.main import main
+from topo.cli.settings import parse, run_config
+from topo.construct.config import ConstructConfig
 from topo.data import make_loader
-from topo.errors import UserError
-from topo.export import SUFFIXES, load_safetensors
-from topo.files import read_checkpoint
-from topo.io import atomic_write_json, atomic_write_text
-from topo.pipeline import RunConfig
-from topo.rundir import RunDir
-from topo.study import StudyConfig
-from topo.train import (
-    TrainConfig,
-    _sync_batchnorm,
-    check_sync_bn,
-    deterministic_algorithms,
-    evaluate,
-)
+from topo.common.errors import UserError
+from topo.run.export import SUFFIXES, load_safetensors
+from topo.train.files import read_checkpoint
+from topo.common.writing import atomic_write_json, atomic_write_text
+from topo.run.config import RunConfig
+from topo.run.rundir import RunDir
+from topo.run.study import StudyConfig
+from topo.train.config import TrainConfig, check_sync_bn
+from topo.train.trainer import _sync_batchnorm, deterministic_algorithms, evaluate
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
@@ -220,7 +217,7 @@ def test_a_study_json_given_back_is_the_same_study(tmp_path):
     path = tmp_path / "study.json"
     atomic_write_json(path, {"config": study.to_dict(), "environment": {}})  # as topo.study.open_study writes it
     args = parse("study", ["--config", str(path)])
-    assert _as_json(_study_config(args, tmp_path)) == _as_json(study)
+    assert _as_json(study_config(args, tmp_path)) == _as_json(study)
 
 
 def test_a_hand_written_config_file(tmp_path):

@@ -7,9 +7,9 @@ import torch
 
 from topo.cluster import Cluster, UnitClustering, adjusted_rand, aligned_jaccard, recovery_scores
 from topo.cluster.clusters import extent, kernel_for_extent
-from topo.errors import StatsError, UserError
-from topo.planted import PlantedConfig, generate
-from topo.stats import from_activations
+from topo.common.errors import StatsError, UserError
+from topo.planted.generator import PlantedConfig, generate
+from topo.stats.layer_stats import from_activations
 
 HARD = ("spectral", "agglomerative", "louvain")
 SPATIAL = PlantedConfig(num_channels=64, num_hidden=12, degree=4, num_samples=48, height=10, width=10, seed=3)

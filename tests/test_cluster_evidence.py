@@ -11,8 +11,8 @@ from scipy import stats as st
 
 from topo.cluster import UnitClustering, recovery_scores
 from topo.cluster.evidence import needed_against_null, smallest_passing
-from topo.planted import PlantedConfig, generate
-from topo.stats import from_activations
+from topo.planted.generator import PlantedConfig, generate
+from topo.stats.layer_stats import from_activations
 
 BASE = PlantedConfig(num_channels=32, num_hidden=8, degree=4, height=10, width=10, seed=1)
 

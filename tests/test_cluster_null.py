@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from topo.cluster import UnitClustering, best_match_jaccard
-from topo.errors import StatsError, UserError
-from topo.planted import PlantedConfig, generate
-from topo.stats import from_activations
+from topo.common.errors import StatsError, UserError
+from topo.planted.generator import PlantedConfig, generate
+from topo.stats.layer_stats import from_activations
 
 N = 60
 SHARED = PlantedConfig(num_channels=48, num_hidden=8, degree=4, density=0.03, num_samples=2 * N, height=10,

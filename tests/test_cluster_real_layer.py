@@ -14,8 +14,9 @@ import builders
 from topo.cluster import UnitClustering
 from topo.cluster.window import DEFAULT_MIN_LIFT, build_window_graph
 from topo.data import load, make_loader
-from topo.hooks import record
-from topo.train import TrainConfig, train
+from topo.stats.recording import record
+from topo.train.config import TrainConfig
+from topo.train.trainer import train
 
 pytestmark = pytest.mark.slow  # one epoch of training and a recording: seconds
 

@@ -22,7 +22,7 @@ from scipy import stats as st
 from topo.cluster.arora import anchored_groups, dense_core, dense_cores, grow
 from topo.cluster.select import eigengap_k
 from topo.cluster.window import build_window_graph, lift_floor
-from topo.stats import from_activations
+from topo.stats.layer_stats import from_activations
 
 ALPHA = 0.01
 

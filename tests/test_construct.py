@@ -11,9 +11,10 @@ import torch
 import builders
 from analysis import count_macs
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
-from topo.construct import ConstructConfig, construct, parse_skeleton, skeleton_plan
+from topo.construct.config import ConstructConfig, parse_skeleton, skeleton_plan
+from topo.construct.loop import construct
 from topo.data import load, make_loader
-from topo.errors import UserError
+from topo.common.errors import UserError
 
 pytestmark = pytest.mark.slow  # subprocesses or whole constructions: seconds each
 
@@ -104,7 +105,7 @@ def test_same_seed_same_topology(reference, digits, one_thread):
 
 
 def test_resume_continues_after_the_last_saved_module(reference, digits, tmp_path, monkeypatch, one_thread):
-    import topo.construct as construct_module
+    import topo.construct.loop as construct_module
 
     full = _construct(reference, digits, out_dir=tmp_path / "full")
     # crash while choosing the second module's widths: only the first module is saved
@@ -128,7 +129,7 @@ def test_resume_continues_after_the_last_saved_module(reference, digits, tmp_pat
 
 
 def test_hebbian_init_puts_filters_on_cluster_members(reference, digits):
-    from topo.hebbian import hebbian_init_
+    from topo.construct.hebbian import hebbian_init_
 
     result = _construct(reference, digits, init="hebbian")
     name = "inception3a"
@@ -153,7 +154,7 @@ def test_hebbian_init_puts_filters_on_cluster_members(reference, digits):
 def test_record_layer_keeps_what_the_clustering_reads(reference, digits):
     """The layer at its window's reach, the pooled map (1x1 window) at offset (0, 0) only and at the layer's
     anchors; without a pooling branch no pooled map is recorded at all."""
-    from topo.construct import record_layer
+    from topo.construct.loop import record_layer
 
     spec = dataclasses.replace(reference, stages=reference.stages[:4])  # the stem's first layers
     model = builders.build(spec).eval()
@@ -173,8 +174,8 @@ def test_record_layer_keeps_what_the_clustering_reads(reference, digits):
 
 def _state(construction_dir):
     """The weights a construction left in ``construction_dir`` (its last prefix file)."""
-    from topo.files import read_prefix, read_progress
-    from topo.rundir import ConstructionFiles
+    from topo.construct.files import read_prefix, read_progress
+    from topo.construct.files import ConstructionFiles
 
     files = ConstructionFiles(construction_dir)
     modules = len(read_progress(files.progress)["records"])
@@ -185,7 +186,7 @@ def test_carrying_the_prefix_outputs_changes_no_number(reference, digits, tmp_pa
     """Each step runs only the new layers on the carried outputs (`topo.carried`); running the whole prefix
     again at every step, as without them, gives the same records, clusters and weights, bit for bit. A
     global random state consumed in between changes nothing either: each module's init is seeded."""
-    import topo.construct as construct_module
+    import topo.construct.loop as construct_module
 
     carried = _construct(reference, digits, out_dir=tmp_path / "carried")
     monkeypatch.setattr(construct_module, "start_carrying", lambda *args, **kwargs: None)

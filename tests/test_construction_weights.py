@@ -6,10 +6,11 @@ import json
 import pytest
 import torch
 
-from topo.construct import ConstructConfig
-from topo.pipeline import RunConfig, construct_stage, construction_state, initial_model, load_data, train_stage
-from topo.rundir import RunDir
-from topo.train import TrainConfig
+from topo.construct.config import ConstructConfig
+from topo.run.config import RunConfig, load_data
+from topo.run.stages import construct_stage, construction_state, initial_model, train_stage
+from topo.run.rundir import RunDir
+from topo.train.config import TrainConfig
 
 pytestmark = pytest.mark.slow  # a construction and a short training: seconds
 
@@ -49,7 +50,7 @@ def test_training_begins_at_those_weights(constructed, one_thread, monkeypatch):
     config, run, bundle, spec = constructed
     state = construction_state(run)
     seen = {}
-    import topo.pipeline as pipeline
+    import topo.run.stages as pipeline
 
     real_train = pipeline.train
 

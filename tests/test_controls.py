@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from topo.controls import (
+from topo.controls.control import (
     ALPHA,
     ControlConfig,
     ControlSummary,
@@ -19,8 +19,8 @@ from topo.controls import (
     topology_shares,
     verdict,
 )
-from topo.errors import UserError
-from topo.nulls import NullBatches, PixelMoments, null_batches
+from topo.common.errors import UserError
+from topo.controls.nulls import NullBatches, PixelMoments, null_batches
 
 
 def _records(shares_per_module):
@@ -129,7 +129,7 @@ def test_matched_noise_keeps_pixel_moments_and_loses_correlation():
 
 
 def test_the_smallest_attainable_p_is_stated_where_it_is_above_alpha():
-    from topo.controls import smallest_p
+    from topo.controls.control import smallest_p
 
     assert smallest_p(2, 1, 9, 10**6) == pytest.approx(3.0 ** -9)
     assert smallest_p(2, 1, 9, 9999) == pytest.approx(1e-4)
@@ -145,10 +145,11 @@ def test_the_smallest_attainable_p_is_stated_where_it_is_above_alpha():
 def test_a_construction_on_noise_differs_from_one_on_structured_data(tmp_path, one_thread):
     """The run's own control on planted data (a known sparse network): its topology is far from those built on
     the pixel-shuffled data and on matched-moment noise, by the documented target (topo.controls)."""
-    from topo.construct import ConstructConfig
-    from topo.pipeline import RunConfig, constructions_stage, load_data
-    from topo.rundir import RunDir
-    from topo.train import TrainConfig
+    from topo.construct.config import ConstructConfig
+    from topo.run.config import RunConfig, load_data
+    from topo.run.stages import constructions_stage
+    from topo.run.rundir import RunDir
+    from topo.train.config import TrainConfig
 
     config = RunConfig(data="planted", construct=ConstructConfig(skeleton="2", stem="none", budget_macs="none",
                                                                  stats_batches=4),

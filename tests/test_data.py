@@ -14,7 +14,7 @@ from torch.utils.data import TensorDataset
 from topo.data import DATASETS, ImageTree, ShardSampler, load, make_loader, take_skipped
 from topo.data.folders import read_rgb
 from topo.data.sample_tree import add_broken_images
-from topo.errors import DataError, UserError
+from topo.common.errors import DataError, UserError
 
 
 def _one_line_error(excinfo: pytest.ExceptionInfo, *fragments: str) -> str:
@@ -160,7 +160,8 @@ def test_skipped_reads_are_totalled_over_loader_workers(broken_image_tree: Path)
 
 
 def test_training_logs_the_unreadable_images_of_each_epoch(copy_tree, caplog) -> None:
-    from topo.train import TrainConfig, train
+    from topo.train.config import TrainConfig
+    from topo.train.trainer import train
 
     root = copy_tree()
     add_broken_images(root / "train" / "china")
@@ -173,7 +174,7 @@ def test_training_logs_the_unreadable_images_of_each_epoch(copy_tree, caplog) ->
     config = TrainConfig(epochs=2, batch_size=4, workers=2, device="cpu", ema_decay=0.9, progress=False)
     with caplog.at_level(logging.WARNING, logger="topo.train"):
         train(model, bundle.train, bundle.val, config, name="cnn")
-    totals = [r.getMessage() for r in caplog.records if r.name == "topo.train"]
+    totals = [r.getMessage() for r in caplog.records if r.name == "topo.train.trainer"]
     # every image is read once per epoch by one of the workers; the EMA's evaluation does not count twice
     assert totals == [f"cnn epoch {e}: skipped unreadable images, 1 in training and 1 in validation" for e in (1, 2)]
 

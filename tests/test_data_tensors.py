@@ -12,8 +12,8 @@ import torch
 
 from topo.data import load
 from topo.data.tensors import PLANTED_DATA, TENSORS_SPLIT_SEED, TENSORS_VAL_FRACTION
-from topo.errors import DataError
-from topo.planted import generate_deep, save_npz
+from topo.common.errors import DataError
+from topo.planted.generator import generate_deep, save_npz
 
 
 def _arrays(n: int = 60, c: int = 3, h: int = 4, w: int = 5, classes: int = 3, seed: int = 0) -> dict:

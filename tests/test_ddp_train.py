@@ -13,8 +13,9 @@ from torch import nn
 from torch.utils.data import Subset
 
 from topo.data import load
-from topo.io import atomic_write_text
-from topo.train import TrainConfig, evaluate, train
+from topo.common.writing import atomic_write_text
+from topo.train.config import TrainConfig
+from topo.train.trainer import evaluate, train
 
 VAL_SIZE = 359  # odd: a padding sampler would count one sample twice
 
@@ -33,9 +34,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.data import Subset
-import topo.train
+import topo.train.trainer
 from topo.data import load
-from topo.io import atomic_write_json
+from topo.common.writing import atomic_write_json
 from topo.train import TrainConfig, evaluate, train
 """ + MODEL_AND_CONFIG + """
 torch.set_num_threads(1)
@@ -48,8 +49,8 @@ def counting(write):
         return write(*args, **kwargs)
     wrapper.__name__ = write.__name__
     return wrapper
-topo.train.atomic_torch_save = counting(topo.train.atomic_torch_save)
-topo.train.atomic_path = counting(topo.train.atomic_path)
+topo.train.trainer.atomic_torch_save = counting(topo.train.trainer.atomic_torch_save)
+topo.train.trainer.atomic_path = counting(topo.train.trainer.atomic_path)
 
 out = Path(sys.argv[1])
 data = load("digits")
@@ -68,9 +69,9 @@ import logging, os, sys
 import torch
 import torch.distributed as dist
 from torch import nn
-import topo.train
+import topo.train.trainer
 from topo.data import load
-from topo.io import atomic_torch_save
+from topo.common.writing import atomic_torch_save
 from topo.train import TrainConfig, train
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -79,12 +80,12 @@ dist.init_process_group("gloo")
 rank = dist.get_rank()
 run_dir, mode = sys.argv[1], sys.argv[2]
 if mode == "interrupt" and rank == 0:
-    save = topo.train.atomic_torch_save
+    save = topo.train.trainer.atomic_torch_save
     def save_then_die(obj, path):
         save(obj, path)
         if obj["epoch"] == 1:
             os._exit(3)
-    topo.train.atomic_torch_save = save_then_die
+    topo.train.trainer.atomic_torch_save = save_then_die
 
 data = load("digits")
 torch.manual_seed(0)

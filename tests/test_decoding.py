@@ -16,12 +16,13 @@ import torch.nn.functional as F
 from builders.from_clusters import clusters_by_branch, from_clusters
 from builders.inception import Inception
 from topo.cluster import UnitClustering
-from topo.construct import ConstructConfig, calibrate_batchnorm, forward_batches
-from topo.decoding import cofiring_rate, threshold_decode_, unit_rates
-from topo.errors import UserError
-from topo.hebbian import hebbian_init_
-from topo.planted import PlantedConfig, generate
-from topo.stats import from_activations
+from topo.construct.config import ConstructConfig
+from topo.construct.prefix import calibrate_batchnorm, forward_batches
+from topo.construct.decoding import cofiring_rate, threshold_decode_, unit_rates
+from topo.common.errors import UserError
+from topo.construct.hebbian import hebbian_init_
+from topo.planted.generator import PlantedConfig, generate
+from topo.stats.layer_stats import from_activations
 
 CONFIG = PlantedConfig(num_channels=40, num_hidden=9, degree=4, kernel_mix=(1, 1, 1), density=0.03, num_samples=64,
                        height=12, width=12, disjoint=True, seed=3)
@@ -142,7 +143,7 @@ def test_the_decoder_is_validated():
 def _construction(**overrides):
     """The planted deep network (`load("planted")`) through `construct`, two modules, exact statistics."""
     import builders
-    from topo.construct import construct
+    from topo.construct.loop import construct
     from topo.data import load, make_loader
 
     bundle = load("planted", seed=0)
@@ -178,9 +179,9 @@ def test_the_decoded_rates_reach_the_next_layers_statistics(constructions):
 def test_the_threshold_decoder_recovers_the_second_layer_better_than_the_mean(constructions):
     """Over construction seeds 0-2 (each seed its modules' random init; the data is seed 0's): layer 2's Jaccard
     gains more than 0.15 on average, and on every seed (docs/clustering.md: the gain varies with the init)."""
-    from topo.planted import generate_deep
+    from topo.planted.generator import generate_deep
     from topo.data.tensors import PLANTED_DATA
-    from topo.recovery import layer_recovery
+    from topo.planted.recovery import layer_recovery
 
     sample = generate_deep(PLANTED_DATA, seed=0)
     gains = []

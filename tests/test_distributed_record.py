@@ -11,8 +11,8 @@ from gloo_group import run_two
 from torch import nn
 
 import topo
-from topo.errors import StatsError
-from topo.stats import LayerStats
+from topo.common.errors import StatsError
+from topo.stats.layer_stats import LayerStats
 
 LAYERS = ["1", "3", "6:input"]  # two ReLU maps (8x8) and the head's input (one vector per image)
 OFFSETS = [(0, 0), (1, -1), (-2, 2), (0, 2)]

@@ -14,7 +14,7 @@ from PIL import Image
 import builders
 from topo.data import DATASETS, load
 from topo.data import patches as P
-from topo.errors import DataError
+from topo.common.errors import DataError
 
 
 @pytest.fixture(scope="module")

@@ -14,20 +14,13 @@ import builders
 import topo
 from builders.spec import NetworkSpec
 from topo.data import load
-from topo.errors import SpecError, UserError
-from topo.export import (
-    ExportError,
-    example_for,
-    export,
-    export_onnx,
-    export_run,
-    format_for,
-    load_safetensors,
-)
-from topo.io import atomic_write_text
-from topo.pipeline import RunConfig
-from topo.rundir import RunDir
-from topo.train import TrainConfig, train
+from topo.common.errors import SpecError, UserError
+from topo.run.export import ExportError, example_for, export, export_onnx, export_run, format_for, load_safetensors
+from topo.common.writing import atomic_write_text
+from topo.run.config import RunConfig
+from topo.run.rundir import RunDir
+from topo.train.config import TrainConfig
+from topo.train.trainer import train
 
 pytestmark = [
     pytest.mark.slow,

@@ -8,10 +8,11 @@ import torch
 from builders.cost import inception_macs
 from builders.from_clusters import POOL_SHARE, from_clusters, reduction_width
 from topo.cluster import UnitClustering
-from topo.construct import ConstructConfig, cluster_layer
-from topo.errors import StatsError
-from topo.planted import PlantedConfig, generate
-from topo.stats import from_activations
+from topo.construct.config import ConstructConfig
+from topo.construct.loop import cluster_layer
+from topo.common.errors import StatsError
+from topo.planted.generator import PlantedConfig, generate
+from topo.stats.layer_stats import from_activations
 
 CFG = PlantedConfig(num_channels=48, num_hidden=12, degree=4, num_samples=40, height=10, width=10, seed=11)
 

@@ -8,7 +8,7 @@ import torchvision
 
 import builders
 from builders import NetworkOutput
-from topo.errors import SpecError
+from topo.common.errors import SpecError
 
 TORCHVISION_NAMES = ["conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",
                      "inception4a", "inception4b", "inception4c", "inception4d", "inception4e", "maxpool4",

@@ -15,9 +15,9 @@ import torch
 from builders.from_clusters import clusters_by_branch, from_clusters
 from builders.inception import Inception
 from topo.cluster import UnitClustering, aligned_jaccard
-from topo.hebbian import hebbian_init_
-from topo.planted import PlantedConfig, generate
-from topo.stats import from_activations
+from topo.construct.hebbian import hebbian_init_
+from topo.planted.generator import PlantedConfig, generate
+from topo.stats.layer_stats import from_activations
 
 CONFIG = PlantedConfig(num_channels=40, num_hidden=9, degree=4, kernel_mix=(1, 1, 1), density=0.03, num_samples=64,
                        height=12, width=12, disjoint=True, seed=3)

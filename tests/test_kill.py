@@ -34,8 +34,10 @@ import pytest
 import torch
 from PIL import Image
 
-from topo.files import read_checkpoint, read_json, read_stats
-from topo.io import KILL_AT_WRITE, TEMPORARY_SUFFIX
+from topo.train.files import read_checkpoint
+from topo.common.reading import read_json
+from topo.stats.layer_stats import read_stats
+from topo.common.writing import KILL_AT_WRITE, TEMPORARY_SUFFIX
 
 SEED = 16
 TIMINGS = ["epoch_time_s", "train_time_s"]

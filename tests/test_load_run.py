@@ -13,14 +13,16 @@ import torch
 import builders
 import topo
 from builders.spec import NetworkSpec
-from topo.construct import ConstructConfig
+from topo.construct.config import ConstructConfig
 from topo.data import load
-from topo.errors import SpecError, UserError
-from topo.io import atomic_torch_save, atomic_write_text
-from topo.pipeline import RunConfig, reference_spec, run_all
-from topo.rundir import RunDir
-from topo.runs import run_spec, timed_evaluate, trained_networks
-from topo.train import TrainConfig, evaluate, train
+from topo.common.errors import SpecError, UserError
+from topo.common.writing import atomic_torch_save, atomic_write_text
+from topo.run.config import RunConfig, reference_spec
+from topo.run.stages import run_all
+from topo.run.rundir import RunDir
+from topo.run.load import run_spec, timed_evaluate, trained_networks
+from topo.train.config import TrainConfig
+from topo.train.trainer import evaluate, train
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

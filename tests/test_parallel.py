@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from topo.errors import DataError, UserError
-from topo.forked import forked_map
-from topo.parallel import Job, check_processes, default_processes, processes_within, run_jobs
+from topo.common.errors import DataError, UserError
+from topo.common.processes import forked_map
+from topo.common.processes import Job, check_processes, default_processes, processes_within, run_jobs
 
 
 def _fail(message: str) -> None:
@@ -103,7 +103,7 @@ def test_a_job_side_by_side_may_fork_workers_of_its_own():
 
 
 def test_each_constructions_clustering_gets_the_cores_the_constructions_leave(monkeypatch):
-    import topo.parallel as parallel
+    import topo.common.processes as parallel
 
     monkeypatch.setattr(parallel, "available_cpus", lambda: 8)
     assert processes_within("auto", 1) == 8  # a construction alone: every core
@@ -118,7 +118,7 @@ def test_a_killed_parent_leaves_no_worker_behind(tmp_path):
     pids = tmp_path / "pids.txt"
     script = textwrap.dedent(f"""
         import os, time
-        from topo.parallel import Job, run_jobs
+        from topo.common.processes import Job, run_jobs
         import test_parallel
         jobs = [Job(str(k), test_parallel._sleep_and_tell, ({str(pids)!r}, 60.0)) for k in range(2)]
         list(run_jobs(jobs, 2, progress=False))
@@ -156,11 +156,12 @@ def _alive(pid: int) -> bool:
 def test_constructions_side_by_side_equal_those_one_after_the_other(tmp_path, one_thread):
     """The run's construction and its control's, in two processes or in this one, and with "auto" (here one
     process, one thread: the clustering in forked workers on every core): the same files, bit for bit."""
-    from topo.construct import ConstructConfig
-    from topo.controls import ControlConfig
-    from topo.pipeline import RunConfig, constructions_stage, load_data
-    from topo.rundir import RunDir
-    from topo.train import TrainConfig
+    from topo.construct.config import ConstructConfig
+    from topo.controls.control import ControlConfig
+    from topo.run.config import RunConfig, load_data
+    from topo.run.stages import constructions_stage
+    from topo.run.rundir import RunDir
+    from topo.train.config import TrainConfig
 
     outcomes = {}
     for jobs in (1, 2, "auto"):

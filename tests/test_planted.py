@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from topo.cluster.clusters import extent, kernel_for_extent
-from topo.errors import UserError
-from topo.planted import PlantedConfig, generate
+from topo.common.errors import UserError
+from topo.planted.generator import PlantedConfig, generate
 
 SMALL = PlantedConfig(num_channels=32, num_hidden=8, degree=4, num_samples=40, height=8, width=8, seed=5)
 

@@ -9,8 +9,8 @@ import pytest
 
 from topo.cluster import Cluster, recovery_scores
 from topo.cluster.clusters import extent, kernel_for_extent
-from topo.errors import UserError
-from topo.planted import (
+from topo.common.errors import UserError
+from topo.planted.generator import (
     BOTTOM_MIX,
     LAYER_REACH,
     TOP_MIX,

@@ -10,7 +10,7 @@ from scipy.spatial.distance import squareform
 from sklearn.datasets import load_digits
 
 from analysis import plots
-from topo.errors import StatsError
+from topo.common.errors import StatsError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

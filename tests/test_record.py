@@ -11,8 +11,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import topo
-from topo.errors import StatsError, UserError
-from topo.stats import DEFAULT_POSITIONS, from_activations
+from topo.common.errors import StatsError, UserError
+from topo.stats.positions import DEFAULT_POSITIONS
+from topo.stats.layer_stats import from_activations
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,9 @@ from topo.cluster import Cluster, UnitClustering, recovery_scores
 from topo.cluster.arora import strength_levels, tiered_groups
 from topo.cluster.metrics import aligned_overlap, best_shift, codes_best_shifts, codes_covered, member_codes
 from topo.cluster.select import TierTest, drop_unions
-from topo.planted import DeepPlantedConfig, PlantedTruth, generate_deep
-from topo.recovery import DecodedChannel, decoded_clusters, layer_recovery, match_channels, rewrite_truth
-from topo.stats import from_activations
+from topo.planted.generator import DeepPlantedConfig, PlantedTruth, generate_deep
+from topo.planted.recovery import DecodedChannel, decoded_clusters, layer_recovery, match_channels, rewrite_truth
+from topo.stats.layer_stats import from_activations
 
 
 def _truth(supports, kernels) -> PlantedTruth:
@@ -300,7 +300,8 @@ def test_the_construction_recovers_layer_one_when_units_fire_when_positive(small
     measured). With the default ``fire_quantile=0.9`` it is far lower (0.38): the observed channels fire 16-24%
     of the time, and keeping each one's top 10% loses the firings of its weaker parents (docs/clustering.md)."""
     import builders
-    from topo.construct import ConstructConfig, construct
+    from topo.construct.config import ConstructConfig
+    from topo.construct.loop import construct
     from topo.data import make_loader
     from topo.data.tensors import bundle_from_arrays
 
@@ -345,7 +346,7 @@ def test_bench_recovery_prints_every_layer_of_the_construction_and_the_clusterin
 
 
 def test_a_bad_max_levels_is_a_one_line_error(small_deep):
-    from topo.errors import UserError
+    from topo.common.errors import UserError
 
     stats = from_activations(torch.from_numpy(small_deep.activations[:8]), threshold=0.0)
     with pytest.raises(UserError, match="max_levels must be a positive int"):

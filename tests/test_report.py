@@ -12,7 +12,7 @@ from sklearn.datasets import load_digits
 from analysis import report, tables
 from analysis.plots import cluster_order
 from analysis.tables import ReportError
-from topo.errors import UserError
+from topo.common.errors import UserError
 
 
 def spec(name, ch1x1=64, ch3x3red=96, ch3x3=128, ch5x5red=16, ch5x5=32, pool_proj=32):

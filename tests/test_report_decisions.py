@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from analysis import report, tables
-from topo.controls import summarise
+from topo.controls.control import summarise
 
 
 def _record(name, share35, *, forced=False, fallback=False, rate=0.1):

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 import torch
 
-from topo.files import read_checkpoint
-from topo.io import KILL_AT_WRITE
+from topo.train.files import read_checkpoint
+from topo.common.writing import KILL_AT_WRITE
 
 EPOCHS = 6
 KILLED_AT = 3  # the process dies while writing this epoch's checkpoint
@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 from topo.data import load
-from topo.io import atomic_torch_save
+from topo.common.writing import atomic_torch_save
 from topo.train import TrainConfig, train
 
 logging.basicConfig(level=logging.INFO, stream=sys.stderr)
@@ -118,8 +118,8 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path: Path)
 
     import numpy as np
 
-    from topo.io import atomic_torch_save
-    from topo.seeding import capture_rng_state, restore_rng_state, seed_everything
+    from topo.common.writing import atomic_torch_save
+    from topo.common.seeding import capture_rng_state, restore_rng_state, seed_everything
 
     def draw() -> tuple:
         return random.random(), float(np.random.rand()), float(torch.rand(()))

@@ -8,7 +8,7 @@ import pytest
 
 import builders
 from builders import AuxHeadSpec, ConvSpec, HeadSpec, InceptionSpec, LRNSpec, NetworkSpec, PoolSpec
-from topo.errors import SpecError, UserError
+from topo.common.errors import SpecError, UserError
 
 VARIANTS = ["paper", "torchvision", "small"]
 

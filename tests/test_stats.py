@@ -5,14 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from topo.errors import StatsError
-from topo.stats import (
-    DEAD_EPS,
-    LayerStats,
-    from_activations,
-    half_offsets,
-    sample_anchors,
-)
+from topo.common.errors import StatsError
+from topo.stats.layer_stats import DEAD_EPS, LayerStats, from_activations
+from topo.stats.positions import half_offsets, sample_anchors
 
 
 def correlated_maps(n=6, c=5, h=7, w=6, mean=0.0, seed=0, dtype=np.float64) -> np.ndarray:
@@ -235,9 +230,10 @@ def test_positions_at_least_the_map_size_is_exact():
 
 @pytest.mark.parametrize("crops_below", [-1.0, 1.0], ids=["stacked-products", "cropped-products"])
 def test_counts_switch_to_float64_before_float32_stops_being_exact(monkeypatch, crops_below):
-    import topo.stats as stats_module
+    import topo.stats.kernels as stats_module
+    import topo.stats.layer_stats as layer_stats_module
 
-    monkeypatch.setattr(stats_module, "_FLOAT32_EXACT", 100)
+    monkeypatch.setattr(layer_stats_module, "FLOAT32_EXACT", 100)
     monkeypatch.setattr(stats_module, "_CROPS_BELOW", crops_below)  # float32 counts added into float64 either way
     x = correlated_maps(n=4, seed=12)
     small = from_activations(torch.from_numpy(x[:1]), positions=None, threshold=0.0)  # 42 rows: float32 counts

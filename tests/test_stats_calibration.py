@@ -12,14 +12,10 @@ from torch.utils.data import Dataset, TensorDataset
 
 import topo
 from topo.data import make_loader
-from topo.errors import StatsError
-from topo.planted import generate
-from topo.stats import (
-    DEFAULT_FIRE_QUANTILE,
-    ActivationSample,
-    LayerStats,
-    from_activations,
-)
+from topo.common.errors import StatsError
+from topo.planted.generator import generate
+from topo.stats.sample import DEFAULT_FIRE_QUANTILE, ActivationSample
+from topo.stats.layer_stats import LayerStats, from_activations
 
 
 def unit_columns(x: np.ndarray) -> np.ndarray:

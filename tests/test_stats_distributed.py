@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from gloo_group import run_two
 
-from topo.stats import LayerStats, from_activations
+from topo.stats.layer_stats import LayerStats, from_activations
 
 pytestmark = pytest.mark.slow  # subprocesses or whole constructions: seconds each
 

@@ -7,8 +7,10 @@ import pytest
 import torch
 from test_stats import correlated_maps, numpy_cross_corr, pairs
 
-import topo.stats as stats_module
-from topo.stats import LayerStats, from_activations, half_offsets, sample_anchors
+import topo.stats.kernels as stats_module
+from topo.stats.positions import inside_share
+from topo.stats.layer_stats import LayerStats, from_activations
+from topo.stats.positions import half_offsets, sample_anchors
 
 
 @pytest.fixture(autouse=True, params=["stacked", "cropped"])
@@ -163,7 +165,7 @@ def test_both_product_paths_and_the_default_choice_give_the_same_sums(monkeypatc
     """A small map (most pairs leave it: cropped by default) and a large one (stacked by default): the two
     paths agree to float64 round-off on every stored sum, and the default picks by the share of pairs inside."""
     for h, w, default in [(5, 5, "cropped"), (20, 20, "stacked")]:
-        share = stats_module.inside_share(half_offsets(4, (h, w)), (h, w))
+        share = inside_share(half_offsets(4, (h, w)), (h, w))
         assert (share <= 0.7) == (default == "cropped"), share
         x = torch.from_numpy(correlated_maps(n=6, c=5, h=h, w=w, seed=29))
         results = {}
@@ -179,13 +181,13 @@ def test_both_product_paths_and_the_default_choice_give_the_same_sums(monkeypatc
 def test_inside_share_counts_the_pairs_inside_the_map():
     offsets = half_offsets(4, (5, 7))
     inside = sum(0 <= y + dy < 5 and 0 <= x + dx < 7 for dy, dx in offsets for y in range(5) for x in range(7))
-    assert stats_module.inside_share(offsets, (5, 7)) == pytest.approx(inside / (len(offsets) * 35), abs=1e-15)
+    assert inside_share(offsets, (5, 7)) == pytest.approx(inside / (len(offsets) * 35), abs=1e-15)
 
 
 @pytest.mark.parametrize("elements", [7, 2**18], ids=["a-few-rows-at-a-time", "all-rows-at-once"])
 def test_column_sums_match_numpy(monkeypatch, elements):
     monkeypatch.setattr(stats_module, "_SQUARE_ELEMENTS", elements)
     x = np.random.default_rng(30).normal(3.0, 2.0, size=(23, 9))
-    sums, squares = stats_module._column_sums(torch.from_numpy(x), stats_module._Scratch())
+    sums, squares = stats_module._column_sums(torch.from_numpy(x), stats_module.Scratch())
     np.testing.assert_allclose(sums.numpy(), x.sum(0), rtol=1e-14)
     np.testing.assert_allclose(squares.numpy(), (x * x).sum(0), rtol=1e-14)

@@ -12,8 +12,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import topo
 from topo.cluster import UnitClustering
 from topo.cluster.metrics import recovery_scores
-from topo.planted import generate
-from topo.stats import MIN_PAIRS, from_activations
+from topo.planted.generator import generate
+from topo.stats.positions import MIN_PAIRS
+from topo.stats.layer_stats import from_activations
 
 pytestmark = pytest.mark.slow
 

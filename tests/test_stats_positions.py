@@ -15,17 +15,17 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import topo
 from builders.cost import count_macs
-from topo.errors import StatsError
-from topo.hooks import forward_macs
-from topo.stats import (
+from topo.common.errors import StatsError
+from topo.stats.recording import forward_macs
+from topo.stats.positions import (
     EXACT_COST_MULTIPLE,
     MIN_PAIRS,
-    LayerStats,
     PositionBudget,
     choose_positions,
     exact_macs,
     half_offsets,
 )
+from topo.stats.layer_stats import LayerStats
 
 
 def digits_cnn() -> nn.Sequential:

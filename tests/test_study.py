@@ -19,13 +19,14 @@ from scipy import stats
 import builders
 from builders.budget import OUTPUTS, fill_budget
 from builders.cost import inception_macs
-from topo.cli import main
-from topo.construct import ConstructConfig
-from topo.errors import UserError
-from topo.files import read_spec
-from topo.pipeline import RunConfig, network_costs, with_aux_policy
-from topo.rundir import StudyFiles
-from topo.study import (
+from topo.cli.main import main
+from topo.construct.config import ConstructConfig
+from topo.common.errors import UserError
+from builders.spec import read_spec
+from topo.run.config import RunConfig, with_aux_policy
+from builders.cost import network_costs
+from topo.run.rundir import StudyFiles
+from topo.run.study import (
     PERMUTATIONS,
     REDUCTION,
     SHUFFLE_STREAM,
@@ -37,7 +38,6 @@ from topo.study import (
     draw_proportions,
     duration_text,
     load_study,
-    module_macs,
     parse_shard,
     plan_units,
     proportions_module,
@@ -48,7 +48,8 @@ from topo.study import (
     summarize,
     topology_id,
 )
-from topo.train import TrainConfig
+from builders.cost import module_macs
+from topo.train.config import TrainConfig
 
 HW = (8, 8)
 FAST_RUN = RunConfig(data="digits", controls=False, construct=ConstructConfig(skeleton="1,pool,1", stats_batches=2),

@@ -16,8 +16,9 @@ from torch.utils.data import Subset, TensorDataset
 import builders
 from builders import NetworkOutput
 from topo.data import load
-from topo.errors import UserError
-from topo.train import DivergenceError, LRSchedule, TrainConfig, evaluate, split_output, train
+from topo.common.errors import UserError
+from topo.train.config import DivergenceError, TrainConfig
+from topo.train.trainer import LRSchedule, evaluate, split_output, train
 
 
 @pytest.fixture(scope="module")
@@ -376,7 +377,7 @@ def test_bf16_channels_last_training_on_cuda(digits) -> None:
 
 
 def test_sgd_with_momentum_and_decay_on_weights_only() -> None:
-    from topo.train import _TrainingState
+    from topo.train.trainer import _TrainingState
 
     model = builders.googlenet(variant="small", num_classes=10, aux_logits=False, width_mult=0.125, in_channels=1)
     config = TrainConfig(epochs=2, weight_decay=5e-4, momentum=0.9)
@@ -392,8 +393,8 @@ def test_sgd_with_momentum_and_decay_on_weights_only() -> None:
 
 def test_resume_with_the_gradient_scaler_switched_on_or_off(tmp_path) -> None:
     """A run saved with a disabled scaler (CPU, bf16) resumes with float16 on CUDA (scaler on), and back."""
-    from topo.io import atomic_torch_save
-    from topo.train import _TrainingState
+    from topo.common.writing import atomic_torch_save
+    from topo.train.trainer import _TrainingState
 
     def state(enabled: bool, seed: int = 0) -> _TrainingState:
         created = _TrainingState.create(small_cnn(seed), TrainConfig(epochs=2), torch.device("cpu"), steps_per_epoch=3)

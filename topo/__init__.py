@@ -9,11 +9,11 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "record": "topo.hooks",
+    "record": "topo.stats",
     "LayerStats": "topo.stats",
     "UnitClustering": "topo.cluster",
-    "UserError": "topo.errors",
-    "load_run": "topo.runs",
+    "UserError": "topo.common.errors",
+    "load_run": "topo.run.load",
 }
 
 __all__ = sorted(_EXPORTS)

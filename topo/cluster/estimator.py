@@ -17,9 +17,9 @@ from topo.cluster.partition import METHODS as PARTITION_METHODS
 from topo.cluster.partition import partition
 from topo.cluster.select import TierTest, drop_unions, merge_candidates, select_clusters
 from topo.cluster.window import DEFAULT_ALPHA, bonferroni_log_alpha, build_window_graph, mean_strength, pairs_at
-from topo.errors import StatsError, UserError
-from topo.forked import forked_map
-from topo.stats import LayerStats
+from topo.common.errors import StatsError, UserError
+from topo.common.processes import forked_map
+from topo.stats.layer_stats import LayerStats
 
 METHODS = ("arora",) + PARTITION_METHODS
 #: ``n_jobs`` acts on graphs of at least this many Hebbian edges: starting forked workers costs about 45 ms,

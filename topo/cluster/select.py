@@ -40,7 +40,7 @@ from scipy.linalg import eigh
 
 from topo.cluster.clusters import Cluster, Member
 from topo.cluster.metrics import codes_best_shifts, codes_covered, codes_overlaps, many_member_codes, member_codes
-from topo.forked import forked_map
+from topo.common.processes import forked_map
 
 
 def eigengap_k(affinity: np.ndarray, k_max: int) -> int:

@@ -24,7 +24,7 @@ from torch.utils.data import Dataset, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from topo.errors import DataError
+from topo.common.errors import DataError
 
 log = logging.getLogger(__name__)
 

@@ -1,38 +1,12 @@
-"""Data loaders with a deterministic order per epoch, on one process or under torchrun.
-
-The order of epoch ``e`` depends only on ``seed + e`` (not on the epochs
-before it), and so do the random streams of the loader's worker processes.
-That is what lets a killed run resume exactly: call ``loader.set_epoch(e)``
-before iterating, as with ``DistributedSampler``.
-"""
+"""Deterministic data loaders: seeded order, sharding under torchrun, a worker count that suits the machine."""
 from __future__ import annotations
 
 import math
-import os
 from typing import Iterator
-
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
-
-from topo import distributed as dist_info
-
-
-def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (or None) is CUDA when available, else CPU; under torchrun, CUDA is ``cuda:$LOCAL_RANK``."""
-    if device is None or str(device) == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return device
-
-
-def available_cpus() -> int:
-    """CPU cores this process may use."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+from topo.common import distributed as dist_info
+from topo.common.devices import available_cpus, resolve_device
 
 
 def default_workers(dataset: Dataset, device: torch.device) -> int:
@@ -131,4 +105,3 @@ def make_loader(
         generator=generator,
         seed=seed,
     )
-

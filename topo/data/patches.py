@@ -57,7 +57,7 @@ from PIL import Image
 from torch.utils.data import TensorDataset
 
 from topo.data.bundle import DataBundle, image_hw
-from topo.errors import DataError
+from topo.common.errors import DataError
 
 #: The constant that fixes the tiles' split and the patches' positions forever (never change it).
 PATCHES_SPLIT_SEED = 0

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from topo.io import atomic_path
+from topo.common.writing import atomic_path
 
 CLASSES = ("china", "flower")
 

@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
-from topo import distributed as dist_info
+from topo.common import distributed as dist_info
 from topo.data import transforms as T
 from topo.data.bundle import DataBundle, image_hw
 from topo.data.folders import ImageTree, check_tree
 from topo.data.patches import patches
 from topo.data.tensors import load_npz, planted_data
-from topo.errors import DataError
+from topo.common.errors import DataError
 
 #: The constant that fixes the digits train/val split forever (never change it).
 DIGITS_SPLIT_SEED = 0

@@ -33,8 +33,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from topo.data.bundle import DataBundle, image_hw
-from topo.errors import DataError
-from topo.planted import DeepPlantedConfig, generate_deep
+from topo.common.errors import DataError
+from topo.planted.generator import DeepPlantedConfig, generate_deep
 
 #: The constant that fixes the train/val split of tensors without ``x_val`` forever (never change it).
 TENSORS_SPLIT_SEED = 0

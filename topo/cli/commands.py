@@ -1,0 +1,243 @@
+"""One handler per `topo-build` command: parsed arguments in, the work done by the library, results printed."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+import pandas as pd
+import torch
+import builders
+from analysis.tables import COMPARISON_CAPTION, comparison_frame, to_markdown, write_comparison
+from topo.common import distributed as dist_info
+from topo.controls.control import verdict
+from topo.common.errors import SpecError, UserError
+from topo.run.export import FORMATS, export_run, load_safetensors
+from topo.common.reading import read_weights
+from builders.spec import read_spec
+from topo.common.writing import atomic_write_json, atomic_write_text
+from topo.run.config import RunConfig, load_data, reference_spec
+from topo.run.analyze import analyze
+from topo.common.devices import check_device
+from topo.construct.budget import check_window
+from topo.run.stages import comparison_row, constructions_stage, read_controls, report_stage, run_all
+from topo.run.preflight import preflight
+from topo.run.rundir import RunDir
+from topo.run.load import build_with_weights, load_run, run_spec, timed_evaluate
+from topo.run.study import parse_shard, run_study, summarize, summary_markdown
+from topo.train.config import TrainConfig
+from topo.train.trainer import train
+from topo.cli.parser import workers_value
+from topo.cli.resume import resumed_run, reuse_out, study_config
+from topo.cli.settings import out_dir, run_config
+
+
+def _show_comparison(frame: pd.DataFrame | None) -> None:
+    if frame is not None and dist_info.rank() == 0:
+        print("\n" + to_markdown(frame) + "\n\n" + COMPARISON_CAPTION, flush=True)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    if args.resume:
+        run, config = resumed_run(args)
+    else:
+        config = run_config(args)
+        run = RunDir(out_dir(args, "run"))
+        if run.config_path.exists():
+            raise UserError(f"{run.root} already holds a run: resume it with --resume {run.root}, or choose another "
+                            "--out")
+        run.check_writable()
+    outcome = run_all(config, run, window_given="window" in args.explicit)
+    if outcome is not None:
+        report, frame = outcome
+        _show_comparison(frame)
+        summary = read_controls(run)
+        if summary is not None:
+            print(verdict(summary), flush=True)
+        print(f"report: {report}", flush=True)
+    return 0
+
+
+def _start(run: RunDir, config: RunConfig, command: str) -> None:
+    """Write ``config.json`` of a new output folder (rank 0), once every check has passed."""
+    if not run.config_path.is_file() and dist_info.rank() == 0:
+        run.write_config(config.to_dict(), command=command)
+
+
+def cmd_construct(args: argparse.Namespace) -> int:
+    config = run_config(args)
+    run = RunDir(out_dir(args, "construct"))
+    reuse_out(args, run, config, "construct")
+    bundle = load_data(config)
+    preflight(config, bundle, reference_spec(config, bundle), window_given="window" in args.explicit)
+    _start(run, config, "construct")
+    _, summary = constructions_stage(config, bundle, run)
+    if dist_info.rank() == 0:
+        print(f"topology: {run.topology}", flush=True)
+        if summary is not None:
+            print(verdict(summary), flush=True)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = read_spec(args.spec)
+    config = run_config(args)
+    run = RunDir(out_dir(args, "train"))
+    reuse_out(args, run, config, "train")
+    bundle = load_data(config)
+    _check_fits(spec, bundle, args.spec, args.data)
+    preflight(config, bundle, None)
+    _start(run, config, "train")
+    name = Path(args.spec).stem
+    if dist_info.rank() == 0:
+        atomic_write_text(run.training.spec(name), spec.to_json() + "\n")
+    torch.manual_seed(args.seed)
+    result = train(builders.build(spec), bundle.train, bundle.val, config.train, run_dir=run.training.root,
+                   name=name)
+    row = comparison_row(name, spec, result, tuple(bundle.image_size))
+    if dist_info.rank() == 0:
+        write_comparison([row], run.root)
+        _show_comparison(comparison_frame([row]))
+    return 0
+
+
+def _analysed_spec(args: argparse.Namespace, bundle: Any) -> builders.NetworkSpec:
+    if args.spec:
+        return read_spec(args.spec)
+    try:
+        return builders.googlenet_spec(args.variant, num_classes=args.num_classes, aux_logits=False,
+                                       width_mult=args.width_mult, in_channels=bundle.in_channels,
+                                       input_size=min(bundle.image_size))
+    except SpecError as e:
+        h, w = bundle.image_size
+        raise SpecError(f"GoogLeNet --variant {args.variant} does not fit the {h}x{w} images of {args.data} ({e}); "
+                        "use --variant small for images up to 64 px, or larger images (--image-size)") from None
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    if args.weights:
+        read_weights(args.weights)  # a file that is no state dict is named before anything else is done
+    if args.spec:
+        read_spec(args.spec)
+    config = run_config(args)
+    out = out_dir(args, "analyze")
+    RunDir(out).check_writable()
+    check_device(args.device)
+    bundle = load_data(config)
+    spec = _analysed_spec(args, bundle)
+    if "window" in args.explicit:
+        shapes = spec.input_shapes(tuple(bundle.image_size))
+        check_window(config.construct.window, [(m.name, tuple(shapes[m.name][1:])) for m in spec.inception_modules()])
+    frame = analyze(spec, args.weights, bundle, out, construct_config=config.construct,
+                    batch_size=args.batch_size, device=args.device, workers=workers_value(args.workers),
+                    progress=args.progress)
+    print("\n" + to_markdown(frame), flush=True)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    run = RunDir.existing(args.run_dir)
+    run.check_writable()
+    report, frame = report_stage(run)
+    _show_comparison(frame)
+    print(f"report: {report}", flush=True)
+    return 0
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    if (args.summarize or args.resume) and not args.out:
+        raise UserError("--summarize and --resume need --out STUDY, the folder of the study")
+    out = out_dir(args, "study")
+    if args.summarize:
+        result = summarize(out)
+    else:
+        RunDir(out).check_writable()
+        shard = parse_shard(args.shard) if args.shard else (0, 1)
+        result = run_study(study_config(args, out), out, shard=shard, progress=args.progress,
+                           window_given="window" in args.explicit)
+    if result is not None and dist_info.rank() == 0:
+        print("\n" + summary_markdown(result) + f"\n\nreport: {result.report}", flush=True)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    if args.format is None and args.out is None:
+        raise UserError(f"give --format ({', '.join(FORMATS)}), or --out FILE with a suffix that names one")
+    result = export_run(args.run_dir, args.format, network=args.network, path=args.out, ema=args.ema)
+    if dist_info.rank() == 0:
+        print(result.path, flush=True)
+    return 0
+
+
+def _check_fits(spec: builders.NetworkSpec, bundle: Any, source: str, data: str) -> None:
+    """A one-line error where the network's input channels or classes are not the data's."""
+    if spec.in_channels != bundle.in_channels or spec.head.num_classes != bundle.num_classes:
+        raise UserError(
+            f"spec {source} takes {spec.in_channels} input channels and {spec.head.num_classes} classes, but "
+            f"{data} has {bundle.in_channels} and {bundle.num_classes}: use a spec built for this data"
+        )
+
+
+def _evaluated(args: argparse.Namespace) -> tuple[torch.nn.Module, builders.NetworkSpec, TrainConfig]:
+    """The network ``eval`` evaluates, its spec, and the training settings its evaluation follows (autocast,
+    channels-last: a run's own; else the defaults)."""
+    source = Path(args.source)
+    if args.ema and (args.weights or not source.is_dir()):
+        raise UserError("--ema loads a run directory's averaged weights: drop --weights, or drop --ema")
+    if source.is_dir():
+        run = RunDir.existing(source)
+        settings = RunConfig.of_run(run).train
+        if not args.weights:
+            model, spec = load_run(run.root, args.network, ema=args.ema, with_spec=True)
+            return model, spec, settings
+        spec, spec_source = run_spec(run, args.network), f"the {args.network} spec of run {run.root}"
+    elif source.suffix == ".safetensors" and not args.weights:
+        model, spec = load_safetensors(source)
+        return model, spec, TrainConfig()
+    elif not args.weights:
+        raise UserError(f"{source} is not a run directory: give a spec's weights with --weights FILE, or a run "
+                        "directory (the --out of an earlier run)")
+    else:
+        spec, spec_source, settings = read_spec(source), f"spec {source}", TrainConfig()
+    model = build_with_weights(spec, read_weights(args.weights), source=args.weights, spec_source=spec_source)
+    return model.eval(), spec, settings
+
+
+def _check_out_file(out: str | None) -> None:
+    if out is None:
+        return
+    if Path(out).is_dir():
+        raise UserError(f"--out {out} is a folder: give the JSON file to write, e.g. {Path(out) / 'eval.json'}")
+    RunDir(Path(out).parent).check_writable()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    _check_out_file(args.out)
+    device = check_device(args.device)
+    model, spec, settings = _evaluated(args)
+    config = run_config(args)
+    bundle = load_data(config)
+    _check_fits(spec, bundle, args.source, args.data)
+    settings = dataclasses.replace(settings, device=str(device), workers=workers_value(args.workers), progress=False)
+    metrics = timed_evaluate(model.to(device), bundle.val, device=device, batch_size=args.batch_size,
+                             config=settings)
+    network = args.network if Path(args.source).is_dir() else None  # a spec or an exported file: one network
+    result = {"source": str(args.source), "network": network, "weights": args.weights, "data": config.data,
+              "data_dir": config.data_dir, "seed": config.seed, "split": "val", "device": str(device),
+              "batch_size": args.batch_size, **metrics}
+    if dist_info.rank() == 0:
+        name = Path(args.source).name + (f"/{network}" if network else "")
+        frame = pd.DataFrame([{"Network": name, "Data": config.data, "Images": metrics["count"],
+                               "Loss": metrics["loss"], "Top-1 (%)": 100 * metrics["top1"],
+                               "Top-5 (%)": 100 * metrics["top5"], "Throughput (img/s)": metrics["images_per_s"]}])
+        print("\n" + to_markdown(frame), flush=True)
+        if args.out:
+            atomic_write_json(args.out, result)
+            print(f"results: {args.out}", flush=True)
+    return 0
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": cmd_run, "construct": cmd_construct, "train": cmd_train, "analyze": cmd_analyze, "report": cmd_report,
+    "study": cmd_study, "export": cmd_export, "eval": cmd_eval,
+}

@@ -1,0 +1,111 @@
+"""`topo-build`: construct a topology from activation statistics, train it beside GoogLeNet, compare.
+
+    topo-build                                   # the whole job on the embedded digits data set
+    topo-build --data imagenet --data-dir PATH   # ... on an ImageNet-style folder tree
+    topo-build construct ...                     # construction only: topology.json
+    topo-build train SPEC.json ...               # train a spec file
+    topo-build analyze --weights FILE ...        # what the data suggests for a trained GoogLeNet
+    topo-build report RUN_DIR                    # re-render report.md from a run directory
+    topo-build export RUN_DIR --format onnx      # a trained network as safetensors, ONNX, TorchScript, pt2
+    topo-build eval RUN_DIR                      # top-1/top-5, loss and images/s of a trained network
+    topo-build train SPEC.json --config RUN_DIR/config.json   # settings from a file; flags override it
+
+Every flag that sets a configuration field takes its default (and its choices)
+from the configuration dataclass that owns the field (`RunConfig`,
+`ConstructConfig`, `TrainConfig`), so the command line and the library cannot
+drift apart. Progress lines go through `logging` (``--quiet``, ``--verbose``),
+written to stdout beside the progress bars; results are printed to stdout.
+A mistake in the input (a path, a flag, a data set, a file, a setting the data
+cannot support) ends with one line naming it and the fix on stderr
+(``topo-build: error: ...``), and exit status 2, before any work where it can
+be known then; a file that cannot be written during a run (a full disk) ends
+with one line and exit status 1, the files written before intact
+(docs/errors.md lists every case).
+"""
+from __future__ import annotations
+
+import logging
+import sys
+from tqdm.auto import tqdm
+from topo.common import distributed as dist_info
+from topo.common.errors import UserError
+from topo.common.writing import WriteError
+from topo.train.trainer import deterministic_algorithms
+from topo.cli.commands import HANDLERS
+from topo.cli.parser import COMMANDS, build_parser
+from topo.cli.settings import parse
+
+log = logging.getLogger(__name__)
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Writes records with ``tqdm.write``, so that log lines and progress bars do not tangle."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # noqa: BLE001 - a logging handler must never raise
+            self.handleError(record)
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        return message if record.levelno < logging.WARNING else f"{record.levelname.lower()}: {message}"
+
+
+def configure_logging(verbosity: int) -> logging.Handler:
+    """One handler on the root logger, at INFO (``-1``: WARNING, ``1``: DEBUG); other ranks log errors only.
+
+    Python warnings (e.g. the clustering's) are routed through it too. Returns the handler, for removal.
+    """
+    level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity]
+    if dist_info.rank() != 0:
+        level = logging.ERROR
+    handler = _TqdmHandler(sys.stdout)
+    handler.setFormatter(_Formatter("%(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(True)
+    return handler
+
+
+def one_line(error: Exception) -> str:
+    """The user-facing line of an error, also when a DataLoader worker re-raised it with its traceback."""
+    text = str(error).strip()
+    if "Original Traceback" in text:  # "Caught DataError in DataLoader worker process 0. ..."
+        last = text.splitlines()[-1]
+        text = last.split(": ", 1)[1] if last.startswith(type(error).__module__) else last
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `topo-build`; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
+    handler = None
+    try:
+        args = parse(command, argv)
+        dist_info.init_from_env()
+        handler = configure_logging(getattr(args, "verbosity", 0))
+        if args.config_file.unused:
+            log.info("%s does not use these settings of %s: %s", build_parser(command).prog, args.config,
+                     ", ".join(args.config_file.unused))
+        with deterministic_algorithms(getattr(args, "deterministic", False)):
+            return HANDLERS[command](args)
+    except UserError as e:
+        print(f"topo-build: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except WriteError as e:  # a full disk or a read-only folder during the work: not a mistake in the input
+        print(f"topo-build: error: {e.strerror}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("topo-build: interrupted; a run continues with --resume RUN_DIR", file=sys.stderr)
+        return 130
+    finally:
+        if handler is not None:
+            logging.getLogger().removeHandler(handler)
+            logging.captureWarnings(False)
+        dist_info.cleanup()
+

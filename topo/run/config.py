@@ -1,0 +1,128 @@
+"""`RunConfig`: one `topo-build` run's settings (data, reference, seed, and the construction's, control's
+and training's), and what follows from them: the data, the reference network sized for it.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+import builders
+from builders.spec import NetworkSpec
+from topo.construct.config import ConstructConfig
+from topo.data import DataBundle, load
+from topo.common.errors import SpecError, UserError
+from topo.common.reading import read_config
+from builders.spec import read_spec
+from topo.controls.control import ControlConfig
+from topo.common.processes import check_processes
+from topo.run.rundir import RunDir
+from topo.train.config import TrainConfig
+
+
+REFERENCES = ("auto", "googlenet-small", "googlenet-paper", "googlenet-torchvision")
+
+
+AUX_POLICIES = ("none", "reference")
+
+
+SMALL_IMAGES = 64  # at or below this size the small-input GoogLeNet is the reference
+
+
+@dataclass
+class RunConfig:
+    """Everything one `topo-build` run needs; saved as the run's config.json.
+
+    ``aux_heads``: the one auxiliary-head policy of every trained network: ``"none"``,
+    or ``"reference"`` (each network gets the reference's heads where it has the
+    layers they attach to); see `with_aux_policy`.
+    """
+
+    data: str = "patches"
+    data_dir: str | None = None
+    image_size: int | None = None
+    strict: bool = False
+    verify: bool = True
+    reference: str = "auto"
+    width_mult: float | None = None
+    aux_heads: str = "none"
+    seed: int = 0
+    controls: bool = True
+    jobs: int | str = "auto"
+    fresh_init: bool = False
+    construct: ConstructConfig = field(default_factory=ConstructConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["construct"] = dataclasses.asdict(self.construct)
+        out["control"] = dataclasses.asdict(self.control)
+        out["train"] = self.train.to_dict()
+        return out
+
+    def __post_init__(self) -> None:
+        self.jobs = check_processes(self.jobs)
+        if self.aux_heads not in AUX_POLICIES:
+            raise UserError(f"auxiliary-head policy {self.aux_heads!r} is unknown: use {' or '.join(AUX_POLICIES)}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        data = dict(data)
+        data["construct"] = ConstructConfig(**data["construct"])
+        control = dict(data.get("control", {}))
+        control["kinds"] = tuple(control.get("kinds", ControlConfig().kinds))
+        data["control"] = ControlConfig(**control)
+        data["train"] = TrainConfig.from_dict(data["train"])
+        return cls(**data)
+
+    @classmethod
+    def of_run(cls, run: RunDir) -> RunConfig:
+        """The configuration saved in a run directory (a one-line error naming a damaged config.json)."""
+        return read_config(run.config_path, parse=cls.from_dict)
+
+
+def load_data(config: RunConfig) -> DataBundle:
+    return load(config.data, config.data_dir, image_size=config.image_size, strict=config.strict,
+                verify=config.verify, seed=config.seed)
+
+
+#: Width multiplier of the reference on the embedded data sets (CPU-sized); 1 elsewhere.
+EMBEDDED_WIDTHS = {"digits": 0.25, "patches": 0.125}
+
+
+def default_width(data: str) -> float:
+    """Width multiplier of the reference when none is given (`EMBEDDED_WIDTHS`, else 1)."""
+    return EMBEDDED_WIDTHS.get(data, 1.0)
+
+
+def reference_spec(config: RunConfig, bundle: DataBundle) -> NetworkSpec:
+    """The hand-designed network the discovered one is compared with, sized for the data."""
+    size = min(bundle.image_size)
+    choice = config.reference
+    if choice.endswith(".json") or Path(choice).is_file():
+        return read_spec(choice)
+    if choice not in REFERENCES:
+        raise UserError(
+            f"reference {choice!r} is unknown: use one of {', '.join(REFERENCES)} or a NetworkSpec .json file"
+        )
+    if choice == "auto":
+        choice = "googlenet-small" if size <= SMALL_IMAGES else "googlenet-torchvision"
+    variant = choice.split("-", 1)[1]
+    width = config.width_mult if config.width_mult is not None else default_width(config.data)
+    try:
+        return builders.googlenet_spec(variant, num_classes=bundle.num_classes, aux_logits=None, width_mult=width,
+                                       in_channels=bundle.in_channels, input_size=size)
+    except SpecError as e:
+        h, w = bundle.image_size
+        raise SpecError(f"reference {choice} does not fit the {h}x{w} images of {data_name(config)} ({e}); use "
+                        "larger images (--image-size) or another --reference") from None
+
+
+def with_aux_policy(spec: NetworkSpec, reference: NetworkSpec, policy: str) -> NetworkSpec:
+    """``spec`` with the auxiliary heads ``policy`` gives every trained network: none, or the reference's."""
+    return dataclasses.replace(spec, aux_heads=reference.aux_heads if policy == "reference" else ())
+
+
+def data_name(config: RunConfig) -> str:
+    return f"{config.data} data" + (f" in {config.data_dir}" if config.data_dir else "")

@@ -1,0 +1,291 @@
+"""The main job, stage by stage: construct, train both networks, compare, report.
+
+Each stage records its completion in the run directory (`topo.rundir`), so a
+killed run resumes at the stage it reached; training resumes from its last
+epoch checkpoint. Only rank 0 writes files under ``torchrun``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+import pandas as pd
+import torch
+import builders
+from analysis.report import write_report
+from analysis.tables import comparison_frame
+from builders.cost import network_costs
+from builders.spec import NetworkSpec
+from topo.common import distributed as dist_info
+from topo.construct.loop import Construction, construct
+from topo.construct.config import ConstructConfig
+from topo.construct.prefix import load_prefix
+from topo.data import DataBundle, make_loader
+from topo.common.devices import resolve_device
+from topo.common.reading import read_clusters, read_json, read_records
+from topo.train.files import read_metrics
+from topo.construct.files import read_prefix, read_progress
+from builders.spec import read_spec
+from topo.stats.layer_stats import read_stats
+from topo.controls.control import ControlSummary, summarise, verdict
+from topo.common.writing import atomic_write_json, atomic_write_text
+from topo.controls.nulls import null_batches
+from topo.common.processes import Job, default_processes, processes_within, run_jobs
+from topo.run.rundir import RunDir
+from topo.train.config import TrainResult
+from topo.train.trainer import train
+from topo.run.config import RunConfig, load_data, reference_spec, with_aux_policy
+from topo.run.preflight import preflight
+
+log = logging.getLogger(__name__)
+
+
+CONTROLS_FIX = "delete {} to construct the controls again"
+
+
+
+
+def comparison_row(name: str, spec: NetworkSpec, result: TrainResult, image_hw: tuple[int, int]) -> dict[str, Any]:
+    """A trained network's row of the comparison table (see `analysis.tables.ComparisonRow`)."""
+    params, macs = network_costs(spec, image_hw)
+    final = result.final
+    return {
+        "network": name,
+        "params": int(params),
+        "macs": int(macs),
+        "top1": float(final.get("val_top1", float("nan"))),
+        "top5": float(final.get("val_top5", float("nan"))),
+        "ema_top1": _maybe_float(final.get("ema_val_top1")),
+        "train_time_s": float(result.train_time_s),
+        "wall_time_s": float(result.wall_time_s),
+        "throughput": float(result.throughput),
+    }
+
+
+def run_construction(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
+                     *, null: str | None = None, trainer: bool = True, cluster_jobs: int = 1) -> Construction:
+    """One construction on the run's data (or, with ``null``, on its null version: `topo.nulls`), its clustering
+    in ``cluster_jobs`` processes."""
+    reference = reference_spec(config, bundle)
+    device = resolve_device(config.train.device)
+
+    def stats_loader(dataset):  # each process its own shard under torchrun; record() sums over processes
+        return make_loader(dataset, batch_size=config.train.batch_size, train=True, seed=construct_config.seed,
+                           workers=config.train.workers, device=device)
+
+    def loader(dataset):
+        if null is None:
+            return stats_loader(dataset)
+        return null_batches(lambda: stats_loader(dataset), null, seed=construct_config.seed,
+                            max_batches=construct_config.stats_batches)
+
+    def brief_training(model, index):
+        brief = dataclasses.replace(config.train, epochs=construct_config.epochs_per_layer, ema_decay=None)
+        return train(model, bundle.train, bundle.val, brief).model
+
+    return construct(reference, bundle.train, construct_config, input_hw=tuple(bundle.image_size), loader=loader,
+                     trainer=brief_training if trainer else None, out_dir=out_dir, device=device,
+                     progress=config.train.progress, cluster_jobs=cluster_jobs)
+
+
+def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> NetworkSpec:
+    """Construct the topology (or read it back if this stage is done); no controls."""
+    return constructions_stage(dataclasses.replace(config, controls=False), bundle, run)[0]
+
+
+def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
+                        ) -> tuple[NetworkSpec, ControlSummary | None]:
+    """The run's construction and, with ``config.controls``, the control's (`control_plan`), each resumable on its
+    own (what is done is read back), side by side in ``config.jobs`` processes (`topo.parallel`): the topology,
+    and the control's outcome (`topo.controls`; None without controls)."""
+    done = run.completed()
+    plan = control_plan(config) if config.controls and "controls" not in done else []
+    if plan and config.construct.epochs_per_layer > 0:
+        log.warning("the controls construct without the brief prefix training (it would train on the real labels)")
+    own = "construct" not in done
+    processes = default_processes(config.jobs, own + len(plan), resolve_device(config.train.device))
+    quiet = config if processes == 1 else dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                                                  progress=False))
+    each = processes_within(config.jobs, processes)
+    jobs = [Job("the construction", construction_job, (quiet, bundle, config.construct, run.construction.root,
+                                                       None, True, each))] if own else []
+    jobs += [Job(f"the control's construction {name}", construction_job,
+                 (quiet, bundle, dataclasses.replace(config.construct, seed=seed), run.control(name).root, kind, False,
+                  each))
+             for name, kind, seed in plan]
+    results = run_jobs(jobs, processes, desc="constructions", progress=config.train.progress and len(jobs) > 1)
+    spec = _keep_construction(run, *next(results)) if own else read_spec(run.topology)
+    if plan:
+        summary = _control_summary(config, run, plan, [records for _, records in results])
+    else:
+        summary = read_controls(run) if config.controls else None
+    return spec, summary
+
+
+def construction_job(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
+                     null: str | None, trainer: bool, cluster_jobs: int = 1) -> tuple[NetworkSpec, list[dict[str, Any]]]:
+    """`run_construction` as a job for `topo.parallel` (picklable in and out): the spec and the records."""
+    log.info("constructing on %s, seed %d (%s)", f"the {null} null" if null else "the data", construct_config.seed,
+             out_dir)
+    result = run_construction(config, bundle, construct_config, out_dir, null=null, trainer=trainer,
+                              cluster_jobs=cluster_jobs)
+    return result.spec, result.records
+
+
+def _keep_construction(run: RunDir, spec: NetworkSpec, records: list[dict[str, Any]]) -> NetworkSpec:
+    if dist_info.rank() == 0:
+        atomic_write_text(run.topology, spec.to_json() + "\n")
+        atomic_write_json(run.construction.records, records)
+        run.mark_done("construct", {"modules": len(records)})
+    return spec
+
+
+def control_plan(config: RunConfig) -> list[tuple[str, str | None, int]]:
+    """(name, null kind or None for the real data, seed) of every construction the control adds to the run's own."""
+    control = config.control
+    seeds = [config.construct.seed + k for k in range(control.real_seeds)]
+    plan: list[tuple[str, str | None, int]] = [(f"real-seed{s}", None, s) for s in seeds[1:]]
+    plan += [(f"{kind}-seed{s}", kind, s) for kind in control.kinds for s in seeds[:control.control_seeds]]
+    return plan
+
+
+def read_controls(run: RunDir) -> ControlSummary | None:
+    """The control's outcome saved in ``run`` (None before the controls ran; a damaged file is one line)."""
+    if not run.controls.is_file():
+        return None
+    return read_json(run.controls, what="control summary", fix=CONTROLS_FIX.format(run.controls.parent),
+                     parse=ControlSummary.from_dict)
+
+
+def _control_summary(config: RunConfig, run: RunDir, plan: list[tuple[str, str | None, int]],
+                     outcomes: list[list[dict[str, Any]]]) -> ControlSummary:
+    """Test the run's topology against the control's constructions (their records, in ``plan``'s order)."""
+    real = [read_records(run.construction.records)]
+    nulls: dict[str, list] = {}
+    for (_, kind, _), records in zip(plan, outcomes):
+        (real if kind is None else nulls.setdefault(kind, [])).append(records)
+    modules = [r["name"] for r in real[0]]
+    summary = summarise(modules, real, nulls, permutations=config.control.permutations, seed=config.seed)
+    if dist_info.rank() == 0:
+        atomic_write_json(run.controls, summary.to_dict())
+        run.mark_done("controls", {"depends_on_data": summary.depends_on_data})
+    log.info(verdict(summary))
+    return summary
+
+
+def train_stage(name: str, spec: NetworkSpec, config: RunConfig, bundle: DataBundle, run: RunDir) -> dict[str, Any]:
+    """Train one network with the run's recipe and return its comparison row (cached once done)."""
+    done = run.completed()
+    if f"train:{name}" in done:
+        return done[f"train:{name}"]
+    log.info("training %s (%d epochs)", name, config.train.epochs)
+    if dist_info.rank() == 0:
+        atomic_write_text(run.training.spec(name), spec.to_json() + "\n")
+    model = initial_model(name, spec, config, run)
+    result = train(model, bundle.train, bundle.val, config.train, run_dir=run.training.root, name=name)
+    row = comparison_row(name, spec, result, tuple(bundle.image_size))
+    if dist_info.rank() == 0:
+        run.mark_done(f"train:{name}", row)
+    return row
+
+
+def initial_model(name: str, spec: NetworkSpec, config: RunConfig, run: RunDir) -> torch.nn.Module:
+    """The network training starts from: seeded at random, or, for the discovered network of a construction
+    that initialised or trained it (``--init hebbian``, ``--epochs-per-layer``), with the construction's weights
+    (``--fresh-init`` for the ablation). Where the budget rescaled the network after construction, the weights
+    no longer fit and training starts at random (logged)."""
+    torch.manual_seed(config.seed)
+    model = builders.build(spec)
+    shaped = config.construct.init != "random" or config.construct.epochs_per_layer > 0
+    if name != "discovered" or config.fresh_init or not shaped:
+        return model
+    state = construction_state(run)
+    own = model.state_dict()
+    fits = state is not None and all(k in own and own[k].shape == v.shape for k, v in state.items()
+                                     if not k.startswith("fc."))
+    if not fits:
+        log.info("the discovered network differs from the constructed one (rescaled to the budget): training "
+                 "starts from random weights")
+        return model
+    load_prefix(model, state)
+    log.info("training the discovered network from the construction's weights (--fresh-init to start at random)")
+    return model
+
+
+def construction_state(run: RunDir) -> dict[str, torch.Tensor] | None:
+    """The weights the construction left (its last ``prefixN.pt``), or None."""
+    files = run.construction
+    if not files.progress.is_file():
+        return None
+    modules = len(read_progress(files.progress)["records"])
+    return read_prefix(files.prefix(modules), modules)
+
+
+def _maybe_float(value: Any) -> float | None:
+    if value is None or (isinstance(value, float) and value != value):
+        return None
+    return float(value)
+
+
+def histories(run: RunDir, names: list[str]) -> dict[str, pd.DataFrame]:
+    return {name: read_metrics(run.training.metrics(name)) for name in names if run.training.metrics(name).is_file()}
+
+
+def correlations(run: RunDir, records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each constructed layer's correlation matrix with its cluster order, from the saved files."""
+    out = {}
+    for rec in records:
+        stats_path, clusters_path = run.construction.stats(rec["name"]), run.construction.clusters(rec["name"])
+        if stats_path.is_file() and clusters_path.is_file():
+            clusters = read_clusters(clusters_path)
+            out[rec["name"]] = {
+                "corr": read_stats(stats_path).corr(),
+                "order": clusters["channel_order"],
+                "labels": clusters["channel_labels"],
+            }
+    return out
+
+
+def report_stage(run: RunDir) -> tuple[Path, pd.DataFrame | None]:
+    """Write the comparison tables, figures and report.md from what the run directory holds.
+
+    Returns the report's path and the comparison table (None where no network was trained).
+    """
+    config = run.read_config()
+    records_path = run.construction.records
+    records = read_records(records_path) if records_path.is_file() else []
+    done = run.completed()
+    rows = [done[k] for k in ("train:discovered", "train:reference") if k in done]
+    report = write_report(
+        run.root,
+        records,
+        rows,
+        histories(run, [row["network"] for row in rows]),
+        corr_by_layer=correlations(run, records),
+        config=config,
+        controls=read_controls(run),
+    )
+    return report, comparison_frame(rows) if rows else None
+
+
+def run_all(config: RunConfig, run: RunDir, *, bundle: DataBundle | None = None,
+            window_given: bool = False) -> tuple[Path, pd.DataFrame | None] | None:
+    """The whole job: construct, train the discovered and the reference network, compare, report.
+
+    Every setting is checked against the data first (`preflight`), so a doomed
+    run fails before anything is written. Returns what `report_stage` returns,
+    on rank 0 (None on the other processes).
+    """
+    bundle = load_data(config) if bundle is None else bundle
+    reference = reference_spec(config, bundle)  # a bad --reference fails before anything is written
+    preflight(config, bundle, reference, window_given=window_given)
+    is_main = dist_info.rank() == 0
+    if is_main and not run.config_path.is_file():
+        run.write_config(config.to_dict())
+    discovered, _ = constructions_stage(config, bundle, run)
+    for name, spec in (("discovered", discovered), ("reference", reference)):  # one auxiliary-head policy for both
+        train_stage(name, with_aux_policy(spec, reference, config.aux_heads), config, bundle, run)
+    if not is_main:
+        return None
+    return report_stage(run)

@@ -1,0 +1,609 @@
+"""`topo-build study`: is the discovered topology better than the hand-designed one, and than chance, at equal cost?
+
+Arms, each trained with the run's recipe, the same data order and initialisation
+seed at each seed, and the run's one auxiliary-head policy (``run.aux_heads``):
+
+* ``discovered``: constructed afresh for each seed (`topo.pipeline.construct_stage`, ``ConstructConfig(seed=s)``);
+* ``reference``: the hand-designed GoogLeNet variant (`topo.pipeline.reference_spec`);
+* ``random``: K topologies with the discovered network's skeleton, stem and head, each module's
+  output shares and reductions drawn at random (:func:`draw_proportions`) and scaled to the
+  discovered module's multiply-adds; topology k is drawn from its own seed and trained with
+  study seed k mod N;
+* ``uniform``: every module with equal 1x1/3x3/5x5/pool output shares (:data:`UNIFORM`) at the same budgets;
+* ``shuffled``: the discovered clusters with each module's kernel sizes permuted.
+
+One arm x seed (x topology) is a **unit**: a run directory of its own
+(`topo.rundir.RunDir`, under ``STUDY/units/<arm>-s<seed>[-k<k>]/``) with its
+configuration, topology, training checkpoint and, once it has finished,
+``result.json``. A killed study resumes where it stopped (finished units are
+skipped, a construction or a training resumes from its own files), and
+``shard=(i, n)`` runs every n-th unit, so that several processes or machines
+share one study folder without writing the same file; :func:`summarize`
+gathers what is done. docs/study.md gives every rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.study import (
+    Comparison,
+    compare_arms,
+    comparisons_frame,
+    cost_deviations,
+    study_figure,
+    study_findings,
+    study_frame,
+    summary_frame,
+    units_frame,
+    write_study_report,
+    write_tables,
+)
+from analysis.tables import to_markdown
+from builders.budget import OUTPUTS, fill_budget, fit_to_budget, round_width, scaled_widths
+from builders.cost import inception_macs
+from builders.from_clusters import branch_of, from_clusters
+from builders.spec import InceptionSpec, NetworkSpec
+from topo.common import distributed as dist_info
+from topo.cluster.clusters import Cluster
+from topo.data import DataBundle
+from topo.common.errors import StatsError, UserError
+from topo.common.reading import read_clusters, read_config, read_json
+from builders.spec import read_spec
+from topo.stats.layer_stats import read_stats
+from topo.common.writing import atomic_create_text, atomic_write_json, atomic_write_text
+from topo.run.config import RunConfig, load_data, reference_spec, with_aux_policy
+from topo.run.stages import construct_stage, train_stage
+from builders.cost import network_costs
+from topo.run.preflight import preflight
+from topo.common.progress import progress_bar
+from topo.run.rundir import RunDir, StudyFiles, environment_info
+from topo.train.config import RESUMABLE_CHANGES
+
+log = logging.getLogger(__name__)
+
+ARMS = ("discovered", "reference", "random", "uniform", "shuffled")
+DEFAULT_ARMS = ("discovered", "reference", "random", "uniform")
+DERIVED = ("random", "uniform", "shuffled")  # made from the discovered network of their seed
+DIRICHLET = 1.0               # concentration of the random output shares (1: uniform on the simplex)
+REDUCTION = (0.25, 1.0)       # range of a random reduction, as a fraction of its branch's output
+MAX_DRAWS = 20                # random topologies drawn until one meets the cost tolerance
+RANDOM_STREAM, SHUFFLE_STREAM = 1, 2
+PERMUTATIONS = tuple(itertools.permutations((1, 3, 5)))[1:]  # every reordering of the kernels but the identity
+
+
+@dataclass
+class StudyConfig:
+    """A study: the run it repeats (data, reference, base seed, construction, training) and the arms and seeds.
+
+    ``seeds``: N training seeds, ``run.seed`` to ``run.seed + N - 1``. ``random``: K random topologies.
+    ``margin``: equivalence margin in top-1 points. ``tolerance``: largest relative difference of an
+    arm's multiply-adds from the discovered network's. Every arm follows the run's auxiliary-head
+    policy (``run.aux_heads``, `topo.pipeline.with_aux_policy`).
+    """
+
+    run: RunConfig = field(default_factory=RunConfig)
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    seeds: int = 3
+    random: int = 8
+    margin: float = 0.5
+    tolerance: float = 0.02
+
+    def __post_init__(self) -> None:
+        self.arms = tuple(dict.fromkeys(self.arms))
+        unknown = [a for a in self.arms if a not in ARMS]
+        if unknown:
+            raise UserError(f"arm {unknown[0]!r} is unknown: use some of {', '.join(ARMS)}")
+        if "discovered" not in self.arms:
+            raise UserError("the arms lack 'discovered': a study compares the discovered network with the others")
+        if self.seeds < 1 or ("random" in self.arms and self.random < 1):
+            raise UserError(f"seeds ({self.seeds}) and random topologies ({self.random}) must be at least 1; "
+                            "drop 'random' from the arms to have none")
+        if not self.margin > 0 or not 0 < self.tolerance < 1:
+            raise UserError(f"margin {self.margin} must be positive and tolerance {self.tolerance} in (0, 1)")
+
+    @property
+    def seed_list(self) -> list[int]:
+        return [self.run.seed + i for i in range(self.seeds)]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {**out, "run": self.run.to_dict(), "arms": list(self.arms)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StudyConfig:
+        data = dict(data)
+        return cls(**{**data, "run": RunConfig.from_dict(data["run"]), "arms": tuple(data["arms"])})
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One arm trained at one seed (``topology``: k of a random topology)."""
+
+    arm: str
+    seed: int
+    topology: int | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm}-s{self.seed}" + ("" if self.topology is None else f"-k{self.topology}")
+
+    @property
+    def source(self) -> str:
+        """The unit whose construction a derived unit is made from (its seed's discovered network)."""
+        return f"discovered-s{self.seed}"
+
+
+@dataclass
+class StudyResult:
+    """What :func:`summarize` gathered and wrote."""
+
+    rows: pd.DataFrame
+    summary: pd.DataFrame
+    tests: pd.DataFrame
+    comparisons: list[Comparison]
+    missing: list[str]
+    report: Path
+
+
+# --------------------------------------------------------------------------- units and shards
+def plan_units(config: StudyConfig) -> list[Unit]:
+    """Every unit, in the fixed order shards split: discovered, reference, per seed uniform and shuffled, random."""
+    seeds = config.seed_list
+    units = [Unit("discovered", s) for s in seeds]
+    if "reference" in config.arms:
+        units += [Unit("reference", s) for s in seeds]
+    units += [Unit(arm, s) for s in seeds for arm in ("uniform", "shuffled") if arm in config.arms]
+    if "random" in config.arms:
+        units += [Unit("random", seeds[k % len(seeds)], k) for k in range(config.random)]
+    return units
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; a one-line error otherwise."""
+    try:
+        i, n = (int(part) for part in str(text).split("/"))
+    except ValueError:
+        raise UserError(f"shard {text!r} is not of the form i/n (e.g. 0/4 ... 3/4)") from None
+    if not 0 <= i < n:
+        raise UserError(f"shard {text!r}: i must be 0 to n - 1 (e.g. 0/4 ... 3/4)")
+    return i, n
+
+
+def shard_units(units: Sequence[Unit], index: int, count: int) -> list[Unit]:
+    """Every ``count``-th unit from ``index``."""
+    return list(units[index::count])
+
+
+def unit_config(config: StudyConfig, seed: int) -> RunConfig:
+    """The run configuration of a unit at ``seed``: the study's run with every seed set to it."""
+    run = config.run
+    return dataclasses.replace(run, seed=seed, construct=dataclasses.replace(run.construct, seed=seed),
+                               train=dataclasses.replace(run.train, seed=seed))
+
+
+# --------------------------------------------------------------------------- topologies
+ModuleFor = Callable[[int, InceptionSpec, int, float, tuple[int, int]], InceptionSpec]
+
+
+
+
+def refit(discovered: NetworkSpec, image_hw: tuple[int, int], module_for: ModuleFor, name: str) -> NetworkSpec:
+    """``discovered`` with every Inception module replaced by ``module_for(index, module, in_channels, budget, hw)``.
+
+    Stem, poolings and head stay. Module i's budget is what the discovered
+    modules up to i cost, less what the new modules before it cost, so that a
+    module left below its budget by rounding passes the rest on, as in the construction.
+    """
+    shapes = discovered.input_shapes(image_hw)
+    channels = dataclasses.replace(discovered, stages=(), aux_heads=()).out_channels
+    stages, target, spent, index = [], 0.0, 0.0, 0
+    for layer in discovered.stages:
+        if not isinstance(layer, InceptionSpec):
+            stages.append(layer)
+            continue
+        hw = tuple(shapes[layer.name][1:])
+        target += inception_macs(layer, *hw, kernel5x5=discovered.kernel5x5)
+        module = module_for(index, layer, channels, target - spent, hw)
+        spent += inception_macs(module, *hw, kernel5x5=discovered.kernel5x5)
+        stages.append(module)
+        channels, index = module.out_channels, index + 1
+    return dataclasses.replace(discovered, stages=tuple(stages), name=name)
+
+
+def proportions(shares: Sequence[float], ratios: Sequence[float]) -> dict[str, float]:
+    """Unscaled widths: output shares of the 1x1, 3x3, 5x5 and pool branches, reductions as fractions of 3x3 and 5x5."""
+    p1, p3, p5, pool = (float(s) for s in shares)
+    r3, r5 = (float(r) for r in ratios)
+    return {"ch1x1": p1, "ch3x3red": r3 * p3, "ch3x3": p3, "ch5x5red": r5 * p5, "ch5x5": p5, "pool_proj": pool}
+
+
+#: The uniform arm: equal output shares, reductions at the middle of the random range.
+UNIFORM = proportions([0.25] * 4, [sum(REDUCTION) / 2] * 2)
+
+
+def draw_proportions(rng: np.random.Generator, modules: int) -> list[dict[str, float]]:
+    """One random module shape per module: shares ~ Dirichlet(1, 1, 1, 1), reductions ~ U(0.25, 1) of their branch."""
+    return [proportions(rng.dirichlet([DIRICHLET] * 4), rng.uniform(*REDUCTION, size=2)) for _ in range(modules)]
+
+
+def proportions_module(shapes: Sequence[Mapping[str, float]], round_to: int, kernel5x5: int) -> ModuleFor:
+    """Module i gets ``shapes[i]`` times the one scale factor that meets its budget (reductions capped at the input)."""
+    def module_for(index: int, layer: InceptionSpec, in_channels: int, budget: float,
+                   hw: tuple[int, int]) -> InceptionSpec:
+        raw = shapes[index]
+
+        def make(scale: float) -> InceptionSpec:
+            widths = {key: round_width(value * scale, round_to, in_channels if key.endswith("red") else None)
+                      for key, value in raw.items()}
+            return InceptionSpec(in_channels, name=layer.name, **widths)
+
+        return fill_budget(fit_to_budget(make, budget, *hw, kernel5x5=kernel5x5), raw, budget, hw, round_to,
+                           kernel5x5)
+
+    return module_for
+
+
+@dataclass(frozen=True)
+class FixedClusters:
+    """Clusters as `builders.from_clusters` reads them from a fitted clustering."""
+
+    clusters_: list[Cluster]
+
+
+def shuffled_module(construction: RunDir, rng: np.random.Generator, round_to: int, kernel5x5: int) -> ModuleFor:
+    """Module i: the discovered module's clusters with their kernel sizes permuted (one random non-identity
+    permutation of 1, 3, 5 per module), widths from `builders.from_clusters` at the budget.
+
+    The pool branch keeps the discovered module's share; a module without clusters keeps its widths.
+    What rounding leaves of the budget is filled as for the other arms (`fill_budget`).
+    """
+    files = construction.construction
+
+    def module_for(index: int, layer: InceptionSpec, in_channels: int, budget: float,
+                   hw: tuple[int, int]) -> InceptionSpec:
+        found = read_clusters(files.clusters(layer.name))["clusters"]
+        if not found:
+            shape = dataclasses.replace(layer, in_channels=in_channels)
+            return fit_to_budget(lambda s: scaled_widths(shape, s, round_to), budget, *hw, kernel5x5=kernel5x5)
+        order = dict(zip((1, 3, 5), PERMUTATIONS[int(rng.integers(len(PERMUTATIONS)))], strict=True))
+        moved = [dataclasses.replace(c, kernel_size=order[branch_of(c)]) for c in map(Cluster.from_dict, found)]
+        pool_units = layer.pool_proj * len(moved) / max(1, layer.ch1x1 + layer.ch3x3 + layer.ch5x5)
+        module = from_clusters(FixedClusters(moved), read_stats(files.stats(layer.name)), budget=budget,
+                               round_to=round_to, in_channels=in_channels, pool_units=pool_units, name=layer.name)
+        shape = {key: float(getattr(module, key)) for key in OUTPUTS}
+        return fill_budget(module, shape, budget, hw, round_to, kernel5x5)
+
+    return module_for
+
+
+def topology_id(spec: NetworkSpec) -> str:
+    """A short hash of the spec (its name aside): equal ids, equal networks."""
+    data = {**spec.to_dict(), "name": ""}
+    return hashlib.sha1(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+
+# --------------------------------------------------------------------------- making a unit's network
+def deviation(spec: NetworkSpec, target_macs: int, image_hw: tuple[int, int]) -> float:
+    """Relative difference of ``spec``'s multiply-adds from ``target_macs``."""
+    return network_costs(spec, image_hw)[1] / target_macs - 1.0
+
+
+def random_topology(discovered: NetworkSpec, k: int, config: StudyConfig,
+                    image_hw: tuple[int, int]) -> tuple[NetworkSpec, int]:
+    """Random topology ``k`` and the number of draws it took: drawn until one meets the tolerance (or the last)."""
+    rng = np.random.default_rng([config.run.seed, RANDOM_STREAM, k])
+    target = network_costs(discovered, image_hw)[1]
+    modules = len(discovered.inception_modules())
+    spec, fitted = None, 0
+    for draw in range(1, MAX_DRAWS + 1):
+        module_for = proportions_module(draw_proportions(rng, modules), config.run.construct.round_to,
+                                        discovered.kernel5x5)
+        try:
+            spec = refit(discovered, image_hw, module_for, f"random_k{k}")
+        except StatsError:  # a module budget below the smallest module these shares allow
+            continue
+        fitted = draw
+        if abs(deviation(spec, target, image_hw)) <= config.tolerance:
+            return spec, draw
+    if spec is None:
+        raise StatsError(f"random topology {k}: none of {MAX_DRAWS} draws fits the module budgets of the "
+                         "discovered network (a module budget is below the smallest four-branch module); "
+                         "lower --round-to")
+    log.warning("random topology %d: no draw of %d met the %.1f%% cost tolerance; keeping draw %d",
+                k, MAX_DRAWS, 100 * config.tolerance, fitted)
+    return spec, fitted
+
+
+def derived_spec(unit: Unit, config: StudyConfig, files: StudyFiles,
+                 image_hw: tuple[int, int]) -> tuple[NetworkSpec, int | None]:
+    """A derived unit's network (before the auxiliary-head policy) and its number of draws."""
+    source = files.unit(unit.source)
+    discovered = read_spec(source.topology)
+    round_to = config.run.construct.round_to
+    if unit.arm == "random":
+        return random_topology(discovered, unit.topology, config, image_hw)
+    if unit.arm == "uniform":
+        modules = len(discovered.inception_modules())
+        module_for = proportions_module([UNIFORM] * modules, round_to, discovered.kernel5x5)
+        return refit(discovered, image_hw, module_for, "uniform"), None
+    rng = np.random.default_rng([unit.seed, SHUFFLE_STREAM])
+    return refit(discovered, image_hw, shuffled_module(source, rng, round_to, discovered.kernel5x5), "shuffled"), None
+
+
+def make_topology(unit: Unit, config: StudyConfig, bundle: DataBundle, files: StudyFiles,
+                  run: RunDir) -> tuple[NetworkSpec, dict[str, Any]]:
+    """The unit's network (before the auxiliary-head policy) and how it was made; read back once made."""
+    done = run.completed()
+    if "topology" in done:
+        return read_spec(run.topology), done["topology"]
+    image_hw = tuple(bundle.image_size)
+    start = time.perf_counter()
+    made: dict[str, Any] = {"draws": None, "resumed": False}
+    if unit.arm == "discovered":
+        made["resumed"] = run.construction.progress.is_file() or "construct" in done
+        spec = construct_stage(unit_config(config, unit.seed), bundle, run)
+    elif unit.arm == "reference":
+        spec = reference_spec(config.run, bundle)
+    else:
+        spec, made["draws"] = derived_spec(unit, config, files, image_hw)
+    made["time_s"] = time.perf_counter() - start
+    if dist_info.rank() == 0:
+        if unit.arm != "discovered":
+            atomic_write_text(run.topology, spec.to_json() + "\n")
+        run.mark_done("topology", made)
+    if made["resumed"]:
+        log.warning("%s: the construction was resumed, so its time (%.1f s) counts only the part after the resume",
+                    unit.name, made["time_s"])
+    return spec, made
+
+
+# --------------------------------------------------------------------------- running a unit
+def source_macs(unit: Unit, files: StudyFiles, image_hw: tuple[int, int]) -> int | None:
+    """Multiply-adds of the unit's seed's discovered network, once its construction is done."""
+    source = files.unit(unit.source)
+    if "construct" not in source.completed():
+        return None
+    return network_costs(read_spec(source.topology), image_hw)[1]
+
+
+def run_unit(unit: Unit, config: StudyConfig, bundle: DataBundle, files: StudyFiles) -> dict[str, Any]:
+    """Make and train one unit (resuming what it had done) and write its result; returns its study row."""
+    run = files.unit(unit.name)
+    settings = unit_config(config, unit.seed)
+    if dist_info.rank() == 0 and not run.config_path.is_file():
+        run.write_config(settings.to_dict(), command="study")
+    base, made = make_topology(unit, config, bundle, files, run)
+    spec = with_aux_policy(base, reference_spec(config.run, bundle), config.run.aux_heads)
+    trained = train_stage(unit.arm, spec, settings, bundle, run)
+    target = source_macs(unit, files, tuple(bundle.image_size))
+    row = {
+        "arm": unit.arm, "seed": unit.seed, "unit": unit.name, "topology": unit.topology,
+        "topology_id": topology_id(spec), "params": trained["params"], "macs": trained["macs"],
+        "macs_vs_discovered": None if target is None else trained["macs"] / target - 1.0,
+        "top1": trained["top1"], "top5": trained["top5"], "train_time_s": trained["train_time_s"],
+        "wall_time_s": trained["wall_time_s"], "construction_time_s": made["time_s"], "draws": made["draws"],
+        "construction_resumed": made["resumed"],
+    }
+    if dist_info.rank() == 0:
+        atomic_write_json(files.result(unit.name), row)
+    return row
+
+
+def cost_note(row: Mapping[str, Any], tolerance: float) -> str:
+    """The per-unit cost check, as printed: multiply-adds against the seed's discovered network."""
+    text = f"{row['macs'] / 1e6:.3g}M multiply-adds"
+    if row.get("macs_vs_discovered") is None:
+        return text + " (checked against the discovered network at the summary)"
+    within = "within" if abs(row["macs_vs_discovered"]) <= tolerance else "OUTSIDE"
+    return (f"{text}, {100 * row['macs_vs_discovered']:+.2f}% against discovered-s{row['seed']} "
+            f"({within} {100 * tolerance:g}%)")
+
+
+# --------------------------------------------------------------------------- scheduling and progress
+def is_ready(unit: Unit, files: StudyFiles) -> bool:
+    """Whether ``unit`` can start: a derived unit needs its seed's construction."""
+    return unit.arm not in DERIVED or "construct" in files.unit(unit.source).completed()
+
+
+def schedule(units: Sequence[Unit], files: StudyFiles, *, poll_s: float = 5.0,
+             wait_s: float | None = None) -> Iterator[Unit]:
+    """``units`` in order, each as soon as it is ready; waits (polling) for constructions another shard runs.
+
+    Under torchrun rank 0 decides, so every process trains the same unit. ``wait_s``: give up
+    (`UserError`) after waiting that long in one stretch; None waits as long as it takes.
+    """
+    pending, waited, told = list(units), 0.0, 0.0
+    while pending:
+        choice = dist_info.same_on_all_ranks(next((i for i, u in enumerate(pending) if is_ready(u, files)), None))
+        if choice is not None:
+            waited = told = 0.0
+            yield pending.pop(choice)
+            continue
+        needed = sorted({u.source for u in pending})
+        if wait_s is not None and waited >= wait_s:
+            raise UserError(f"units {', '.join(u.name for u in pending)} still wait for {', '.join(needed)} after "
+                            f"{waited:.0f} s: run the shard that holds them, or run the study without --shard")
+        if waited >= told:
+            log.info("waiting for the construction of %s (another shard runs it)", ", ".join(needed))
+            told = waited + 300.0
+        time.sleep(poll_s)
+        waited += poll_s
+
+
+@dataclass
+class TimeLeft:
+    """Estimates the time left from the finished units: their arm's mean duration, else the mean of all."""
+
+    durations: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, arm: str, seconds: float) -> None:
+        self.durations.setdefault(arm, []).append(seconds)
+
+    def estimate(self, arms_left: Sequence[str]) -> float | None:
+        done = [t for times in self.durations.values() for t in times]
+        if not done:
+            return None
+        overall = float(np.mean(done))
+        return sum(float(np.mean(self.durations[a])) if a in self.durations else overall for a in arms_left)
+
+
+def duration_text(seconds: float | None) -> str:
+    """``45 s``, ``3.2 min``, ``1.5 h``; ``?`` when unknown."""
+    if seconds is None:
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.1f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+# --------------------------------------------------------------------------- the study
+def _differences(saved: Any, given: Any, prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    if isinstance(saved, dict) and isinstance(given, dict):
+        for key in sorted(set(saved) | set(given)):
+            yield from _differences(saved.get(key), given.get(key), f"{prefix}{key}.")
+    elif saved != given:
+        yield prefix.rstrip("."), saved, given
+
+
+def _comparable(config: StudyConfig) -> dict[str, Any]:
+    """The configuration without the fields that may change when a study resumes (devices, workers, progress)."""
+    data = config.to_dict()
+    data["run"]["train"] = {k: v for k, v in data["run"]["train"].items() if k not in RESUMABLE_CHANGES}
+    return data
+
+
+def load_study(out: str | Path) -> StudyConfig:
+    """The configuration saved in study folder ``out``; a one-line error if it is not one."""
+    files = StudyFiles(Path(out))
+    if not files.config.is_file():
+        raise UserError(f"{out} is not a topo-build study (no {files.config.name}): pass the --out of a study")
+    return read_config(files.config, parse=StudyConfig.from_dict)
+
+
+def open_study(config: StudyConfig, out: str | Path) -> StudyFiles:
+    """The study folder ``out``: started with ``config``, or checked to hold a study of the same configuration."""
+    files = StudyFiles(Path(out))
+    text = json.dumps({"config": config.to_dict(), "environment": environment_info()}, indent=2) + "\n"
+    if not files.config.is_file() and dist_info.rank() == 0:
+        atomic_create_text(files.config, text)
+    if files.config.is_file():
+        first = next(_differences(_comparable(load_study(out)), _comparable(config)), None)
+        if first is not None:
+            key, was, now = first
+            raise UserError(f"{out} holds a study with {key}={was!r}, not {now!r}: give the same settings to resume "
+                            "it (or --resume to take the saved ones), or choose another --out")
+    return files
+
+
+def _finished(unit: Unit, row: Mapping[str, Any], done: int, total: int, time_left: float | None,
+              tolerance: float) -> None:
+    log.info("unit %d/%d %s: top-1 %.2f%%, top-5 %.2f%%, %s; %.1f s training, %.1f s making the topology; "
+             "about %s left", done, total, unit.name, 100 * row["top1"], 100 * row["top5"],
+             cost_note(row, tolerance), row["train_time_s"], row["construction_time_s"], duration_text(time_left))
+
+
+def run_study(config: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0, 1), progress: bool = True,
+              window_given: bool = False, poll_s: float = 5.0, wait_s: float | None = None) -> StudyResult | None:
+    """Run the study's units (those of ``shard``) into ``out``, skipping finished ones; summarise when unsharded.
+
+    Every setting is checked against the data first (`topo.pipeline.preflight`; ``window_given``: the
+    window was asked for). Returns the summary on rank 0 of an unsharded study, else None (gather
+    shards with :func:`summarize`).
+    """
+    bundle = load_data(config.run)
+    preflight(config.run, bundle, reference_spec(config.run, bundle), window_given=window_given)
+    files = open_study(config, out)
+    units = shard_units(plan_units(config), *shard)
+    pending = [u for u in units if not files.result(u.name).is_file()]
+    log.info("study %s: %d units in %s, %d to run%s", files.root, len(units),
+             "this shard" if shard[1] > 1 else "all", len(pending),
+             f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "")
+    time_left, finished = TimeLeft(), set()
+    bar = progress_bar(schedule(pending, files, poll_s=poll_s, wait_s=wait_s), total=len(pending), desc="study",
+                       unit="unit", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
+                       disable=not (progress and dist_info.rank() == 0))
+    for done, unit in enumerate(bar, start=1):
+        start = time.perf_counter()
+        row = run_unit(unit, config, bundle, files)
+        time_left.add(unit.arm, time.perf_counter() - start)
+        finished.add(unit.name)
+        left = time_left.estimate([u.arm for u in pending if u.name not in finished])
+        bar.set_postfix_str(f"about {duration_text(left)} left")
+        _finished(unit, row, done, len(pending), left, config.tolerance)
+    if shard[1] > 1:
+        log.info("shard %d/%d done; once every shard is, gather them: topo-build study --out %s --summarize",
+                 *shard, files.root)
+        return None
+    return summarize(out) if dist_info.rank() == 0 else None
+
+
+def collect(config: StudyConfig, files: StudyFiles) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of the finished units, and the names of the others, in plan order."""
+    rows, missing = [], []
+    for unit in plan_units(config):
+        path = files.result(unit.name)
+        if path.is_file():
+            rows.append(read_json(path, what="unit result", fix="delete it to train the unit again",
+                                  parse=_result_row))
+        else:
+            missing.append(unit.name)
+    return rows, missing
+
+
+def _result_row(value: Any) -> dict[str, Any]:
+    """A unit's result.json as a study row (a KeyError, named as the file's problem, when it lacks a key)."""
+    row = dict(value)
+    missing = [key for key in ("arm", "seed", "unit", "params", "macs", "top1", "top5") if key not in row]
+    if missing:
+        raise KeyError(missing[0])
+    return row
+
+
+def summarize(out: str | Path) -> StudyResult:
+    """Gather the finished units of study ``out``: study.csv, study_summary.*, study_tests.*, the figure, report.md.
+
+    Missing units are named (and left out of the statistics); none finished is a `UserError`.
+    """
+    config = load_study(out)
+    files = StudyFiles(Path(out))
+    rows, missing = collect(config, files)
+    if not rows:
+        raise UserError(f"{out} has no finished unit yet: run topo-build study --out {out} first")
+    if missing:
+        log.warning("%d of %d units are not finished and are left out: %s", len(missing),
+                    len(missing) + len(rows), ", ".join(missing))
+    deviations = cost_deviations(rows).set_index("unit")["deviation"]
+    for row in rows:
+        value = deviations.get(row["unit"])
+        row["macs_vs_discovered"] = None if value is None or pd.isna(value) else float(value)
+    frame, summary = study_frame(rows), summary_frame(rows)
+    comparisons = compare_arms(rows, margin=config.margin)
+    tests = comparisons_frame(comparisons)
+    atomic_write_text(files.rows, frame.to_csv(index=False, float_format="%.10g"))
+    write_tables(summary, files.summary)
+    if not tests.empty:
+        write_tables(tests, files.tests)
+    figure = study_figure(rows, files.figure)
+    paragraphs = study_findings(rows, comparisons, tolerance=config.tolerance, missing=missing)
+    tables = {"Summary": summary, "Tests": tests, "Units": units_frame(frame)}
+    report = write_study_report(files.report, paragraphs, tables, figure, config.to_dict())
+    return StudyResult(frame, summary, tests, comparisons, missing, report)
+
+
+def summary_markdown(result: StudyResult) -> str:
+    """The summary and tests tables as printed at the end of a study."""
+    parts = [to_markdown(result.summary)]
+    if not result.tests.empty:
+        parts.append(to_markdown(result.tests))
+    return "\n\n".join(parts)
