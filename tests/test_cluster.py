@@ -232,6 +232,24 @@ def test_bad_parameters():
             UnitClustering(n_jobs=bad).fit(stats)
 
 
+@pytest.mark.parametrize("params, name", [
+    ({"method": "kmeans"}, "method"),
+    ({"window": 4}, "window"),
+    ({"window": 0}, "window"),
+    ({"n_clusters": 0}, "n_clusters"),
+    ({"n_clusters": "many"}, "n_clusters"),
+    ({"max_levels": 0}, "max_levels"),
+    ({"n_jobs": 0}, "n_jobs"),
+    ({"max_clusters": 0}, "max_clusters"),
+])
+def test_bad_parameters_are_value_errors(params, name):
+    """scikit-learn's contract: an invalid parameter raises ValueError; topo's CLI needs a UserError."""
+    stats = from_activations(torch.rand(200, 6))
+    with pytest.raises(ValueError, match=name) as err:
+        UnitClustering(**params).fit(stats)
+    assert isinstance(err.value, UserError)
+
+
 # ---------------------------------------------------------------- the window cut
 
 

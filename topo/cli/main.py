@@ -1,6 +1,6 @@
 """`topo-build`: construct a topology from activation statistics, train it beside GoogLeNet, compare.
 
-    topo-build                                   # the whole job on the embedded digits data set
+    topo-build                                   # the whole job on the embedded patches data set (no download)
     topo-build --data imagenet --data-dir PATH   # ... on an ImageNet-style folder tree
     topo-build construct ...                     # construction only: topology.json
     topo-build train SPEC.json ...               # train a spec file

@@ -17,7 +17,7 @@ from topo.cluster.partition import METHODS as PARTITION_METHODS
 from topo.cluster.partition import partition
 from topo.cluster.select import TierTest, drop_unions, merge_candidates, select_clusters
 from topo.cluster.window import DEFAULT_ALPHA, bonferroni_log_alpha, build_window_graph, mean_strength, pairs_at
-from topo.common.errors import StatsError, UserError
+from topo.common.errors import ParameterError, StatsError, UserError
 from topo.common.processes import forked_map
 from topo.stats.layer_stats import LayerStats
 
@@ -108,20 +108,23 @@ class UnitClustering(BaseEstimator):
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:
         if self.method not in METHODS:
-            raise UserError(f"UnitClustering: unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+            raise ParameterError(f"UnitClustering: unknown method {self.method!r}; "
+                                 f"choose one of {', '.join(METHODS)}")
         if not isinstance(self.window, (int, np.integer)) or self.window < 1 or self.window % 2 == 0:
-            raise UserError(f"UnitClustering: window must be an odd positive int (1, 3, 5, ...), got {self.window!r}")
+            raise ParameterError(f"UnitClustering: window must be an odd positive int (1, 3, 5, ...), "
+                                 f"got {self.window!r}")
         if self.n_clusters != "auto" and (not isinstance(self.n_clusters, (int, np.integer)) or self.n_clusters < 1):
-            raise UserError(f"UnitClustering: n_clusters must be 'auto' or a positive int, got {self.n_clusters!r}")
+            raise ParameterError(f"UnitClustering: n_clusters must be 'auto' or a positive int, "
+                                 f"got {self.n_clusters!r}")
         if not isinstance(self.max_levels, (int, np.integer)) or self.max_levels < 1:
-            raise UserError(f"UnitClustering: max_levels must be a positive int (strength levels per anchor), "
-                            f"got {self.max_levels!r}")
+            raise ParameterError(f"UnitClustering: max_levels must be a positive int (strength levels per anchor), "
+                                 f"got {self.max_levels!r}")
         if self.n_jobs is not None and (isinstance(self.n_jobs, bool) or not isinstance(self.n_jobs, (int, np.integer))
                                         or self.n_jobs == 0):
-            raise UserError(f"UnitClustering: n_jobs must be None, a positive int or a negative one (-1: every "
-                            f"core), got {self.n_jobs!r}")
+            raise ParameterError(f"UnitClustering: n_jobs must be None, a positive int or a negative one (-1: every "
+                                 f"core), got {self.n_jobs!r}")
         if self.max_clusters is not None and self.max_clusters < 1:
-            raise UserError(f"UnitClustering: max_clusters must be None or >= 1, got {self.max_clusters!r}")
+            raise ParameterError(f"UnitClustering: max_clusters must be None or >= 1, got {self.max_clusters!r}")
 
     def _check_stats(self, stats) -> tuple[bool, np.ndarray]:
         if not isinstance(stats, LayerStats):

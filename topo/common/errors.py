@@ -13,6 +13,10 @@ class SpecError(UserError, ValueError):
     """An invalid network or module spec (a ``ValueError`` too)."""
 
 
+class ParameterError(UserError, ValueError):
+    """An invalid estimator parameter (a ``ValueError`` too, as scikit-learn expects)."""
+
+
 class DataError(UserError):
     """A missing, malformed or corrupt data set."""
 

@@ -37,7 +37,7 @@ import numpy as np
 from topo.common.errors import UserError
 from topo.controls.nulls import KINDS
 
-#: What the run's topology must show against each control (issue 14): a distance at least this many times
+#: What the run's topology must show against each control: a distance at least this many times
 #: the seed-to-seed distance, at least MIN_DISTANCE, and a p-value below ALPHA.
 SEED_MULTIPLE = 3.0
 MIN_DISTANCE = 0.15
