@@ -26,23 +26,26 @@ from builders.spec import read_spec
 from topo.run.config import RunConfig, with_aux_policy
 from builders.cost import network_costs
 from topo.run.rundir import StudyFiles
-from topo.run.study import (
+from builders.baselines import (
     PERMUTATIONS,
     REDUCTION,
-    SHUFFLE_STREAM,
     UNIFORM,
+    draw_proportions,
+    proportions_module,
+    random_topology,
+    refit,
+)
+from topo.run.study import (
+    RANDOM_STREAM,
+    SHUFFLE_STREAM,
     StudyConfig,
     TimeLeft,
     Unit,
     derived_spec,
-    draw_proportions,
     duration_text,
     load_study,
     parse_shard,
     plan_units,
-    proportions_module,
-    random_topology,
-    refit,
     run_study,
     shard_units,
     summarize,
@@ -59,6 +62,13 @@ FAST_RUN = RunConfig(data="digits", controls=False, construct=ConstructConfig(sk
 def tiny(**changes) -> StudyConfig:
     """Two arms, two seeds, two random topologies: four units of one epoch on digits."""
     return StudyConfig(**{"run": FAST_RUN, "arms": ("discovered", "random"), "seeds": 2, "random": 2, **changes})
+
+
+def study_random(discovered, k: int, config: StudyConfig):
+    """Random topology ``k`` as a study of ``config`` draws it (its random stream of the study's seed)."""
+    rng = np.random.default_rng([config.run.seed, RANDOM_STREAM, k])
+    return random_topology(discovered, HW, rng, k=k, round_to=config.run.construct.round_to,
+                           tolerance=config.tolerance)
 
 
 def _small_googlenet() -> builders.NetworkSpec:
@@ -156,7 +166,7 @@ def _assert_same_skeleton(spec, discovered):
 def test_uniform_and_random_keep_the_skeleton_and_meet_the_budgets(standin):
     target = module_macs(standin, HW)
     uniform = refit(standin, HW, proportions_module([UNIFORM] * len(target), 8, 5), "uniform")
-    random, draws = random_topology(standin, 3, tiny(), HW)
+    random, draws = study_random(standin, 3, tiny())
     for spec in (uniform, random):
         _assert_same_skeleton(spec, standin)
         # each prefix of modules within what the discovered prefix costs
@@ -173,10 +183,10 @@ def test_uniform_and_random_keep_the_skeleton_and_meet_the_budgets(standin):
 
 @pytest.mark.slow
 def test_random_topologies_are_fixed_by_their_seed(standin):
-    a, _ = random_topology(standin, 0, tiny(), HW)
-    again, _ = random_topology(standin, 0, tiny(), HW)
-    other, _ = random_topology(standin, 1, tiny(), HW)
-    elsewhere, _ = random_topology(standin, 0, tiny(run=dataclasses.replace(FAST_RUN, seed=5)), HW)
+    a, _ = study_random(standin, 0, tiny())
+    again, _ = study_random(standin, 0, tiny())
+    other, _ = study_random(standin, 1, tiny())
+    elsewhere, _ = study_random(standin, 0, tiny(run=dataclasses.replace(FAST_RUN, seed=5)))
     assert a == again and topology_id(a) == topology_id(again)
     assert len({topology_id(s) for s in (a, other, elsewhere)}) == 3
 
