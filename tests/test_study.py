@@ -44,6 +44,7 @@ from topo.run.study import (
     derived_spec,
     duration_text,
     load_study,
+    open_study,
     parse_shard,
     plan_units,
     run_study,
@@ -448,3 +449,17 @@ def test_a_killed_study_resumes_where_it_stopped(tmp_path: Path):
         "discovered-s0", "discovered-s1", "random-s0-k0", "random-s1-k1"}
     assert first.stat().st_mtime_ns == written  # the finished unit was not run again
     assert len(pd.read_csv(out / "study.csv")) == 4
+
+
+def test_a_resumed_study_takes_the_jobs_it_is_given_and_nothing_else(tmp_path):
+    """``study --resume --jobs N`` changes how the study computes (the same rule as a resumed run), not what."""
+    from topo.cli.resume import study_config
+    from topo.cli.settings import parse
+
+    saved = tiny()
+    open_study(saved, tmp_path)
+    resumed = study_config(parse("study", ["--resume", "--out", str(tmp_path), "--jobs", "2"]), tmp_path)
+    assert resumed.run.jobs == 2 and saved.run.jobs != 2
+    assert resumed == dataclasses.replace(saved, run=dataclasses.replace(saved.run, jobs=2))
+    with pytest.raises(UserError, match="--resume continues"):
+        study_config(parse("study", ["--resume", "--out", str(tmp_path), "--epochs", "9"]), tmp_path)

@@ -47,7 +47,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise UserError(f"{run.root} already holds a run: resume it with --resume {run.root}, or choose another "
                             "--out")
         run.check_writable()
-    outcome = run_all(config, run, window_given="window" in args.explicit)
+    outcome = run_all(config, run)
     if outcome is not None:
         report, frame = outcome
         _show_comparison(frame)
@@ -69,7 +69,7 @@ def cmd_construct(args: argparse.Namespace) -> int:
     run = RunDir(out_dir(args, "construct"))
     reuse_out(args, run, config, "construct")
     bundle = load_data(config)
-    preflight(config, bundle, reference_spec(config, bundle), window_given="window" in args.explicit)
+    preflight(config, bundle, reference_spec(config, bundle))
     _start(run, config, "construct")
     _, summary = constructions_stage(config, bundle, run)
     if dist_info.rank() == 0:
@@ -125,7 +125,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     check_device(args.device)
     bundle = load_data(config)
     spec = _analysed_spec(args, bundle)
-    if "window" in args.explicit:
+    if config.construct.window is not None:
         shapes = spec.input_shapes(tuple(bundle.image_size))
         check_window(config.construct.window, [(m.name, tuple(shapes[m.name][1:])) for m in spec.inception_modules()])
     frame = analyze(spec, args.weights, bundle, out, construct_config=config.construct,
@@ -153,8 +153,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     else:
         RunDir(out).check_writable()
         shard = parse_shard(args.shard) if args.shard else (0, 1)
-        result = run_study(study_config(args, out), out, shard=shard, progress=args.progress,
-                           window_given="window" in args.explicit)
+        result = run_study(study_config(args, out), out, shard=shard, progress=args.progress)
     if result is not None and dist_info.rank() == 0:
         print("\n" + summary_markdown(result) + f"\n\nreport: {result.report}", flush=True)
     return 0

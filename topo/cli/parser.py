@@ -246,7 +246,7 @@ def _add_clustering(p: argparse.ArgumentParser) -> dict[str, str]:
     flags = _Flags(p, "statistics and clustering", ConstructConfig)
     flags.add("--method", "method", "clustering method", choices=METHODS)
     flags.add("--window", "window", "largest window a new unit looks at, hence the largest kernel", type=_int,
-              choices=WINDOWS)
+              choices=WINDOWS, show="the largest that fits each map, up to 5")
     flags.add("--clusters", "n_clusters", "number of clusters per layer, or 'auto' for the documented criterion",
               type=_count_or_auto)
     flags.add("--max-clusters", "max_clusters", "cap on the number of clusters per layer", type=_positive_int,

@@ -14,8 +14,8 @@ from topo.common.writing import remove_temporaries
 from topo.run.config import RunConfig
 from topo.run.rundir import NEW_RUN, RunDir
 from topo.run.study import StudyConfig, load_study
-from topo.train.config import RESUMABLE_CHANGES
 from topo.cli.settings import group_fields, run_config
+from topo.run.config import RESUMABLE, with_resumable_changes
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +30,13 @@ def _setting(config: RunConfig, group: str, field: str) -> Any:
     return getattr({"construct": config.construct, "train": config.train}.get(group, config), field)
 
 
-#: Run settings outside its sections that a continued run may change: how it computes, not what.
-RUN_RESUMABLE_CHANGES = frozenset({"jobs"})
 
 
 def differences(args: argparse.Namespace, saved: RunConfig, given: RunConfig,
                 only: set[str] | None = None) -> list[str]:
     """``"--epochs 15, not 3"`` for every setting (of ``only``, if given) where ``given`` differs from ``saved``.
 
-    The settings a run may change when continued (`topo.train.RESUMABLE_CHANGES`, `RUN_RESUMABLE_CHANGES`) are
+    The settings a run may change when continued (`topo.run.config.RESUMABLE`) are
     left out.
     """
     flags = {field: flag for fields in args.config_fields.values() for field, flag in fields.items()}
@@ -46,7 +44,7 @@ def differences(args: argparse.Namespace, saved: RunConfig, given: RunConfig,
     groups = {field: group for group, fields in args.config_fields.items() for field in fields}
     out = []
     for field, flag in flags.items():
-        if field in RESUMABLE_CHANGES | RUN_RESUMABLE_CHANGES or (only is not None and field not in only):
+        if field in RESUMABLE or (only is not None and field not in only):
             continue
         was, now = _setting(saved, groups.get(field, "data"), field), _setting(given, groups.get(field, "data"), field)
         if was != now:
@@ -82,12 +80,10 @@ def resumed_run(args: argparse.Namespace) -> tuple[RunDir, RunConfig]:
     saved, given = RunConfig.of_run(run), run_config(args)
     _refuse_other_settings(run, differences(args, saved, given, only=args.explicit),
                            "drop those flags to continue it as saved")
-    allowed = {field: getattr(given.train, field) for field in RESUMABLE_CHANGES & args.explicit}
-    top = {field: getattr(given, field) for field in RUN_RESUMABLE_CHANGES & args.explicit}
     if dist_info.rank() == 0:
         remove_temporaries(run.root)
     log.info("resuming %s with its saved configuration", run.root)
-    return run, dataclasses.replace(saved, **top, train=dataclasses.replace(saved.train, **allowed))
+    return run, with_resumable_changes(saved, given, args.explicit)
 
 
 def study_config(args: argparse.Namespace, out: Path) -> StudyConfig:
@@ -96,11 +92,8 @@ def study_config(args: argparse.Namespace, out: Path) -> StudyConfig:
     if not args.resume:
         return given
     saved = load_study(out)
-    changed = sorted(set(args.explicit) - RESUMABLE_CHANGES - RUN_RESUMABLE_CHANGES - {"out", "resume", "shard",
-                                                                                      "verbosity"})
+    changed = sorted(set(args.explicit) - RESUMABLE - {"out", "resume", "shard", "verbosity"})
     if changed:
         raise UserError(f"--resume continues {out} with its saved settings; drop the other flags "
                         f"({', '.join(changed)}) or give the same ones without --resume")
-    allowed = {field: getattr(given.run.train, field) for field in RESUMABLE_CHANGES & args.explicit}
-    train_settings = dataclasses.replace(saved.run.train, **allowed)
-    return dataclasses.replace(saved, run=dataclasses.replace(saved.run, train=train_settings))
+    return dataclasses.replace(saved, run=with_resumable_changes(saved.run, given.run, args.explicit))

@@ -58,8 +58,8 @@ class ConstructConfig:
     no budget, every cluster becomes exactly one unit of the next layer (no
     rescaling, no rounding, each reduction one channel per channel its clusters
     read), which is what recovering a planted network needs. ``window``: the largest
-    window a candidate unit looks at (5: 1x1, 3x3 and 5x5 kernels); it shrinks to
-    the map where a map is smaller. ``stats_batches``: batches of training data
+    window a candidate unit looks at (5: 1x1, 3x3 and 5x5 kernels; None: the largest of `WINDOWS` that fits
+    each map); it shrinks to the map where a map is smaller. ``stats_batches``: batches of training data
     the statistics are recorded over; ``positions``: anchor positions per map
     and image (``None``: all; ``"auto"``: the rule of docs/statistics.md);
     ``fire_quantile``: a unit fires above its own q-quantile (``None``: when
@@ -80,7 +80,7 @@ class ConstructConfig:
     skeleton: str = DEFAULT_SKELETON
     stem: str = "reference"
     method: str = "arora"
-    window: int = 5
+    window: int | None = None
     n_clusters: int | str = "auto"
     max_clusters: int | None = None
     budget_macs: int | str = "reference"
@@ -104,7 +104,7 @@ class ConstructConfig:
             raise UserError(f"init {self.init!r} is unknown: use one of {', '.join(INIT_MODES)}")
         if self.method not in METHODS:
             raise UserError(f"method {self.method!r} is unknown: use one of {', '.join(METHODS)}")
-        if self.window not in WINDOWS:
+        if self.window is not None and self.window not in WINDOWS:
             raise UserError(f"window {self.window} is not supported: use 1, 3 or 5")
         check_fire_quantile(self.fire_quantile)
         for name, value, choices in (("budget split", self.budget_split, SPLITS), ("null", self.null, NULLS),
@@ -126,6 +126,11 @@ class ConstructConfig:
                                 f"{', '.join(BUDGETS)}")
         elif isinstance(self.budget_macs, bool) or not self.budget_macs > 0:
             raise UserError(f"budget {self.budget_macs} multiply-adds is not positive")
+
+    @property
+    def largest_window(self) -> int:
+        """The largest window any map may get: ``window``, or the largest of `WINDOWS` where none is set."""
+        return max(WINDOWS) if self.window is None else self.window
 
     @property
     def budgeted(self) -> bool:

@@ -98,7 +98,7 @@ def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: Cons
     probe = builders.build(dataclasses.replace(spec, stages=spec.stages + (PoolSpec(PROBE, 3, 1, padding=1),)))
     probe.load_state_dict(model.state_dict())
     probe.to(device).eval()
-    reach = {f"{PROBE}:input": config.window - 1, **({PROBE: 0} if config.pool_branch else {})}
+    reach = {f"{PROBE}:input": config.largest_window - 1, **({PROBE: 0} if config.pool_branch else {})}
     source, cost = probe, None
     if carried is not None:
         source = nn.Sequential(OrderedDict([(PROBE, getattr(probe, PROBE))]))
@@ -157,7 +157,7 @@ def cluster_layer(config: ConstructConfig, stats: LayerStats, pooled: LayerStats
     With ``null`` (the layer and its pooled map recorded on a null input), each pair is tested against it.
     ``jobs``: worker processes of the clustering (`UnitClustering.n_jobs`; the same clusters).
     """
-    window = window_for(stats.spatial_shape or (1, 1), config.window)
+    window = window_for(stats.spatial_shape or (1, 1), config.largest_window)
     layer_null, pooled_null = null if null is not None else (None, None)
     clustering = config.clustering(window, progress=progress, n_jobs=jobs).fit(stats, null=layer_null)
     pool_clustering = (config.clustering(1, progress=progress, n_jobs=jobs).fit(pooled, null=pooled_null)
@@ -267,7 +267,7 @@ def construct(
                               reference_module=reference_module)
         records.append(layer_record(item, stats, found, module, reference_module, budget=share,
                                     in_channels=spec.out_channels, map_hw=tuple(stats.spatial_shape or (1, 1)),
-                                    largest_window=config.window, null=config.null))
+                                    largest_window=config.largest_window, null=config.null))
         log.info(describe(records[-1]))
         spec, state = grow_step(spec, module, model, config, found, (stats, pooled), lambda: loader(train_data),
                                 device, records[-1], config.seed + step)

@@ -78,7 +78,7 @@ def analyze(
 def suggest_module(module: InceptionSpec, stats: LayerStats, map_hw: tuple[int, int], kernel5x5: int,
                    config: ConstructConfig, files: AnalysisFiles, progress: bool) -> dict[str, Any]:
     """Cluster the input of a hand-designed ``module``; the record of the module the data suggests at its cost."""
-    window = window_for(map_hw, config.window)
+    window = window_for(map_hw, config.largest_window)
     found = LayerClusters(window, config.clustering(window, progress=progress).fit(stats))
     hand_macs = inception_macs(module, *map_hw, kernel5x5=kernel5x5)
     suggested = from_clusters(found.clustering, stats, budget=hand_macs, round_to=config.round_to,

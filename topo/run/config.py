@@ -17,7 +17,7 @@ from builders.spec import read_spec
 from topo.controls.control import ControlConfig
 from topo.common.processes import check_processes
 from topo.run.rundir import RunDir
-from topo.train.config import TrainConfig
+from topo.train.config import RESUMABLE_CHANGES, TrainConfig
 
 
 REFERENCES = ("auto", "googlenet-small", "googlenet-paper", "googlenet-torchvision")
@@ -126,3 +126,24 @@ def with_aux_policy(spec: NetworkSpec, reference: NetworkSpec, policy: str) -> N
 
 def data_name(config: RunConfig) -> str:
     return f"{config.data} data" + (f" in {config.data_dir}" if config.data_dir else "")
+
+
+#: Run settings outside its sections that a continued run (or study) may change: how it computes, not what.
+RUN_RESUMABLE_CHANGES = frozenset({"jobs"})
+#: Every setting a continued run may change, by field name (the training's and the run's own).
+RESUMABLE = RESUMABLE_CHANGES | RUN_RESUMABLE_CHANGES
+
+
+def with_resumable_changes(saved: RunConfig, given: RunConfig, fields: set[str]) -> RunConfig:
+    """``saved`` with ``given``'s value of each setting among ``fields`` that a continued run may change."""
+    train = {name: getattr(given.train, name) for name in RESUMABLE_CHANGES & fields}
+    top = {name: getattr(given, name) for name in RUN_RESUMABLE_CHANGES & fields}
+    return dataclasses.replace(saved, **top, train=dataclasses.replace(saved.train, **train))
+
+
+def what_it_computes(config: RunConfig) -> dict[str, Any]:
+    """``config.to_dict()`` without the settings a continued run may change: two runs with equal results are
+    the same experiment."""
+    data = config.to_dict()
+    data["train"] = {k: v for k, v in data["train"].items() if k not in RESUMABLE_CHANGES}
+    return {k: v for k, v in data.items() if k not in RUN_RESUMABLE_CHANGES}

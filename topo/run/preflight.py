@@ -20,8 +20,7 @@ def check_training_data(config: RunConfig, bundle: DataBundle) -> None:
                         f"images of {data_name(config)}: no batch could be filled; use --batch-size {images} or less")
 
 
-def preflight(config: RunConfig, bundle: DataBundle, reference: NetworkSpec | None, *,
-              window_given: bool = False) -> None:
+def preflight(config: RunConfig, bundle: DataBundle, reference: NetworkSpec | None) -> None:
     """Every check of the settings against the data and the machine, before any work (``reference``: with a
     construction)."""
     check_device(config.train.device)
@@ -30,6 +29,6 @@ def preflight(config: RunConfig, bundle: DataBundle, reference: NetworkSpec | No
         return
     hw = tuple(bundle.image_size)
     maps = module_maps(config.construct, reference, hw)
-    if window_given:
+    if config.construct.window is not None:  # a window asked for must fit a map; the default fits each
         check_window(config.construct.window, maps)
     check_budget(config.construct, reference, hw)

@@ -269,8 +269,8 @@ def report_stage(run: RunDir) -> tuple[Path, pd.DataFrame | None]:
     return report, comparison_frame(rows) if rows else None
 
 
-def run_all(config: RunConfig, run: RunDir, *, bundle: DataBundle | None = None,
-            window_given: bool = False) -> tuple[Path, pd.DataFrame | None] | None:
+def run_all(config: RunConfig, run: RunDir, *, bundle: DataBundle | None = None
+            ) -> tuple[Path, pd.DataFrame | None] | None:
     """The whole job: construct, train the discovered and the reference network, compare, report.
 
     Every setting is checked against the data first (`preflight`), so a doomed
@@ -279,7 +279,7 @@ def run_all(config: RunConfig, run: RunDir, *, bundle: DataBundle | None = None,
     """
     bundle = load_data(config) if bundle is None else bundle
     reference = reference_spec(config, bundle)  # a bad --reference fails before anything is written
-    preflight(config, bundle, reference, window_given=window_given)
+    preflight(config, bundle, reference)
     is_main = dist_info.rank() == 0
     if is_main and not run.config_path.is_file():
         run.write_config(config.to_dict())

@@ -64,10 +64,10 @@ from builders.cost import network_costs
 from topo.run.preflight import preflight
 from topo.common.progress import progress_bar
 from topo.run.rundir import RunDir, StudyFiles, environment_info
-from topo.train.config import RESUMABLE_CHANGES
 from builders.baselines import UNIFORM, proportions_module, random_topology, refit, shuffled_module
 from topo.construct.files import ConstructionFiles
 from topo.stats.layer_stats import LayerStats
+from topo.run.config import what_it_computes
 
 log = logging.getLogger(__name__)
 
@@ -365,9 +365,7 @@ def _differences(saved: Any, given: Any, prefix: str = "") -> Iterator[tuple[str
 
 def _comparable(config: StudyConfig) -> dict[str, Any]:
     """The configuration without the fields that may change when a study resumes (devices, workers, progress)."""
-    data = config.to_dict()
-    data["run"]["train"] = {k: v for k, v in data["run"]["train"].items() if k not in RESUMABLE_CHANGES}
-    return data
+    return {**config.to_dict(), "run": what_it_computes(config.run)}
 
 
 def load_study(out: str | Path) -> StudyConfig:
@@ -401,15 +399,14 @@ def _finished(unit: Unit, row: Mapping[str, Any], done: int, total: int, time_le
 
 
 def run_study(config: StudyConfig, out: str | Path, *, shard: tuple[int, int] = (0, 1), progress: bool = True,
-              window_given: bool = False, poll_s: float = 5.0, wait_s: float | None = None) -> StudyResult | None:
+              poll_s: float = 5.0, wait_s: float | None = None) -> StudyResult | None:
     """Run the study's units (those of ``shard``) into ``out``, skipping finished ones; summarise when unsharded.
 
-    Every setting is checked against the data first (`topo.pipeline.preflight`; ``window_given``: the
-    window was asked for). Returns the summary on rank 0 of an unsharded study, else None (gather
+    Every setting is checked against the data first (`topo.run.preflight.preflight`). Returns the summary on rank 0 of an unsharded study, else None (gather
     shards with :func:`summarize`).
     """
     bundle = load_data(config.run)
-    preflight(config.run, bundle, reference_spec(config.run, bundle), window_given=window_given)
+    preflight(config.run, bundle, reference_spec(config.run, bundle))
     files = open_study(config, out)
     units = shard_units(plan_units(config), *shard)
     pending = [u for u in units if not files.result(u.name).is_file()]
