@@ -9,6 +9,9 @@ from builders.spec import InceptionSpec
 from topo.common.errors import StatsError
 
 OUTPUTS = ("ch1x1", "ch3x3", "ch5x5", "pool_proj")
+#: Widths are multiples of this unless told otherwise (1: any whole number of channels), in the library as in
+#: the construction (`topo.construct.config.ConstructConfig.round_to`).
+ROUND_TO = 1
 """The fields of `InceptionSpec` that are output channels of the module."""
 
 
@@ -55,7 +58,7 @@ def round_width(width: float, round_to: int | None, cap: int | None = None) -> i
     return int(w)
 
 
-def scaled_widths(spec: InceptionSpec, scale: float, round_to: int | None = 8) -> InceptionSpec:
+def scaled_widths(spec: InceptionSpec, scale: float, round_to: int | None = ROUND_TO) -> InceptionSpec:
     """``spec`` with every width times ``scale``, rounded by `round_width`."""
     return InceptionSpec(spec.in_channels, *(round_width(w * scale, round_to) for w in spec.widths), name=spec.name)
 

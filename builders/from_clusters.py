@@ -42,7 +42,7 @@ from typing import Iterable
 
 import numpy as np
 
-from builders.budget import fit_to_budget, round_width, scaled_widths
+from builders.budget import ROUND_TO, fit_to_budget, round_width, scaled_widths
 from builders.cost import inception_macs
 from builders.spec import InceptionSpec
 from topo.common.errors import StatsError
@@ -106,7 +106,7 @@ def _raw_widths(clusters: list, stats, pool_units: float | None, variance_share:
     return raw, {"ch3x3red": caps[3], "ch5x5red": caps[5]}
 
 
-def from_clusters(clustering, stats, *, budget: float | None = None, round_to: int | None = 8,
+def from_clusters(clustering, stats, *, budget: float | None = None, round_to: int | None = ROUND_TO,
                   in_channels: int | None = None, pool_units: float | None = None,
                   variance_share: float = VARIANCE_SHARE, pool_share: float = POOL_SHARE, name: str = "",
                   fallback: InceptionSpec | str | None = None, reduce_to_channels: bool = False,

@@ -28,6 +28,15 @@ class NetworkOutput(NamedTuple):
     aux_logits: tuple[torch.Tensor, ...]
 
 
+#: The classifier's name in every built network: its parameters are ``fc.weight`` and ``fc.bias``.
+HEAD = "fc"
+
+
+def is_head(key: str) -> bool:
+    """Whether a state-dict key belongs to the classifier (which a grown or retargeted network replaces)."""
+    return key.split(".", 1)[0] == HEAD
+
+
 class AuxHead(nn.Module):
     """Auxiliary classifier: pool -> 1x1 conv -> fc + ReLU -> dropout -> fc (torchvision's ``InceptionAux``)."""
 

@@ -11,7 +11,7 @@ import builders
 from analysis.tables import COMPARISON_CAPTION, comparison_frame, to_markdown, write_comparison
 from topo.common import distributed as dist_info
 from topo.controls.control import verdict
-from topo.common.errors import SpecError, UserError
+from topo.common.errors import UserError
 from topo.run.export import FORMATS, export_run, load_safetensors
 from topo.common.reading import read_weights
 from builders.spec import read_spec
@@ -30,6 +30,7 @@ from topo.train.trainer import train
 from topo.cli.parser import workers_value
 from topo.cli.resume import resumed_run, reuse_out, study_config
 from topo.cli.settings import out_dir, run_config
+from topo.run.config import sized_googlenet
 
 
 def _show_comparison(frame: pd.DataFrame | None) -> None:
@@ -104,14 +105,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def _analysed_spec(args: argparse.Namespace, bundle: Any) -> builders.NetworkSpec:
     if args.spec:
         return read_spec(args.spec)
-    try:
-        return builders.googlenet_spec(args.variant, num_classes=args.num_classes, aux_logits=False,
-                                       width_mult=args.width_mult, in_channels=bundle.in_channels,
-                                       input_size=min(bundle.image_size))
-    except SpecError as e:
-        h, w = bundle.image_size
-        raise SpecError(f"GoogLeNet --variant {args.variant} does not fit the {h}x{w} images of {args.data} ({e}); "
-                        "use --variant small for images up to 64 px, or larger images (--image-size)") from None
+    return sized_googlenet(args.variant, bundle, num_classes=args.num_classes, aux_logits=False,
+                           width_mult=args.width_mult, named=f"GoogLeNet --variant {args.variant}", data=args.data,
+                           fix="use --variant small for images up to 64 px, or larger images (--image-size)")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:

@@ -5,6 +5,10 @@ import os
 import torch
 from topo.common.errors import UserError
 
+#: Activations held in memory at once, at most: a recording's replayed batches (`topo.stats.record`), the
+#: construction's carried outputs (`topo.construct.prefix.CarriedOutputs`).
+ACTIVATION_BYTES = 2 << 30
+
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` (or None) is CUDA when available, else CPU; under torchrun, CUDA is ``cuda:$LOCAL_RANK``."""

@@ -62,7 +62,8 @@ def check_budget(config: ConstructConfig, reference: NetworkSpec, image_hw: tupl
     inputs = [base.out_channels] + [4 * width] * (len(maps) - 1)
     least = [_narrowest_module(c, hw, width) for c, (_, hw) in zip(inputs, maps)]
     weights = module_weights(plan, reference, image_hw, config.budget_split)
-    need = fixed + max(cost * sum(weights) / weight for cost, weight in zip(least, weights))
+    per_unit = planned_shares(fixed + 1.0, fixed, weights)  # shares grow in proportion to what the rest leaves
+    need = fixed + max(cost / share for cost, share in zip(least, per_unit))
     if budget < need:
         raise UserError(
             f"budget {budget:.4g} multiply-adds (--budget) is too small for skeleton {config.skeleton!r}: the stem, "
@@ -125,6 +126,15 @@ def module_budget(budget: float, spent: float, weights: list[float], index: int)
     """Module ``index``'s share of what is left of ``budget`` after ``spent``, by ``weights``."""
     remaining = weights[index:]
     return max(1.0, budget - spent) * remaining[0] / sum(remaining)
+
+
+def planned_shares(budget: float, fixed: float, weights: list[float]) -> list[float]:
+    """Each module's share of ``budget`` (`module_budget`) where the rest of the network costs ``fixed`` and
+    every module spends exactly its share."""
+    shares: list[float] = []
+    for index in range(len(weights)):
+        shares.append(module_budget(budget, fixed + sum(shares), weights, index))
+    return shares
 
 
 def step_budget(config: ConstructConfig, budget: float | None, spec: NetworkSpec, records: list[dict[str, Any]],

@@ -13,6 +13,7 @@ from topo.common.errors import UserError
 from topo.controls.nulls import KINDS as NULL_KINDS
 from topo.stats.sample import DEFAULT_FIRE_QUANTILE, check_fire_quantile
 from topo.stats.positions import DEFAULT_POSITIONS
+from builders.budget import ROUND_TO
 
 
 DEFAULT_SKELETON = "2,pool,5,pool,2"
@@ -44,6 +45,9 @@ NULLS = ("none",) + NULL_KINDS
 
 #: What a layer without clusters becomes: its principal dimension as 1x1 units, or the reference's proportions.
 FALLBACKS = (DATA_FALLBACK, "reference")
+
+#: Batches of BatchNorm calibration where the statistics are recorded over every batch (``stats_batches=None``).
+CALIBRATION_BATCHES = 16
 
 
 @dataclass
@@ -85,7 +89,7 @@ class ConstructConfig:
     max_clusters: int | None = None
     budget_macs: int | str = "reference"
     budget_split: str = "even"
-    round_to: int = 1
+    round_to: int = ROUND_TO
     fallback: str = DATA_FALLBACK
     max_units_per_cluster: float | None = 8.0
     null: str = "noise"
@@ -126,6 +130,12 @@ class ConstructConfig:
                                 f"{', '.join(BUDGETS)}")
         elif isinstance(self.budget_macs, bool) or not self.budget_macs > 0:
             raise UserError(f"budget {self.budget_macs} multiply-adds is not positive")
+
+    @property
+    def calibration_batches(self) -> int:
+        """Batches a prefix's BatchNorm statistics (and the threshold decoder) are computed over: those the
+        statistics are recorded over, or `CALIBRATION_BATCHES` where they are recorded over every batch."""
+        return self.stats_batches or CALIBRATION_BATCHES
 
     @property
     def largest_window(self) -> int:

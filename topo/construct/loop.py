@@ -77,7 +77,7 @@ def prepare_prefix(model: nn.Module, index: int, trainer: Callable[[nn.Module, i
     """Train the prefix briefly (``config.epochs_per_layer > 0``), else calibrate its BatchNorm statistics."""
     if trainer is not None and config.epochs_per_layer > 0:
         return trainer(model, index)
-    calibrate_batchnorm(model, batches, config.stats_batches or 16, device)
+    calibrate_batchnorm(model, batches, config.calibration_batches, device)
     return model
 
 
@@ -195,7 +195,7 @@ def decode_thresholds(grown: nn.Module, name: str, found: LayerClusters, stats: 
     Under ``torchrun`` every process then takes rank 0's weights, so all grow the same network.
     """
     grown.to(device)
-    max_batches = config.stats_batches or 16
+    max_batches = config.calibration_batches
     info = threshold_decode_(grown, getattr(grown, name), found.clustering, stats,
                              pool_clustering=found.pool_clustering, pooled=pooled,
                              calibrate=lambda: calibrate_batchnorm(grown, batches_factory(), max_batches, device),

@@ -9,9 +9,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 import builders
+from builders.network import is_head
 from builders.spec import NetworkSpec
 from contextlib import contextmanager
 from typing import Iterable, Iterator
+from topo.common.batches import batch_input
+from topo.common.devices import ACTIVATION_BYTES
 
 log = logging.getLogger(__name__)
 
@@ -49,19 +52,23 @@ def forward_batches(model: nn.Module, batches: Any, max_batches: int, device: to
     for i, batch in enumerate(batches):
         if i >= max_batches:
             break
-        model((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
+        model(batch_input(batch).to(device))
+
+
+def shared_weights(model: nn.Module, state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """The weights of ``state`` that fit ``model`` (same name and shape), and the names of those that do not;
+    the head is left out of both (a grown network's head is new)."""
+    own = model.state_dict()
+    body = {key: value for key, value in state.items() if not is_head(key)}
+    shared = {key: value for key, value in body.items() if key in own and own[key].shape == value.shape}
+    return shared, [key for key in body if key not in shared]
 
 
 def load_prefix(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy the weights of the layers ``model`` shares with ``state`` (the head is new)."""
     own = model.state_dict()
-    shared = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape and not k.startswith("fc.")}
-    own.update(shared)
+    own.update(shared_weights(model, state)[0])
     model.load_state_dict(own)
-
-
-#: At most this many bytes of carried activations (the three sets together).
-MAX_BYTES = 2 << 30
 
 
 def _inputs(batches: Iterable[Any], max_batches: int, device: torch.device) -> list[torch.Tensor]:
@@ -70,7 +77,7 @@ def _inputs(batches: Iterable[Any], max_batches: int, device: torch.device) -> l
     for batch in batches:
         if len(out) >= max_batches:
             break
-        out.append((batch[0] if isinstance(batch, (list, tuple)) else batch).to(device))
+        out.append(batch_input(batch).to(device))
     return out
 
 
@@ -79,7 +86,7 @@ class CarriedOutputs:
     docstring); ``example`` is one raw input image, for counting the whole prefix's forward cost."""
 
     def __init__(self, data: Iterable[Any], null: Iterable[Any] | None, max_batches: int, device: torch.device,
-                 max_bytes: int = MAX_BYTES) -> None:
+                 max_bytes: int = ACTIVATION_BYTES) -> None:
         raw = _inputs(data, max_batches, device)
         self.example = raw[0][:1]
         self.train, self.eval = raw, raw

@@ -26,15 +26,9 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from topo.common.errors import UserError
+from topo.common.batches import split_batch
 
 KINDS = ("shuffled", "noise")
-
-
-def _inputs(batch: Any) -> tuple[torch.Tensor, tuple]:
-    """The input tensor of a batch and the rest of it (labels, ...)."""
-    if isinstance(batch, (list, tuple)):
-        return batch[0], tuple(batch[1:])
-    return batch, ()
 
 
 @dataclass(frozen=True)
@@ -52,7 +46,7 @@ class PixelMoments:
         for index, batch in enumerate(batches):
             if max_batches is not None and index >= max_batches:
                 break
-            x = _inputs(batch)[0].detach().to("cpu", torch.float64)
+            x = split_batch(batch)[0].detach().to("cpu", torch.float64)
             total = x.sum(0) if total is None else total + x.sum(0)
             square = (x * x).sum(0) if square is None else square + (x * x).sum(0)
             count += x.shape[0]
@@ -93,7 +87,7 @@ class NullBatches:
 
     def __iter__(self) -> Iterator[Any]:
         for index, batch in enumerate(self.batches):
-            x, rest = _inputs(batch)
+            x, rest = split_batch(batch)
             null = self._shuffle(x) if self.kind == "shuffled" else self._noise(x, index)
             yield (null, *rest) if rest else null
 

@@ -110,13 +110,21 @@ def reference_spec(config: RunConfig, bundle: DataBundle) -> NetworkSpec:
         choice = "googlenet-small" if size <= SMALL_IMAGES else "googlenet-torchvision"
     variant = choice.split("-", 1)[1]
     width = config.width_mult if config.width_mult is not None else default_width(config.data)
+    return sized_googlenet(variant, bundle, num_classes=bundle.num_classes, aux_logits=None, width_mult=width,
+                           named=f"reference {choice}", data=data_name(config),
+                           fix="use larger images (--image-size) or another --reference")
+
+
+def sized_googlenet(variant: str, bundle: DataBundle, *, num_classes: int, aux_logits: bool | None,
+                    width_mult: float, named: str, data: str, fix: str) -> NetworkSpec:
+    """GoogLeNet ``variant`` for the images and channels of ``bundle``; where it does not fit them, a one-line
+    error naming it (``named``), the images and ``data``, and ``fix``."""
     try:
-        return builders.googlenet_spec(variant, num_classes=bundle.num_classes, aux_logits=None, width_mult=width,
-                                       in_channels=bundle.in_channels, input_size=size)
+        return builders.googlenet_spec(variant, num_classes=num_classes, aux_logits=aux_logits, width_mult=width_mult,
+                                       in_channels=bundle.in_channels, input_size=min(bundle.image_size))
     except SpecError as e:
         h, w = bundle.image_size
-        raise SpecError(f"reference {choice} does not fit the {h}x{w} images of {data_name(config)} ({e}); use "
-                        "larger images (--image-size) or another --reference") from None
+        raise SpecError(f"{named} does not fit the {h}x{w} images of {data} ({e}); {fix}") from None
 
 
 def with_aux_policy(spec: NetworkSpec, reference: NetworkSpec, policy: str) -> NetworkSpec:

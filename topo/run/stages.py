@@ -37,6 +37,7 @@ from topo.train.config import TrainResult
 from topo.train.trainer import train
 from topo.run.config import RunConfig, load_data, reference_spec, with_aux_policy
 from topo.run.preflight import preflight
+from topo.construct.prefix import shared_weights
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,7 @@ def initial_model(name: str, spec: NetworkSpec, config: RunConfig, run: RunDir) 
     if name != "discovered" or config.fresh_init or not shaped:
         return model
     state = construction_state(run)
-    own = model.state_dict()
-    fits = state is not None and all(k in own and own[k].shape == v.shape for k, v in state.items()
-                                     if not k.startswith("fc."))
+    fits = state is not None and not shared_weights(model, state)[1]
     if not fits:
         log.info("the discovered network differs from the constructed one (rescaled to the budget): training "
                  "starts from random weights")

@@ -33,14 +33,13 @@ from topo.common.progress import progress_bar
 from topo.stats.sample import DEFAULT_FIRE_QUANTILE, ActivationSample, check_fire_quantile
 from topo.stats.positions import DEFAULT_POSITIONS, PositionBudget
 from topo.stats.layer_stats import LayerStats
+from topo.common.batches import batch_input
+from topo.common.devices import ACTIVATION_BYTES
 
 log = logging.getLogger(__name__)
 
 _WHERE = ("output", "input")
 
-#: Bytes of recorded activations the calibration pass keeps, at most, so that the recording needs no second
-#: forward pass (:func:`record`'s ``replay_bytes``).
-REPLAY_BYTES = 2**30
 
 
 def parse_layer(spec: str) -> tuple[str, str]:
@@ -92,7 +91,7 @@ def record(
     seed: int = 0,
     progress: bool = True,
     all_reduce: bool = True,
-    replay_bytes: int = REPLAY_BYTES,
+    replay_bytes: int = ACTIVATION_BYTES,
     forward_cost: int | None = None,
     names: Mapping[str, str] | None = None,
 ) -> dict[str, LayerStats]:
@@ -107,7 +106,7 @@ def record(
     q-quantile from a bounded, seeded subsample; a unit fires above it (a ReLU unit whose quantile is 0 fires
     when positive). The global CPU RNG and the loader's generators are put back before the second pass, so
     both see the same batches (persistent loader workers keep their own random state: same images and order,
-    other augmentations). Where the calibration pass's activations fit in ``replay_bytes`` (1 GiB, on the
+    other augmentations). Where the calibration pass's activations fit in ``replay_bytes`` (2 GiB, on the
     statistics' device) its copies of them are recorded instead: one pass, bitwise the same statistics (not with
     0, nor under ``torch.distributed``). ``threshold=None, fire_quantile=None``: threshold 0, one pass.
 
@@ -428,8 +427,7 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _inputs(batch: Any) -> torch.Tensor:
-    if isinstance(batch, (tuple, list)) and batch:
-        batch = batch[0]
+    batch = batch_input(batch)
     if not isinstance(batch, torch.Tensor):
         raise StatsError(
             f"a data batch is {type(batch).__name__}; pass an iterable of tensors or (input, target) pairs"
