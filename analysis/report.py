@@ -32,10 +32,13 @@ from analysis.tables import (
 )
 from topo.controls.control import ControlSummary, verdict
 from topo.common.writing import atomic_write_text
-from topo.run.rundir import RunDir
 
 
 # --------------------------------------------------------------------------- findings
+
+#: The report of a folder (a run's, an analysis's) and its figures, by name inside it.
+REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
 
 
 def _pick_networks(rows: Sequence[Mapping[str, Any]], discovered: str) -> tuple[dict | None, dict | None]:
@@ -231,10 +234,10 @@ def _figure_section(title: str, paths: Sequence[Path], run_dir: Path, caption: s
     return lines + [""]
 
 
-def _figure_lines(run: RunDir, records: list[dict], rows: list[dict], histories: Mapping[str, pd.DataFrame],
+def _figure_lines(root: Path, records: list[dict], rows: list[dict], histories: Mapping[str, pd.DataFrame],
                   corr_by_layer: Mapping[str, Any]) -> list[str]:
-    """Draw every figure the data allows into the run's figures folder; the report's lines for them."""
-    figures, root = run.figures, run.root
+    """Draw every figure the data allows into ``root``'s figures folder; the report's lines for them."""
+    figures = root / FIGURES_DIR
     lines: list[str] = []
     if records:
         lines += _figure_section(
@@ -261,7 +264,7 @@ def _figure_lines(run: RunDir, records: list[dict], rows: list[dict], histories:
     return lines
 
 
-def _control_lines(summary: ControlSummary, run: RunDir) -> list[str]:
+def _control_lines(summary: ControlSummary, root: Path) -> list[str]:
     """The control's section: each control's distance against the seeds', and the shares per module."""
     table = pd.DataFrame([{"control": o.kind, "distance": round(o.distance, 3), "seed distance": round(o.seed_distance, 3),
                            "ratio": round(o.ratio, 2), "p": o.p_value, "passes": o.passes} for o in summary.outcomes])
@@ -270,7 +273,7 @@ def _control_lines(summary: ControlSummary, run: RunDir) -> list[str]:
              + ", ".join(f"{len(v)} on {k}" for k, v in summary.shares.items() if k != "real")
              + ". Distance: mean over modules of the L1 distance of the 1x1/3x3/5x5 output shares (0 to 2); "
              "p: module-wise permutation test (topo/controls.py).", "", to_markdown(table), ""]
-    lines += _figure_section("Control", plots.control_shares(summary, run.figures / "controls"), run.root,
+    lines += _figure_section("Control", plots.control_shares(summary, root / FIGURES_DIR / "controls"), root,
                              "Per module, the 1x1/3x3/5x5 output shares of every construction: the data's seeds "
                              "beside each control.")
     return lines
@@ -292,7 +295,7 @@ def write_report(
     (or a ``(corr, order, labels)`` tuple). Parts without data (no records, no
     trained network, no history) are left out. Returns the path of report.md.
     """
-    run = RunDir(Path(run_dir))
+    root = Path(run_dir)
     records = [as_dict(r) for r in records]
     rows = [as_dict(r) for r in rows]
 
@@ -301,19 +304,19 @@ def write_report(
         lines += [verdict(controls), ""]
     lines += ["## Findings", "", findings(records, rows), ""]
     if controls is not None:
-        lines += _control_lines(controls, run)
+        lines += _control_lines(controls, root)
     if rows:
-        write_comparison(rows, run.root)
+        write_comparison(rows, root)
         lines += ["## Comparison", "", to_markdown(comparison_frame(rows)), "", COMPARISON_CAPTION, "",
                   "Also as [comparison.csv](comparison.csv) and [comparison.tex](comparison.tex).", ""]
     if records:
         has_reference = any(r.get("reference") is not None for r in records)
         note = "Widths shown as discovered (reference)." if has_reference else "Discovered widths (no reference given)."
         lines += ["## Modules", "", note, "", layer_markdown(layer_frame(records)), ""]
-    figure_lines = _figure_lines(run, records, rows, dict(histories or {}), corr_by_layer or {})
+    figure_lines = _figure_lines(root, records, rows, dict(histories or {}), corr_by_layer or {})
     if figure_lines:
         lines += ["## Figures", ""] + figure_lines
     if config is not None:
         lines += ["## Configuration", "", _config_markdown(config), ""]
-    atomic_write_text(run.report, "\n".join(lines).rstrip() + "\n")
-    return run.report
+    atomic_write_text(root / REPORT_FILE, "\n".join(lines).rstrip() + "\n")
+    return root / REPORT_FILE

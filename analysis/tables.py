@@ -3,7 +3,7 @@
 The inputs are plain data, the same the construction loop and the trainer
 write into a run directory:
 
-* a **layer record** per constructed Inception module (:class:`LayerRecord`);
+* a **layer record** per constructed Inception module (`topo.construct.records.LayerRecord`);
 * a **comparison row** per trained network (:class:`ComparisonRow`);
 * a **history** per trained network: a DataFrame with one row per epoch and
   the columns ``epoch, lr, train_loss, train_top1, val_loss, val_top1,
@@ -21,6 +21,8 @@ import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypedDict
+
+from topo.construct.records import LayerRecord  # noqa: F401 - the records' type, declared by their producer
 
 import numpy as np
 import pandas as pd
@@ -50,25 +52,6 @@ COMPARISON_CAPTION = (
 
 class ReportError(UserError, ValueError):
     """Records or rows that cannot be reported (a missing or malformed field)."""
-
-
-class LayerRecord(TypedDict, total=False):
-    """What the construction loop measured and decided for one module."""
-
-    name: str                      # e.g. "inception3a"
-    in_channels: int
-    spatial_shape: list[int]       # [H, W] of the recorded map
-    observations: int              # positions x images the statistics saw
-    dead_units: int
-    method: str                    # clustering method, e.g. "arora"
-    n_clusters: int
-    kernel_counts: dict[str, int]  # clusters per kernel size: {"1": .., "3": .., "5": ..}
-    spec: dict[str, Any]           # the discovered InceptionSpec as a dict
-    reference: dict[str, Any] | None  # the hand-designed module's InceptionSpec dict
-    macs: int                      # multiply-adds of the discovered module
-    budget_macs: int               # its share of the multiply-add budget
-    decoded_units: int             # --decoder threshold: the units whose threshold it set (topo.decoding)
-    decoded_rate: float | None     # their mean target firing rate
 
 
 class ComparisonRow(TypedDict, total=False):

@@ -3,6 +3,8 @@ functions in topo/ stay short enough to read in one screen."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,55 @@ def test_functions_in_topo_fit_one_screen(path: Path):
             and node.end_lineno - node.lineno + 1 > LONGEST
             and not (path.relative_to(ROOT) == Path("topo/cli/parser.py") and node.name.startswith("_add"))]
     assert long == []
+
+
+#: The stages of the house from the ground up (docs/design.md): a package imports only packages on lower floors.
+FLOORS = {
+    "topo.common": 0,
+    "builders": 1, "topo.stats": 1, "topo.controls": 1,
+    "topo.cluster": 2,
+    "topo.planted": 3, "topo.construct": 3,
+    "topo.data": 4, "analysis": 4,
+    "topo.train": 5,
+    "topo.run": 6,
+    "topo.cli": 7,
+}
+
+
+def _package(module: str) -> str:
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] == "topo" and len(parts) > 2 else parts[0] if parts[0] != "topo" else module
+
+
+def _stage_imports_going_up(modules: dict[str, ast.Module]) -> list[str]:
+    """``importer -> imported`` for every import of a package on the same or a higher floor (any package not in
+    `FLOORS` counts as going up: a new stage must be placed)."""
+    wrong = []
+    for name, tree in modules.items():
+        for target in _imports(tree, top_level=True) | _imports(tree, top_level=False):
+            if target not in modules:
+                continue
+            a, b = _package(name), _package(target)
+            if a != b and FLOORS.get(b, 99) >= FLOORS.get(a, -1):
+                wrong.append(f"{name} -> {target}")
+    return sorted(wrong)
+
+
+def test_each_stage_imports_only_the_stages_below_it():
+    assert _stage_imports_going_up(_modules()) == []
+
+
+def test_the_stage_check_sees_an_import_that_goes_up():
+    """The check can fail: the construction importing the run's stages, or a package not on any floor."""
+    modules = _modules()
+    modules["topo.construct.loop"] = ast.parse("from topo.run.stages import run_all\n")
+    modules["topo.newstage.thing"] = ast.parse("from topo.common.errors import UserError\n")
+    assert _stage_imports_going_up(modules) == ["topo.construct.loop -> topo.run.stages",
+                                                "topo.newstage.thing -> topo.common.errors"]
+
+
+def test_loading_a_run_draws_nothing():
+    """`topo.load_run` (and the run's configuration it reads) imports no plotting library."""
+    code = "import sys, topo; topo.load_run; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"

@@ -43,17 +43,17 @@ def _narrowest_module(in_channels: int, map_hw: tuple[int, int], width: int) -> 
     return inception_macs(module, *map_hw, kernel5x5=5)
 
 
-def check_budget(config: ConstructConfig, reference: NetworkSpec, image_hw: tuple[int, int]) -> None:
+def check_budget(config: ConstructConfig, reference: NetworkSpec, image_hw: tuple[int, int],
+                 maps: list[tuple[str, tuple[int, int]]]) -> None:
     """A one-line error, before anything is recorded, for a budget the skeleton's modules cannot fit in.
 
     The stem, poolings and head cost what they cost; each module gets a share of
     the rest in proportion to its weight under the configured split (`topo.construct.module_weights`) and
-    must at least afford its narrowest form, every branch ``round_to`` wide.
+    must at least afford its narrowest form, every branch ``round_to`` wide. ``maps``: `module_maps`.
     """
     budget = total_budget(config, dataclasses.replace(reference, input_size=min(image_hw)), image_hw)
     if budget is None:
         return
-    maps = module_maps(config, reference, image_hw)
     plan = skeleton_plan(config.skeleton, reference)
     pools = tuple(item for item in plan if isinstance(item, PoolSpec))
     base = discovered_base(config, reference, image_hw)

@@ -4,13 +4,41 @@ shared by the construction, `analyze` and the report.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from builders.cost import inception_macs
 from builders.spec import InceptionSpec
 from topo.stats.layer_stats import LayerStats
 from topo.cluster.estimator import UnitClustering
+
+
+
+class LayerRecord(TypedDict, total=False):
+    """What the construction measured and decided for one module (`layer_record`; the report and the control
+    read it back from ``records.json``)."""
+
+    name: str                      # e.g. "inception3a"
+    in_channels: int
+    spatial_shape: list[int]       # [H, W] of the recorded map
+    observations: int              # positions x images the statistics saw
+    dead_units: int
+    method: str                    # clustering method, e.g. "arora"
+    window: int                    # the window the layer was clustered with
+    n_clusters: int
+    kernel_counts: dict[str, int]  # clusters per kernel size: {"1": .., "3": .., "5": ..}
+    spec: dict[str, Any]           # the discovered InceptionSpec as a dict
+    reference: dict[str, Any] | None  # the hand-designed module's InceptionSpec dict
+    macs: int                      # multiply-adds of the discovered module
+    budget_macs: int | None        # its share of the multiply-add budget (None: no budget)
+    fallback: bool                 # no clusters: the module is the fallback's
+    window_forced: bool            # the map set the window (and the largest kernel), not the data
+    firing_rate: float | None      # the layer's mean per-unit firing rate
+    pool_clusters: int | None      # clusters of the 3x3 max-pooled map (None: no pooling branch)
+    null: str                      # what each pair was tested against: "none" or a null input's kind
+    found_spec: dict[str, Any]     # the module as found, where the network was then scaled as a whole
+    decoded_units: int             # --decoder threshold: the units whose threshold it set (topo.construct.decoding)
+    decoded_rate: float | None     # their mean target firing rate
 
 
 @dataclass
@@ -25,8 +53,8 @@ class LayerClusters:
 def layer_record(name: str, stats: LayerStats, found: LayerClusters, module: InceptionSpec,
                  reference: InceptionSpec | None, *, budget: float | None, in_channels: int,
                  map_hw: tuple[int, int], largest_window: int = 5, null: str = "none",
-                 kernel5x5: int = 5) -> dict[str, Any]:
-    """What was measured and decided for one module (see `analysis.tables.LayerRecord`).
+                 kernel5x5: int = 5) -> LayerRecord:
+    """What was measured and decided for one module (`LayerRecord`).
 
     ``window_forced``: the map was too small for ``largest_window``, so the window (and the largest kernel)
     was set by the map, not by the data; ``firing_rate``: the layer's mean per-unit firing rate.

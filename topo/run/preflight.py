@@ -31,4 +31,4 @@ def preflight(config: RunConfig, bundle: DataBundle, reference: NetworkSpec | No
     maps = module_maps(config.construct, reference, hw)
     if config.construct.window is not None:  # a window asked for must fit a map; the default fits each
         check_window(config.construct.window, maps)
-    check_budget(config.construct, reference, hw)
+    check_budget(config.construct, reference, hw, maps)

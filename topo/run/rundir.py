@@ -185,16 +185,8 @@ class RunDir:
         return self.root / "controls" / "summary.json"
 
     @property
-    def figures(self) -> Path:
-        return self.root / "figures"
-
-    @property
     def topology(self) -> Path:
         return self.root / "topology.json"
-
-    @property
-    def report(self) -> Path:
-        return self.root / "report.md"
 
     # Configuration and stages -----------------------------------------------
     @property
