@@ -272,7 +272,7 @@ def _control_lines(summary: ControlSummary, root: Path) -> list[str]:
              f"Constructions: {len(summary.shares['real'])} seeds on the data, and "
              + ", ".join(f"{len(v)} on {k}" for k, v in summary.shares.items() if k != "real")
              + ". Distance: mean over modules of the L1 distance of the 1x1/3x3/5x5 output shares (0 to 2); "
-             "p: module-wise permutation test (topo/controls.py).", "", to_markdown(table), ""]
+             "p: module-wise permutation test (topo/controls/control.py).", "", to_markdown(table), ""]
     lines += _figure_section("Control", plots.control_shares(summary, root / FIGURES_DIR / "controls"), root,
                              "Per module, the 1x1/3x3/5x5 output shares of every construction: the data's seeds "
                              "beside each control.")
