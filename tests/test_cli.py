@@ -13,6 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from checks import one_line_error
 from gloo_group import finish, torchrun
 
 import builders
@@ -25,14 +26,6 @@ from topo.common.writing import KILL_AT_WRITE
 
 FAST = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "1", "--batch-size", "64",
         "--workers", "0", "--no-progress", "--data", "digits", "--no-controls"]
-
-
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    lines = err.splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +162,7 @@ def test_no_verify_leaves_unreadable_images_to_be_found_when_read(
 
 def test_no_verify_with_strict_fails_when_an_unreadable_image_is_read(broken_image_tree: Path, tmp_path: Path, capsys):
     assert _train_on_broken_tree(broken_image_tree, tmp_path, "--batch-size", "17", "--strict", "--no-verify") == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "cannot be read" in line and "remove or replace it" in line
     assert "unreadable images in" not in line  # not the message of the check at load time
 
@@ -187,7 +180,7 @@ def test_no_verify_with_strict_fails_when_an_unreadable_image_is_read(broken_ima
 ])
 def test_user_errors_are_one_line(argv, expected, capsys, tmp_path):
     assert main([*argv, "--out", str(tmp_path / "out")] if argv[0] not in ("--resume",) else argv) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert line.startswith("topo-build: error:") and expected in line
 
 
@@ -195,7 +188,7 @@ def test_invalid_spec_file_is_one_line(capsys, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"stem": [{"type": "conv", "name": "c", "out_channels": -3, "kernel_size": 3}]}))
     assert main(["train", str(bad), "--out", str(tmp_path / "out")]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "out_channels" in line and "-3" in line
 
 
@@ -297,7 +290,7 @@ def test_a_diverging_training_stops_with_the_epoch_and_the_fix(tmp_path: Path, c
     spec, out = _tiny_digits_spec(tmp_path), tmp_path / "run"
     argv = ["train", str(spec), "--lr", "1000", "--epochs", "3", "--workers", "0", "--no-progress", "--data", "digits", "--out", str(out)]
     assert main(argv) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "tiny diverged in epoch 1 of 3: the training loss is inf; no checkpoint was written" in line
     assert "Lower the learning rate (now 1000)" in line and "--grad-clip" in line
     assert not (out / "training" / "tiny.ckpt").exists() and not (out / "comparison.csv").exists()
@@ -330,7 +323,7 @@ def test_a_full_disk_or_read_only_folder_during_a_run_is_one_line_and_keeps_the_
     calls = _fail_write(monkeypatch, 5, error, where)
     argv = ["train", str(spec), "--epochs", "3", "--workers", "0", "--no-progress", "--data", "digits", "--out", str(out)]
     assert main(argv) == 1
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert line.startswith("topo-build: error: cannot write") and os.strerror(error) in line
     assert "tiny_metrics.csv" in line and "every file written before is intact" in line
     assert len(calls) == 6

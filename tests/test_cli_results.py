@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import test_export
 import torch
-from test_cli import _one_line_error
+from checks import close, one_line_error
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -37,10 +36,9 @@ from topo.train.trainer import _sync_batchnorm, deterministic_algorithms, evalua
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 
-# topo.export's fixtures: digits, a run of GoogLeNet's small variant trained two epochs on them, 50 of their
-# validation images and the trained network's logits on those; and its comparison of logits
-digits, trained, images, want = test_export.digits, test_export.trained, test_export.images, test_export.want
-close = test_export.close
+# the export tests' fixtures are in conftest.py: digits, a run of GoogLeNet's small variant trained two epochs on
+# them (trained), 50 of their validation images (images) and the trained network's logits on those (want); their
+# comparison of logits is checks.close
 
 QUICK = ["--data", "digits", "--epochs", "1", "--batch-size", "64", "--workers", "0", "--no-progress"]
 
@@ -105,15 +103,15 @@ def test_export_command_default_path_and_format_from_suffix(trained, images, wan
 
 def test_export_command_errors_are_one_line(tmp_path, capsys):
     assert main(["export", str(tmp_path / "nowhere"), "--format", "onnx"]) == 2
-    assert "is not a topo-build run directory" in _one_line_error(capsys)
+    assert "is not a topo-build run directory" in one_line_error(capsys)
     _saved_run(tmp_path / "empty", RunConfig())
     assert main(["export", str(tmp_path / "empty"), "--format", "pt2"]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "no trained network 'discovered'" in line and "none yet" in line
     assert main(["export", str(tmp_path / "empty")]) == 2
-    assert "give --format" in _one_line_error(capsys)
+    assert "give --format" in one_line_error(capsys)
     assert main(["export", str(tmp_path / "empty"), "--out", str(tmp_path / "net.bin")]) == 2
-    assert "cannot tell the export format" in _one_line_error(capsys)
+    assert "cannot tell the export format" in one_line_error(capsys)
 
 
 @pytest.mark.slow
@@ -121,7 +119,7 @@ def test_export_without_the_extra_names_it(trained, tmp_path, capsys, monkeypatc
     _, run = trained
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
     assert main(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "net.onnx")]) == 2
-    assert 'pip install "topo-build[export]"' in _one_line_error(capsys)
+    assert 'pip install "topo-build[export]"' in one_line_error(capsys)
     assert not (tmp_path / "net.onnx").exists()
 
 
@@ -169,15 +167,15 @@ def test_eval_errors_are_one_line(tmp_path, capsys):
     spec = builders.googlenet_spec("small", num_classes=10, width_mult=0.125, in_channels=1, input_size=8)
     atomic_write_text(tmp_path / "net.json", spec.to_json() + "\n")
     assert main(["eval", str(tmp_path / "net.json"), "--data", "digits"]) == 2
-    assert "--weights" in _one_line_error(capsys)
+    assert "--weights" in one_line_error(capsys)
     torch.save(builders.build(spec).state_dict(), tmp_path / "net.pt")
     wrong = ["eval", str(tmp_path / "net.json"), "--weights", str(tmp_path / "net.pt"), "--data", "fake",
              "--workers", "0"]
     assert main(wrong) == 2
-    assert "use a spec built for this data" in _one_line_error(capsys)
+    assert "use a spec built for this data" in one_line_error(capsys)
     assert main(["eval", str(tmp_path / "net.json"), "--weights", str(tmp_path / "net.pt"), "--out",
                  str(tmp_path)]) == 2
-    assert "is a folder" in _one_line_error(capsys)
+    assert "is a folder" in one_line_error(capsys)
 
 
 def test_eval_of_a_run_takes_the_runs_data_settings(tmp_path):
@@ -247,7 +245,7 @@ def test_a_bad_config_file_is_one_line_naming_the_key(settings, named, tmp_path,
     path = tmp_path / "settings.json"
     atomic_write_json(path, settings)
     assert main(["run", "--config", str(path)]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert named in line and str(path) in line, line
 
 
@@ -264,7 +262,7 @@ def test_yaml_without_pyyaml_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "yaml", None)
     atomic_write_text(tmp_path / "settings.yaml", "train:\n  epochs: 2\n")
     assert main(["run", "--config", str(tmp_path / "settings.yaml")]) == 2
-    line = _one_line_error(capsys)
+    line = one_line_error(capsys)
     assert "PyYAML is not installed" in line and "JSON" in line
 
 

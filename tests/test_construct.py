@@ -13,17 +13,12 @@ from analysis import count_macs
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
 from topo.construct.config import ConstructConfig, parse_skeleton, skeleton_plan
 from topo.construct.loop import construct
-from topo.data import load, make_loader
+from topo.data import make_loader
 from topo.common.errors import UserError
 
 pytestmark = pytest.mark.slow  # subprocesses or whole constructions: seconds each
 
 SKELETON = "1,pool,1"
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load("digits")
 
 
 @pytest.fixture(scope="module")

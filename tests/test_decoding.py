@@ -32,8 +32,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:UnitClustering:UserWarning")  # 
 
 
 @pytest.fixture(scope="module")
-def decoded():
-    torch.set_num_threads(1)
+def decoded(one_thread_module):
     sample = generate(CONFIG)
     x = torch.from_numpy(sample.activations)
     stats = from_activations(x, threshold=0.0)
@@ -156,8 +155,7 @@ def _construction(**overrides):
 
 
 @pytest.fixture(scope="module")
-def constructions():
-    torch.set_num_threads(1)
+def constructions(one_thread_module):
     return {decoder: _construction(decoder=decoder, pool_branch=False) for decoder in ("threshold", "mean")}
 
 

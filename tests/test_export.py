@@ -8,19 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from checks import close
 from torch import nn
 
 import builders
 import topo
 from builders.spec import NetworkSpec
-from topo.data import load
 from topo.common.errors import SpecError, UserError
 from topo.run.export import ExportError, example_for, export, export_onnx, export_run, format_for, load_safetensors
-from topo.common.writing import atomic_write_text
-from topo.run.config import RunConfig
-from topo.run.rundir import RunDir
-from topo.train.config import TrainConfig
-from topo.train.trainer import train
 
 pytestmark = [
     pytest.mark.slow,
@@ -28,47 +23,9 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),  # recent torch (2.14 here)
 ]
 
-# what the tests allow between a file's logits and the model's: float32 kernels of another runtime
-ATOL = RTOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load("digits")
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, digits) -> tuple[nn.Module, Path]:
-    """GoogLeNet's small-input variant at width 0.25 trained for two epochs on digits, and its run directory."""
-    torch.set_num_threads(1)
-    run = RunDir(tmp_path_factory.mktemp("runs") / "run")
-    config = RunConfig(data="digits", controls=False, train=TrainConfig(epochs=2, batch_size=64, workers=0, progress=False))
-    run.write_config(config.to_dict())
-    spec = builders.googlenet_spec("small", num_classes=10, width_mult=0.25, in_channels=1, input_size=8)
-    atomic_write_text(run.topology, spec.to_json() + "\n")
-    torch.manual_seed(0)
-    result = train(builders.build(spec), digits.train, digits.val, config.train, run_dir=run.training.root,
-                   name="discovered")
-    return result.model, run.root
-
-
-@pytest.fixture(scope="module")
-def images(digits) -> torch.Tensor:
-    """50 validation digits: a batch size other than the export's example batch of 2."""
-    return torch.stack([digits.val[i][0] for i in range(50)])
-
-
-@pytest.fixture(scope="module")
-def want(trained, images) -> torch.Tensor:
-    model, _ = trained
-    with torch.no_grad():
-        logits = model.eval()(images)
-    assert logits.abs().max() > 1.0  # a trained network: a comparison at ATOL means something
-    return logits
-
-
-def close(got, want: torch.Tensor) -> None:
-    torch.testing.assert_close(torch.as_tensor(got), want, atol=ATOL, rtol=RTOL)
+# the fixtures digits, trained (GoogLeNet's small variant trained two epochs on them, and its run), images (50
+# validation digits) and want (the trained network's logits on them) are in conftest.py, shared with
+# test_cli_results.py
 
 
 # ----------------------------------------------------------------------------- safetensors

@@ -24,8 +24,7 @@ CONFIG = PlantedConfig(num_channels=40, num_hidden=9, degree=4, kernel_mix=(1, 1
 
 
 @pytest.fixture(scope="module")
-def planted():
-    torch.set_num_threads(1)
+def planted(one_thread_module):
     sample = generate(CONFIG)
     stats = from_activations(torch.from_numpy(sample.activations), threshold=0.0)
     clustering = UnitClustering(method="arora", random_state=0, progress=False).fit(stats)

@@ -14,7 +14,6 @@ import builders
 import topo
 from builders.spec import NetworkSpec
 from topo.construct.config import ConstructConfig
-from topo.data import load
 from topo.common.errors import SpecError, UserError
 from topo.common.writing import atomic_torch_save, atomic_write_text
 from topo.run.config import RunConfig, reference_spec
@@ -30,15 +29,9 @@ EPOCHS = 2
 
 
 @pytest.fixture(scope="module")
-def digits():
-    return load("digits")
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, digits) -> Path:
+def run_dir(tmp_path_factory, digits, one_thread_module) -> Path:
     """A run directory laid out as the pipeline lays it out, with two trained networks:
     'discovered' (a prefix of the reference, in topology.json) and 'reference' (no spec file)."""
-    torch.set_num_threads(1)
     run = RunDir(tmp_path_factory.mktemp("runs") / "run")
     config = RunConfig(data="digits", controls=False, train=TrainConfig(epochs=EPOCHS, batch_size=64, workers=0, progress=False, ema_decay=0.9))
     run.write_config(config.to_dict())

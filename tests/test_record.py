@@ -16,6 +16,7 @@ from topo.stats.positions import DEFAULT_POSITIONS
 from topo.stats.layer_stats import from_activations
 
 
+# not conftest.py's digits (topo's train/val split): the first 192 of scikit-learn's digits, as a TensorDataset
 @pytest.fixture(scope="module")
 def digits():
     data = load_digits()

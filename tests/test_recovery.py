@@ -229,8 +229,7 @@ def test_tier_test_tells_equal_rates_from_doubled_ones_at_its_bar():
 
 
 @pytest.fixture(scope="module")
-def small_deep():
-    torch.set_num_threads(1)
+def small_deep(one_thread_module):
     return generate_deep(DeepPlantedConfig(num_samples=256), seed=0)
 
 

@@ -34,6 +34,7 @@ def digits_cnn() -> nn.Sequential:
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(12, 10))
 
 
+# not conftest.py's digits (topo's train/val split): the first 192 of scikit-learn's digit images, as one tensor
 @pytest.fixture(scope="module")
 def digits() -> torch.Tensor:
     return torch.tensor(load_digits().images[:192] / 16.0, dtype=torch.float32).unsqueeze(1)

@@ -15,15 +15,9 @@ from torch.utils.data import Subset, TensorDataset
 
 import builders
 from builders import NetworkOutput
-from topo.data import load
 from topo.common.errors import UserError
 from topo.train.config import DivergenceError, TrainConfig
 from topo.train.trainer import LRSchedule, evaluate, split_output, train
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load("digits")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
