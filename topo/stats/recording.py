@@ -42,13 +42,13 @@ _WHERE = ("output", "input")
 
 
 
-def parse_layer(spec: str) -> tuple[str, str]:
+def parse_layer(layer: str) -> tuple[str, str]:
     """Split ``"name"`` / ``"name:output"`` / ``"name:input"`` into (module name, where)."""
-    name, sep, where = spec.rpartition(":")
+    name, sep, where = layer.rpartition(":")
     if not sep:
-        return spec, "output"
+        return layer, "output"
     if where not in _WHERE:
-        raise StatsError(f"layer {spec!r}: unknown suffix ':{where}'; use 'name', 'name:output' or 'name:input'")
+        raise StatsError(f"layer {layer!r}: unknown suffix ':{where}'; use 'name', 'name:output' or 'name:input'")
     return name, where
 
 
@@ -121,20 +121,20 @@ def record(
     uses all. Under ``torch.distributed`` with ``all_reduce=True`` the statistics are summed over ranks (each
     with its own shard), thresholds come from every rank's samples, and when one rank fails (or saw nothing of a
     layer) every rank raises. See docs/statistics.md."""
-    specs = [layers] if isinstance(layers, str) else list(layers)
-    targets = _targets(model, specs)
-    names = _names(names, specs)
+    layer_names = [layers] if isinstance(layers, str) else list(layers)
+    targets = _targets(model, layer_names)
+    names = _names(names, layer_names)
     quantile = _checked_settings(threshold, fire_quantile, replay_bytes)
-    offsets = _offsets_by_layer(max_offset, specs, positions, seed)
+    offsets = _offsets_by_layer(max_offset, layer_names, positions, seed)
     run = _Run(model, data, targets, max_batches, device or _model_device(model), progress,
                all_reduce and dist_info.is_distributed(), replay_bytes, reach=_shared_reach(offsets),
                forward_macs=forward_cost)
     auto = positions == "auto"
     with _evaluating(model):
         thresholds = run.calibrate(quantile, seed, probe=auto) if quantile is not None else {}
-        stats = {spec: LayerStats(max_offset=offsets[spec], threshold=thresholds.get(spec, threshold or 0.0),
-                                  positions=positions, seed=seed, name=names[spec], fire_quantile=quantile)
-                 for spec in specs}
+        stats = {layer: LayerStats(max_offset=offsets[layer], threshold=thresholds.get(layer, threshold or 0.0),
+                                   positions=positions, seed=seed, name=names[layer], fire_quantile=quantile)
+                 for layer in layer_names}
         run.record(stats, auto=auto)
     return _finished(stats, run.distributed)
 
@@ -148,32 +148,32 @@ def _finished(stats: dict[str, LayerStats], distributed: bool) -> dict[str, Laye
     return stats
 
 
-def _names(names: Mapping[str, str] | None, specs: list[str]) -> dict[str, str]:
+def _names(names: Mapping[str, str] | None, layer_names: list[str]) -> dict[str, str]:
     """Each layer's statistics' name: ``names`` where given, else the layer string; a one-line error for a name
     given to a layer not recorded."""
     names = dict(names or {})
-    if not set(names) <= set(specs):
-        raise StatsError(f"names are given for {sorted(set(names) - set(specs))}, which are not among the layers "
-                         f"recorded ({specs}); key names like the layers")
-    return {spec: names.get(spec, spec) for spec in specs}
+    if not set(names) <= set(layer_names):
+        raise StatsError(f"names are given for {sorted(set(names) - set(layer_names))}, which are not among the layers "
+                         f"recorded ({layer_names}); key names like the layers")
+    return {layer: names.get(layer, layer) for layer in layer_names}
 
 
-def _targets(model: nn.Module, specs: list[str]) -> dict[str, tuple[nn.Module, str]]:
+def _targets(model: nn.Module, layer_names: list[str]) -> dict[str, tuple[nn.Module, str]]:
     """Each layer string's module and where on it to read (`parse_layer`); a one-line error for none or a typo."""
-    if not specs:
+    if not layer_names:
         raise StatsError("no layers given to record; pass module names from model.named_modules()")
     modules = dict(model.named_modules())
-    return {spec: _find_module(model, modules, *parse_layer(spec)) for spec in specs}
+    return {layer: _find_module(model, modules, *parse_layer(layer)) for layer in layer_names}
 
 
-def _offsets_by_layer(max_offset: int | Mapping[str, int], specs: list[str], positions, seed: int) -> dict[str, int]:
-    """``max_offset`` for each layer of ``specs`` (one int for all, or a mapping that names each); a bad setting
+def _offsets_by_layer(max_offset: int | Mapping[str, int], layer_names: list[str], positions, seed: int) -> dict[str, int]:
+    """``max_offset`` for each layer of ``layer_names`` (one int for all, or a mapping that names each); a bad setting
     (of these or of ``positions``, ``seed``) fails here, before any pass."""
-    if isinstance(max_offset, Mapping) and set(max_offset) != set(specs):
-        raise StatsError(f"max_offset is given for {sorted(max_offset)}, but the layers recorded are {specs}; "
+    if isinstance(max_offset, Mapping) and set(max_offset) != set(layer_names):
+        raise StatsError(f"max_offset is given for {sorted(max_offset)}, but the layers recorded are {layer_names}; "
                          "give one int for every layer, or one per recorded layer")
-    offsets = {spec: max_offset[spec] for spec in specs} if isinstance(max_offset, Mapping) else \
-        dict.fromkeys(specs, max_offset)
+    offsets = {layer: max_offset[layer] for layer in layer_names} if isinstance(max_offset, Mapping) else \
+        dict.fromkeys(layer_names, max_offset)
     for reach in set(offsets.values()):
         LayerStats(max_offset=reach, positions=positions, seed=seed)
     return offsets
@@ -215,7 +215,7 @@ class _Tape:
         self.capacity, self.used, self.full = capacity, 0, capacity <= 0
         self.batches: list[list[tuple[str, torch.Tensor]]] = []
 
-    def keep(self, spec: str, x: torch.Tensor, batch_index: int) -> None:
+    def keep(self, layer: str, x: torch.Tensor, batch_index: int) -> None:
         if self.full:
             return
         self.used += x.numel() * x.element_size()
@@ -224,7 +224,7 @@ class _Tape:
             return
         while len(self.batches) <= batch_index:
             self.batches.append([])
-        self.batches[batch_index].append((spec, x.detach().clone()))  # a later in-place op must not change it
+        self.batches[batch_index].append((layer, x.detach().clone()))  # a later in-place op must not change it
 
 
 @dataclass
@@ -232,7 +232,7 @@ class _Taping:
     """A calibration sink that also hands each activation to a `_Tape`."""
 
     sink: Any
-    spec: str
+    layer: str
     tape: _Tape
 
     @property
@@ -241,7 +241,7 @@ class _Taping:
 
     def update(self, x: torch.Tensor, *, batch_index: int) -> None:
         self.sink.update(x, batch_index=batch_index)
-        self.tape.keep(self.spec, x, batch_index)
+        self.tape.keep(self.layer, x, batch_index)
 
 
 class _Run:
@@ -261,14 +261,14 @@ class _Run:
     def calibrate(self, quantile: float, seed: int, probe: bool) -> dict[str, Any]:
         """The calibration pass: each layer's per-unit ``quantile``, the same on every rank (and, with
         ``probe``, the forward pass's multiply-adds); it keeps the activations for `record` where they fit."""
-        samples = {spec: ActivationSample(seed=seed, stream=dist_info.rank(), name=spec) for spec in self.targets}
-        sinks = {spec: _Taping(sample, spec, self._tape) for spec, sample in samples.items()}
+        samples = {layer: ActivationSample(seed=seed, stream=dist_info.rank(), name=layer) for layer in self.targets}
+        sinks = {layer: _Taping(sample, layer, self._tape) for layer, sample in samples.items()}
         self._calibrated = self._pass(sinks, "calibrate", probe=probe)
         self.images = _check_outcome({s: x.count for s, x in samples.items()}, self._calibrated, self.distributed)
         if self.distributed:
             for sample in samples.values():
                 sample.all_gather()
-        return {spec: sample.quantile(quantile) for spec, sample in samples.items()}
+        return {layer: sample.quantile(quantile) for layer, sample in samples.items()}
 
     def record(self, stats: dict[str, LayerStats], auto: bool) -> None:
         """The recording pass (after a calibration pass: its kept activations, or the same batches again)."""
@@ -286,21 +286,21 @@ class _Run:
             if self.images is not None:
                 _restore_generators(self._generators)
             seen = self._pass(stats, "record", probe=auto, on_first=budget if auto else None)
-        _check_outcome({spec: layer.count for spec, layer in stats.items()}, seen, self.distributed)
+        _check_outcome({layer: layer.count for layer, layer in stats.items()}, seen, self.distributed)
 
     def _replay(self, stats: dict[str, LayerStats]) -> _Pass:
         """The kept activations into ``stats``, batch by batch, as the recording pass would send them."""
         batches, self._tape.batches = self._tape.batches, []
         for index in progress_bar(range(len(batches)), desc="record", unit="batch", disable=not self.progress):
-            for spec, x in batches[index]:
-                stats[spec].update(x, batch_index=index)
+            for layer, x in batches[index]:
+                stats[layer].update(x, batch_index=index)
             batches[index] = []  # let each batch go once it is added
         return self._calibrated
 
     def _pass(self, sinks: dict[str, Any], desc: str, *, probe: bool, on_first=None) -> _Pass:
         """One pass of the data through the model, each layer's activations sent to ``sinks[layer]``."""
         seen, state = _Pass(), _HookState()
-        handles = [_attach(module, where, sinks[spec], state) for spec, (module, where) in self.targets.items()]
+        handles = [_attach(module, where, sinks[layer], state) for layer, (module, where) in self.targets.items()]
         batches = self.data if self.max_batches is None else itertools.islice(self.data, self.max_batches)
         total = _length(self.data, self.max_batches)
         try:
@@ -364,17 +364,17 @@ def _check_outcome(counts: dict[str, int], seen: _Pass, distributed: bool) -> in
     if failed:
         rank, text = failed[0]
         raise StatsError(f"rank {rank} of {len(per_rank)} failed while recording, so this one stops too: {text}")
-    for index, spec in enumerate(counts):
+    for index, layer in enumerate(counts):
         empty = [rank for rank, (seen_counts, _, _) in enumerate(per_rank) if seen_counts[index] == 0]
         if not empty:
             continue
         if not distributed:
             raise StatsError(
-                f"layer {spec!r} saw no activations: the data was empty or the module was never called in forward"
+                f"layer {layer!r} saw no activations: the data was empty or the module was never called in forward"
             )
         ranks = f"rank{'s' if len(empty) > 1 else ''} {', '.join(map(str, empty))}"
         raise StatsError(
-            f"layer {spec!r} saw no activations on {ranks} of {len(per_rank)} processes: their shard of the data "
+            f"layer {layer!r} saw no activations on {ranks} of {len(per_rank)} processes: their shard of the data "
             "was empty or the module was never called in forward; give every process a non-empty shard "
             "(more data or fewer processes)"
         )
