@@ -52,7 +52,7 @@ import torch
 import builders
 from topo.cluster import Cluster, UnitClustering, aligned_jaccard, recovery_scores
 from topo.construct.config import ConstructConfig
-from topo.construct.loop import construct
+from topo.construct.loop import BuiltLayers, construct
 from topo.data import load, make_loader
 from topo.data.tensors import PLANTED_DATA
 from topo.planted.generator import DeepPlantedConfig, generate_deep, save_npz
@@ -62,8 +62,9 @@ from topo.stats.layer_stats import from_activations
 MODULES = ("inception3a", "inception3b", "inception3c")
 
 
-def construction(seed: int, **overrides):
-    """The library call of the main job's construction on the planted data (as topo-build does it)."""
+def construction(seed: int, **overrides) -> BuiltLayers:
+    """The library call of the main job's construction on the planted data (as topo-build does it): what each
+    layer measured."""
     bundle = load("planted", seed=seed)
     ref = builders.googlenet_spec("small", num_classes=bundle.num_classes, width_mult=0.25,
                                   in_channels=bundle.in_channels, input_size=16)
@@ -71,7 +72,9 @@ def construction(seed: int, **overrides):
                           stats_batches=None, seed=seed, **overrides)
     loader = lambda d: make_loader(d, batch_size=64, train=True, seed=seed, workers=0, device="cpu",
                                    distributed=False)
-    return construct(ref, bundle.train, cfg, input_hw=(16, 16), loader=loader, progress=False)
+    built = BuiltLayers()
+    construct(ref, bundle.train, cfg, input_hw=(16, 16), loader=loader, progress=False, on_layer=built)
+    return built
 
 
 def share_big(counts: dict) -> float:

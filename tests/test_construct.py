@@ -12,7 +12,7 @@ import builders
 from analysis import count_macs
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
 from topo.construct.config import ConstructConfig, parse_skeleton, skeleton_plan
-from topo.construct.loop import construct
+from topo.construct.loop import BuiltLayers, construct
 from topo.data import make_loader
 from topo.common.errors import UserError
 
@@ -30,10 +30,10 @@ def _loader(dataset):
     return make_loader(dataset, batch_size=64, train=True, seed=0, workers=0, device="cpu", distributed=False)
 
 
-def _construct(reference, digits, out_dir=None, **options):
+def _construct(reference, digits, out_dir=None, on_layer=None, **options):
     config = ConstructConfig(skeleton=SKELETON, stats_batches=4, **options)
     return construct(reference, digits.train, config, input_hw=(8, 8), loader=_loader, out_dir=out_dir,
-                     progress=False)
+                     progress=False, on_layer=on_layer)
 
 
 def test_parse_skeleton():
@@ -126,12 +126,13 @@ def test_resume_continues_after_the_last_saved_module(reference, digits, tmp_pat
 def test_hebbian_init_puts_filters_on_cluster_members(reference, digits):
     from topo.construct.hebbian import hebbian_init_
 
-    result = _construct(reference, digits, init="hebbian")
+    built = BuiltLayers()
+    result = _construct(reference, digits, init="hebbian", on_layer=built)
     name = "inception3a"
-    clustering, spec = result.clusterings[name], result.spec
+    clustering, spec = built.clusterings[name], result.spec
     net = builders.build(spec)
     module = getattr(net, name)
-    stats = result.stats[spec.stem[-1].name]
+    stats = built.stats[spec.stem[-1].name]
     before = {k: v.clone() for k, v in module.state_dict().items()}
     hebbian_init_(module, clustering, stats)
     changed = [k for k, v in module.state_dict().items() if not torch.equal(v, before[k])]
@@ -183,19 +184,21 @@ def test_carrying_the_prefix_outputs_changes_no_number(reference, digits, tmp_pa
     global random state consumed in between changes nothing either: each module's init is seeded."""
     import topo.construct.loop as construct_module
 
-    carried = _construct(reference, digits, out_dir=tmp_path / "carried")
+    carried_layers = BuiltLayers()
+    carried = _construct(reference, digits, out_dir=tmp_path / "carried", on_layer=carried_layers)
     monkeypatch.setattr(construct_module, "start_carrying", lambda *args, **kwargs: None)
     torch.manual_seed(12345)
     torch.rand(7)
-    whole = _construct(reference, digits, out_dir=tmp_path / "whole")
+    whole_layers = BuiltLayers()
+    whole = _construct(reference, digits, out_dir=tmp_path / "whole", on_layer=whole_layers)
     assert carried.spec.to_json() == whole.spec.to_json()
     assert json.dumps(carried.records) == json.dumps(whole.records)
     for name in ("inception3a", "inception4a"):
         assert ((tmp_path / "carried" / f"{name}_clusters.json").read_text()
                 == (tmp_path / "whole" / f"{name}_clusters.json").read_text())
-    assert carried.stats.keys() == whole.stats.keys()
-    for layer in carried.stats:
-        np.testing.assert_array_equal(carried.stats[layer].cov(), whole.stats[layer].cov())
-        np.testing.assert_array_equal(carried.stats[layer].thresholds, whole.stats[layer].thresholds)
+    assert carried_layers.stats.keys() == whole_layers.stats.keys()
+    for layer in carried_layers.stats:
+        np.testing.assert_array_equal(carried_layers.stats[layer].cov(), whole_layers.stats[layer].cov())
+        np.testing.assert_array_equal(carried_layers.stats[layer].thresholds, whole_layers.stats[layer].thresholds)
     a, b = _state(tmp_path / "carried"), _state(tmp_path / "whole")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

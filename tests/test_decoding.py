@@ -8,6 +8,8 @@ threshold; each reduction passes its channel through rectified at 0.
 """
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -142,7 +144,7 @@ def test_the_decoder_is_validated():
 def _construction(**overrides):
     """The planted deep network (`load("planted")`) through `construct`, two modules, exact statistics."""
     import builders
-    from topo.construct.loop import construct
+    from topo.construct.loop import BuiltLayers, construct
     from topo.data import load, make_loader
 
     bundle = load("planted", seed=0)
@@ -151,7 +153,11 @@ def _construction(**overrides):
     config = ConstructConfig(skeleton="2", stem="none", init="hebbian", budget_macs="none", positions=None,
                              stats_batches=None, fire_quantile=None, null="none", **{"seed": 0, **overrides})
     loader = lambda d: make_loader(d, batch_size=64, train=True, seed=0, workers=0, device="cpu", distributed=False)
-    return construct(reference, bundle.train, config, input_hw=(16, 16), loader=loader, progress=False)
+    built = BuiltLayers()
+    result = construct(reference, bundle.train, config, input_hw=(16, 16), loader=loader, progress=False,
+                       on_layer=built)
+    return SimpleNamespace(spec=result.spec, records=result.records, stats=built.stats,
+                           clusterings=built.clusterings)
 
 
 @pytest.fixture(scope="module")

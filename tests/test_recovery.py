@@ -300,7 +300,7 @@ def test_the_construction_recovers_layer_one_when_units_fire_when_positive(small
     of the time, and keeping each one's top 10% loses the firings of its weaker parents (docs/clustering.md)."""
     import builders
     from topo.construct.config import ConstructConfig
-    from topo.construct.loop import construct
+    from topo.construct.loop import BuiltLayers, construct
     from topo.data import make_loader
     from topo.data.tensors import bundle_from_arrays
 
@@ -315,8 +315,10 @@ def test_the_construction_recovers_layer_one_when_units_fire_when_positive(small
                                        distributed=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            result = construct(reference, bundle.train, config, input_hw=(16, 16), loader=loader, progress=False)
-        return layer_recovery(small_deep, list(result.clusterings.values()))[0]
+            built = BuiltLayers()
+            construct(reference, bundle.train, config, input_hw=(16, 16), loader=loader, progress=False,
+                      on_layer=built)
+        return layer_recovery(small_deep, list(built.clusterings.values()))[0]
 
     positive, quantile = layer_one(None), layer_one(0.9)
     assert positive["jaccard"] >= 0.75, positive

@@ -62,8 +62,21 @@ class Construction:
 
     spec: NetworkSpec
     records: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class BuiltLayers:
+    """What each step of one `construct` call measured, kept in memory: pass it as ``on_layer``. ``stats`` by
+    the recorded layer's name, ``clusterings`` by the module built from them. Layers read back on a resume were
+    not built by the call and are not here: their statistics and clusters are in the construction's files
+    (`topo.construct.files`)."""
+
     stats: dict[str, LayerStats] = field(default_factory=dict)
     clusterings: dict[str, UnitClustering] = field(default_factory=dict)
+
+    def __call__(self, module: str, stats: LayerStats, found: LayerClusters) -> None:
+        self.stats[stats.name] = stats
+        self.clusterings[module] = found.clustering
 
 
 
@@ -228,6 +241,7 @@ def construct(
     device: torch.device | str = "cpu",
     progress: bool = True,
     cluster_jobs: int = 1,
+    on_layer: Callable[[str, LayerStats, LayerClusters], None] | None = None,
 ) -> Construction:
     """Grow a network on the stem of ``reference`` following ``config.skeleton``.
 
@@ -236,6 +250,7 @@ def construct(
     ``config.epochs_per_layer > 0``). With ``out_dir`` the statistics, clusters
     and progress are written there and an interrupted construction resumes.
     ``cluster_jobs``: worker processes of each layer's clustering (the same network for any number).
+    ``on_layer(module, stats, found)``: called with what each step built measured (e.g. `BuiltLayers`).
 
     Under ``torchrun`` every process runs the loop in step: each records its
     shard of the data, the statistics are summed over processes, so every
@@ -248,7 +263,6 @@ def construct(
     budget = total_budget(config, dataclasses.replace(reference, input_size=min(input_hw)), input_hw)
     weights = module_weights(plan, reference, input_hw, config.budget_split)
     spec, records, state = load_progress(files, discovered_base(config, reference, input_hw))
-    result = Construction(spec=spec, records=records)
     carried = start_carrying(config, lambda: loader(train_data), trainer, device)
     for step, item in enumerate(plan):
         if step < len(spec.stages):  # built before the resume
@@ -271,8 +285,7 @@ def construct(
         log.info(describe(records[-1]))
         spec, state = grow_step(spec, module, model, config, found, (stats, pooled), lambda: loader(train_data),
                                 device, records[-1], config.seed + step)
-        result.stats[stats.name] = stats
-        result.clusterings[item] = found.clustering
+        if on_layer is not None:
+            on_layer(item, stats, found)
         save_step(files, item, stats, found.clustering, spec, records, state)
-    result.spec, result.records = spend_budget(config, spec, records, budget, input_hw)
-    return result
+    return Construction(*spend_budget(config, spec, records, budget, input_hw))
