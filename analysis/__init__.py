@@ -6,7 +6,7 @@ for convenience.
 """
 from __future__ import annotations
 
-from analysis.cost import googlenet_rows, googlenet_table, paper_comparison
+from analysis.paper_table import googlenet_rows, googlenet_table, paper_comparison
 from builders.cost import cost_table, count_macs, count_params, inception_macs, inception_params, reduction_factor
 
 __all__ = [

@@ -7,7 +7,7 @@ multiply-adds). Like the paper's "ops" column, this counts convolutions and
 matrix products only (pooling, normalisation and ReLU are free).
 
 This is what the builders and the construction loop budget with; the
-reproduction of the paper's Table 1 lives in `analysis.cost`.
+reproduction of the paper's Table 1 lives in `analysis.paper_table`.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The study's statistics (analysis.study) against scipy and hand computations on known inputs."""
+"""The study's statistics (analysis.study_stats) against scipy and hand computations on known inputs."""
 from __future__ import annotations
 
 import itertools
@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis.study import (
+from analysis.study_stats import (
     ALPHA,
     SMALL_N,
     compare,

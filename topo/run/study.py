@@ -35,7 +35,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from analysis.study import (
+from analysis.study_stats import (
     Comparison,
     compare_arms,
     comparisons_frame,
