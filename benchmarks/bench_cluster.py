@@ -1,7 +1,7 @@
 """Benchmark: cluster one layer with a 5x5 window, every method: planted (832 channels) or a dense real layer.
 
 Targets: at most 60 s per method on 2 CPU cores for 832 planted channels
-(issue 4); under 10 s per method for a dense layer of a real network (issue 14).
+(docs/benchmarks/cluster.md); under 10 s per method for a dense layer of a real network.
 
 ``--case planted`` (default): the statistics come from planted data of that size
 (`topo.planted`), recorded with sampled positions (8 per map by default); their

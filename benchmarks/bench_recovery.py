@@ -5,7 +5,7 @@ channels, hidden widths 12, 8, 8, degree 3, 16 x 16 maps, 409 training images)
 is run through `topo.construct.construct` with three modules, no stem, Hebbian
 decoding and no budget (every cluster one unit of the next layer), exact
 statistics over all batches; module l is scored against planted layer l with
-`topo.recovery.layer_recovery` (best-match Jaccard in the decoded channels,
+`topo.planted.recovery.layer_recovery` (best-match Jaccard in the decoded channels,
 per-kernel counts, the share of true units some decoded channel reads). Also:
 
 * ``--cli``: the same from the command line, ``topo-build construct --data
@@ -13,7 +13,7 @@ per-kernel counts, the share of true units some decoded channel reads). Also:
   --seed s`` for each seed (its defaults otherwise: ``--positions auto``, 16
   statistics batches; with ``--decoders`` also with `BEST_FLAGS`),
   scored from the clusters it writes; and again with ``--data tensors`` on the
-  same data saved by `topo.planted.save_npz`. Three modules in one stage, so that
+  same data saved by `topo.planted.generator.save_npz`. Three modules in one stage, so that
   module l meets layer l at the maps' resolution (the default skeleton pools
   after two); the controls do not change the real construction;
 * each layer clustered from the *true* maps of the layer below, exact
@@ -22,7 +22,7 @@ per-kernel counts, the share of true units some decoded channel reads). Also:
   standardised inputs at layer 1) and without its decoding, with and without
   strength tiers;
 * ``--diagnose``: the construction with ``fire_quantile=None``;
-* ``--decoders``: the construction with the threshold decoder (``decoder="threshold"``, `topo.decoding`), with
+* ``--decoders``: the construction with the threshold decoder (``decoder="threshold"``, `topo.construct.decoding`), with
   the default firing, and with units firing when positive tested against independence (``fire_quantile=None,
   null="none"``), with and without the pooling branch, beside the mean decoder without it;
 * ``--overlap``: layer 1 as above, the units that share half their support with another unit against the rest;
@@ -220,7 +220,7 @@ def main() -> None:
     ap.add_argument("--diagnose", action="store_true",
                     help="also the construction with fire_quantile=None (a unit fires when positive)")
     ap.add_argument("--decoders", action="store_true",
-                    help="also the construction with decoder='threshold' (topo.decoding), with the default firing "
+                    help="also the construction with decoder='threshold' (topo.construct.decoding), with the default firing "
                          "and with fire_quantile=None")
     ap.add_argument("--overlap", action="store_true",
                     help="layer 1 from the observed maps: recovery of units that share half their support with "

@@ -297,7 +297,7 @@ def exact_vs_bound(args) -> dict:
 
 def product_paths(args) -> list[dict]:
     """Per map size: one exact update with the stacked product vs the cropped products, interleaved (the two
-    forced through ``topo.stats._CROPS_BELOW``, restored afterwards)."""
+    forced through ``topo.stats.kernels._CROPS_BELOW``, restored afterwards)."""
     import topo.stats.kernels as stats_module
     from topo.stats.layer_stats import LayerStats
     from topo.stats.positions import inside_share

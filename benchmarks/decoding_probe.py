@@ -12,7 +12,7 @@ BatchNorm followed by ReLU). Beside it, the theory's threshold decoder
 (``--and``, not in the network): ``u`` is on at ``p`` when every member fires
 (is positive) at its offset, as every child of a planted unit does when the
 unit is on; its maps are binary, so the decoded layers fire when positive.
-``--rate``: the network's threshold decoder (`topo.decoding`, ``--decoder
+``--rate``: the network's threshold decoder (`topo.construct.decoding`, ``--decoder
 threshold``): the sum rectified above the level it exceeds as often as the
 cluster's least co-firing pair of members fire together; ``--rate excess`` and
 ``--rate normalised``: two variants of that rule (``decode_rate``), firing when
@@ -24,7 +24,7 @@ Two decoders feed the next layer:
   layer's clustering is scored with perfect clusters below it (the units keep
   the generator's order; truth as generated);
 * ``found clusters``: the clusters found in this layer decode it (truth
-  rewritten in the decoded channels by `topo.recovery.layer_recovery`, as for
+  rewritten in the decoded channels by `topo.planted.recovery.layer_recovery`, as for
   the construction).
 
 and each runs under three firing schedules, ``(q of the observed layer, q of
@@ -94,7 +94,7 @@ def excess_cofiring_rate(stats, members) -> float:
 
 def decode_rate(x: np.ndarray, supports, stats, variant: str = "cofiring") -> np.ndarray:
     """The sum of each support's channels, rectified above the quantile at which the unit fires at its rate
-    (``stats``: the statistics of ``x``). ``variant``: ``"cofiring"``, the network's rule (`topo.decoding`: its
+    (``stats``: the statistics of ``x``). ``variant``: ``"cofiring"``, the network's rule (`topo.construct.decoding`: its
     least co-firing pair of members); ``"excess"``, the least co-firing beyond chance; ``"normalised"``, the
     network's rule on members each divided by its mean when positive (so that no member dominates the sum)."""
     if variant == "normalised":

@@ -1,4 +1,4 @@
-"""How the construction spends its budget and what a layer without clusters becomes (issue 14)."""
+"""How the construction spends its budget and what a layer without clusters becomes."""
 from __future__ import annotations
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""`topo.carried`: the prefix's outputs carried from module to module give what the whole prefix gives."""
+"""`topo.construct.prefix`: the prefix's outputs carried from module to module give what the whole prefix gives."""
 from __future__ import annotations
 
 import torch

@@ -94,7 +94,7 @@ def test_run_on_an_image_folder_tree(image_tree: Path, tmp_path: Path, one_threa
 def test_resume_after_a_kill(tmp_path: Path, one_thread):
     out = tmp_path / "killed"
     cmd = [sys.executable, "-m", "topo.cli", *FAST, "--epochs", "3", "--out", str(out)]
-    # killed (by topo.io's testing hook, not by a racing poll) while the second checkpoint is written
+    # killed (by topo.common.writing's testing hook, not by a racing poll) while the second checkpoint is written
     env = {**os.environ, "OMP_NUM_THREADS": "1", KILL_AT_WRITE: "2:discovered.ckpt"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -219,7 +219,7 @@ def test_run_under_torchrun(tmp_path: Path):
 @pytest.mark.slow
 def test_threshold_decoding_under_torchrun_grows_one_network(tmp_path: Path):
     """The threshold decoder runs under torchrun (each process samples its own shard; all take rank 0's
-    weights, `topo.construct.decode_thresholds`): the construction completes with its units decoded."""
+    weights, `topo.construct.loop.decode_thresholds`): the construction completes with its units decoded."""
     out = tmp_path / "ddp"
     returncode, _, stderr = finish(torchrun(
         "-m", "topo.cli", "construct", "--data", "planted", "--stem", "none", "--init", "hebbian", "--budget", "none",

@@ -213,7 +213,7 @@ def test_the_decoder_and_pool_branch_flags_reach_the_construction():
 def test_a_study_json_given_back_is_the_same_study(tmp_path):
     study = StudyConfig(run=SETTINGS, arms=("discovered", "reference", "uniform"), seeds=2, margin=1.0)
     path = tmp_path / "study.json"
-    atomic_write_json(path, {"config": study.to_dict(), "environment": {}})  # as topo.study.open_study writes it
+    atomic_write_json(path, {"config": study.to_dict(), "environment": {}})  # as topo.run.study.open_study writes it
     args = parse("study", ["--config", str(path)])
     assert _as_json(study_config(args, tmp_path)) == _as_json(study)
 

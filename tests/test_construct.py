@@ -179,7 +179,7 @@ def _state(construction_dir):
 
 
 def test_carrying_the_prefix_outputs_changes_no_number(reference, digits, tmp_path, monkeypatch, one_thread):
-    """Each step runs only the new layers on the carried outputs (`topo.carried`); running the whole prefix
+    """Each step runs only the new layers on the carried outputs (`topo.construct.prefix`); running the whole prefix
     again at every step, as without them, gives the same records, clusters and weights, bit for bit. A
     global random state consumed in between changes nothing either: each module's init is seeded."""
     import topo.construct.loop as construct_module

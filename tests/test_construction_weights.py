@@ -1,4 +1,4 @@
-"""Training starts from the weights the construction gave the discovered network (issue 14)."""
+"""Training starts from the weights the construction gave the discovered network."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""The control of every run (topo.controls) and its null inputs (topo.nulls)."""
+"""The control of every run (topo.controls) and its null inputs (topo.controls.nulls)."""
 from __future__ import annotations
 
 import itertools

@@ -1,4 +1,4 @@
-"""`topo.decoding`: threshold decoding of Hebbian units at ``--budget none`` (issue 13).
+"""`topo.construct.decoding`: threshold decoding of Hebbian units at ``--budget none``.
 
 On a planted layer with known 1x1, 3x3 and 5x5 supports: each decoded unit's
 target rate is the least co-firing of its members, computed here directly

@@ -1,4 +1,4 @@
-"""`topo.export`: every format's file gives the logits of the trained network it was written from."""
+"""`topo.run.export`: every format's file gives the logits of the trained network it was written from."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""`topo.hebbian.hebbian_init_` on planted statistics with known 1x1, 3x3 and 5x5 clusters (issue 14).
+"""`topo.construct.hebbian.hebbian_init_` on planted statistics with known 1x1, 3x3 and 5x5 clusters.
 
 Each filter must sit exactly on its cluster: a 1x1 filter on the cluster's
 channels, a 3x3 / 5x5 filter (composed with its branch's reduction) on the

@@ -1,7 +1,7 @@
 """Kill -9 at chosen moments: a resumed run ends exactly where an uninterrupted one ends, and no file is
 ever half-written.
 
-The moments are drawn from a seed, not raced: `topo.io`'s testing hook
+The moments are drawn from a seed, not raced: `topo.common.writing`'s testing hook
 (``TOPO_TEST_KILL_AT_WRITE=N:NAME``) makes the process SIGKILL itself while it
 writes the N-th file called NAME, after the temporary file is written and
 before it is renamed. One uninterrupted run lists every file it writes, in
@@ -76,7 +76,7 @@ def topo_build(argv: list[str], *, kill: str | None = None, timeout: float = 400
 
 
 def written_files(stdout: str, root: Path) -> list[str]:
-    """The files a ``--verbose`` run wrote, in order, relative to ``root`` (from `topo.io`'s debug lines)."""
+    """The files a ``--verbose`` run wrote, in order, relative to ``root`` (from `topo.common.writing`'s debug lines)."""
     return [str(Path(line[len("wrote "):]).relative_to(root)) for line in stdout.splitlines()
             if line.startswith("wrote ")]
 

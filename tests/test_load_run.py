@@ -53,7 +53,7 @@ def val_images(digits, n: int = 100) -> torch.Tensor:
 
 
 def by_hand(spec: NetworkSpec, checkpoint: Path) -> torch.nn.Module:
-    """The network built from ``spec`` with the checkpoint's weights, without topo.runs."""
+    """The network built from ``spec`` with the checkpoint's weights, without topo.run.load."""
     net = builders.build(spec)
     net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True)["model"])
     return net.eval()

@@ -1,4 +1,4 @@
-"""Jobs side by side (`topo.parallel`): the same results as one after the other, errors as one line, and no
+"""Jobs side by side (`topo.common.processes`): the same results as one after the other, errors as one line, and no
 worker left behind by a killed parent."""
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""Deep recovery: the building blocks of `topo.recovery`, the strength tiers of the clustering, and a small
-planted deep network recovered by the construction (issue 13).
+"""Deep recovery: the building blocks of `topo.planted.recovery`, the strength tiers of the clustering, and a small
+planted deep network recovered by the construction.
 """
 from __future__ import annotations
 

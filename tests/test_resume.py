@@ -1,6 +1,6 @@
 """A training process killed with SIGKILL and resumed ends exactly where an uninterrupted run ends.
 
-The kill is not raced: `topo.io`'s testing hook (``TOPO_TEST_KILL_AT_WRITE``)
+The kill is not raced: `topo.common.writing`'s testing hook (``TOPO_TEST_KILL_AT_WRITE``)
 makes the process kill itself while it writes its third checkpoint, so the
 directory holds the checkpoint of epoch 2 whatever the machine's load.
 """
