@@ -10,35 +10,11 @@ benchmarks themselves (docs/benchmarks.md).
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_benchmark(script: str, *args: str, timeout: float = 240) -> str:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
-    result = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
-    )
-    assert result.returncode == 0, f"{script} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    return result.stdout
-
-
-def table_rows(output: str, first_cell: str) -> list[list[str]]:
-    """The cells of the markdown table rows of ``output`` whose first cell is ``first_cell``."""
-    rows = []
-    for line in output.splitlines():
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if line.lstrip().startswith("|") and cells[0] == first_cell:
-            rows.append(cells)
-    return rows
+from benchmark_runs import ROOT, run_benchmark, table_rows
 
 
 def ratio(cell: str) -> float:

@@ -4,17 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from planted_configs import FLAT, SPATIAL
 
 from topo.cluster import Cluster, UnitClustering, adjusted_rand, aligned_jaccard, recovery_scores
 from topo.cluster.clusters import extent, kernel_for_extent
 from topo.common.errors import StatsError, UserError
-from topo.planted.generator import PlantedConfig, generate
+from topo.planted.generator import generate
 from topo.stats.layer_stats import from_activations
 
 HARD = ("spectral", "agglomerative", "louvain")
-SPATIAL = PlantedConfig(num_channels=64, num_hidden=12, degree=4, num_samples=48, height=10, width=10, seed=3)
-FLAT = PlantedConfig(num_channels=64, num_hidden=16, degree=4, num_samples=1500, spatial=False, disjoint=True,
-                     density=0.08, seed=4)
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from test_benchmarks import run_benchmark, table_rows
+from benchmark_runs import run_benchmark, table_rows
 
 
 @pytest.mark.slow

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_cluster import FLAT, SPATIAL
-from test_stats import correlated_maps
+from planted_configs import FLAT, SPATIAL
+from stats_helpers import correlated_maps
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_stats import correlated_maps, numpy_cross_corr, pairs
+from stats_helpers import correlated_maps, numpy_cross_corr, pairs
 
 import topo.stats.kernels as stats_module
 from topo.stats.positions import inside_share

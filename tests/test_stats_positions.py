@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from test_stats import correlated_maps
+from stats_helpers import correlated_maps
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from checks import one_line_error
 from scipy import stats
 
 import builders
@@ -360,12 +361,6 @@ FLAGS = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "1", "--w
          "--seeds", "2", "--data", "digits"]
 
 
-def _one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
-
-
 @pytest.mark.parametrize("argv, expected", [
     (["--shard", "2/2"], "shard '2/2'"),
     (["--arms", "reference,random"], "lack 'discovered'"),
@@ -374,19 +369,19 @@ def _one_line_error(capsys) -> str:
 def test_study_command_errors_are_one_line(argv, expected, tmp_path, capsys):
     out = [] if "--summarize" in argv else ["--out", str(tmp_path / "s")]
     assert main(["study", *FLAGS, *argv, *out]) == 2
-    assert expected in _one_line_error(capsys)
+    assert expected in one_line_error(capsys)
     assert not (tmp_path / "s" / "study.json").exists()
 
 
 def test_summarize_needs_a_study(tmp_path, capsys):
     assert main(["study", "--summarize", "--out", str(tmp_path)]) == 2
-    assert "is not a topo-build study" in _one_line_error(capsys)
+    assert "is not a topo-build study" in one_line_error(capsys)
 
 
 def test_an_unknown_arm_is_a_flag_error(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["study", "--arms", "discovered,randm"])
-    assert exit_.value.code == 2 and "--arms" in _one_line_error(capsys)
+    assert exit_.value.code == 2 and "--arms" in one_line_error(capsys)
 
 
 @pytest.mark.slow
@@ -397,7 +392,7 @@ def test_summarize_and_resume_from_the_command_line(sharded, tmp_path, capsys):
     assert "| discovered |" in printed and "discovered vs random" in printed and "report:" in printed
     assert main(["study", "--out", str(out), "--resume", "--no-progress"]) == 0  # nothing left to run
     assert main(["study", "--out", str(out), "--resume", "--seeds", "3"]) == 2
-    assert "drop the other flags (seeds)" in _one_line_error(capsys)
+    assert "drop the other flags (seeds)" in one_line_error(capsys)
 
 
 @pytest.mark.slow
@@ -409,7 +404,7 @@ def test_study_command_on_digits(tmp_path, capsys):
     rows = pd.read_csv(out / "study.csv")
     assert len(rows) == 6 and rows["macs_vs_discovered"].abs().max() <= 0.02
     assert main(["study", *FLAGS, "--arms", "discovered,uniform", "--out", str(out)]) == 2
-    assert "arms" in _one_line_error(capsys)
+    assert "arms" in one_line_error(capsys)
 
 
 @pytest.mark.slow
