@@ -30,9 +30,8 @@ from analysis.tables import (
     to_markdown,
     write_comparison,
 )
-from topo.controls.control import ControlSummary, verdict
 from topo.common.writing import atomic_write_text
-
+from topo.controls.control import ControlSummary, verdict
 
 # --------------------------------------------------------------------------- findings
 

@@ -22,13 +22,12 @@ import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypedDict
 
-from topo.construct.records import LayerRecord  # noqa: F401 - the records' type, declared by their producer
-
 import numpy as np
 import pandas as pd
 
 from topo.common.errors import UserError
 from topo.common.writing import atomic_write_text
+from topo.construct.records import LayerRecord  # noqa: F401 - the records' type, declared by their producer
 
 # The six widths of an Inception module, in the paper's table order.
 BRANCHES: tuple[tuple[str, str], ...] = (

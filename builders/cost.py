@@ -22,6 +22,7 @@ from builders.inception import Inception
 from builders.network import build
 from builders.spec import InceptionSpec, NetworkSpec
 
+
 def _example_input(model: nn.Module, input_size: Sequence[int] | int) -> torch.Tensor:
     """A batch-of-one input for ``input_size`` = ``(C, H, W)`` or ``(N, C, H, W)``, on the model's device."""
     size = tuple(input_size) if not isinstance(input_size, int) else None

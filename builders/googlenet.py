@@ -27,9 +27,8 @@ stay 0 and ``width_mult=1`` gives the table's widths exactly.
 from __future__ import annotations
 
 from builders.network import Network, build
-from topo.common.errors import SpecError
-
 from builders.spec import AuxHeadSpec, ConvSpec, HeadSpec, InceptionSpec, LRNSpec, NetworkSpec, PoolSpec
+from topo.common.errors import SpecError
 
 VARIANTS = ("paper", "torchvision", "small")
 

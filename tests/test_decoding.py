@@ -136,7 +136,7 @@ def test_the_decoder_is_validated():
     with pytest.raises(UserError, match="decoder 'and' is unknown: use one of threshold, mean"):
         ConstructConfig(decoder="and")
     for options in ({}, {"init": "hebbian"}, {"budget_macs": "none"}):  # it has nothing to decode there
-        with pytest.raises(UserError, match="use it with --init hebbian --budget none"):
+        with pytest.raises(UserError, match="use it with init .hebbian. and budget .none."):
             ConstructConfig(decoder="threshold", **options)
 
 

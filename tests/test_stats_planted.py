@@ -1,4 +1,4 @@
-"""Issue 13's planted layer (64 channels, 16x16 maps, 300 images, 18 hidden units) recovered with every
+"""The planted layer (64 channels, 16x16 maps, 300 images, 18 hidden units) recovered with every
 argument at its default, through from_activations and through topo.record."""
 from __future__ import annotations
 

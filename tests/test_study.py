@@ -1,4 +1,4 @@
-"""topo.study: units, shards, random/uniform/shuffled topologies at the discovered network's cost, a tiny
+"""topo.run.study: units, shards, random/uniform/shuffled topologies at the discovered network's cost, a tiny
 study on digits run as two shards, resume, and the study's files."""
 from __future__ import annotations
 

@@ -5,32 +5,44 @@ import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any, Callable
+
 import pandas as pd
 import torch
+
 import builders
-from analysis.tables import COMPARISON_CAPTION, comparison_frame, to_markdown, write_comparison
-from topo.common import distributed as dist_info
-from topo.controls.control import verdict
-from topo.common.errors import UserError
-from topo.run.export import FORMATS, export_run, load_safetensors
-from topo.common.reading import read_weights
+from analysis.tables import (
+    COMPARISON_CAPTION,
+    comparison_frame,
+    to_markdown,
+    write_comparison,
+)
 from builders.spec import read_spec
-from topo.common.writing import atomic_write_json, atomic_write_text
-from topo.run.config import RunConfig, load_data, reference_spec
-from topo.run.analyze import analyze
-from topo.common.devices import check_device
-from topo.construct.budget import check_window
-from topo.run.stages import comparison_row, constructions_stage, read_controls, report_stage, run_all
-from topo.run.preflight import preflight
-from topo.run.rundir import RunDir
-from topo.run.load import build_with_weights, load_run, run_spec, timed_evaluate
-from topo.run.study import parse_shard, run_study, summarize, summary_markdown
-from topo.train.config import TrainConfig
-from topo.train.trainer import train
 from topo.cli.parser import workers_value
 from topo.cli.resume import resumed_run, reuse_out, study_config
 from topo.cli.settings import out_dir, run_config
-from topo.run.config import sized_googlenet
+from topo.common import distributed as dist_info
+from topo.common.devices import check_device
+from topo.common.errors import UserError
+from topo.common.reading import read_weights
+from topo.common.writing import atomic_write_json, atomic_write_text
+from topo.construct.budget import check_window
+from topo.controls.control import verdict
+from topo.run.analyze import analyze
+from topo.run.config import RunConfig, load_data, reference_spec, sized_googlenet
+from topo.run.export import FORMATS, export_run, load_safetensors
+from topo.run.load import build_with_weights, load_run, run_spec, timed_evaluate
+from topo.run.preflight import preflight
+from topo.run.rundir import RunDir
+from topo.run.stages import (
+    comparison_row,
+    constructions_stage,
+    read_controls,
+    report_stage,
+    run_all,
+)
+from topo.run.study import parse_shard, run_study, summarize, summary_markdown
+from topo.train.config import TrainConfig
+from topo.train.trainer import train
 
 
 def _show_comparison(frame: pd.DataFrame | None) -> None:

@@ -7,14 +7,14 @@ import argparse
 import dataclasses
 from pathlib import Path
 from typing import Any, Iterator
-from topo.construct.config import ConstructConfig
+
+from topo.cli.parser import field_default
 from topo.common.errors import UserError
 from topo.common.reading import read_json, read_text
+from topo.construct.config import ConstructConfig
 from topo.run.config import RunConfig
 from topo.run.study import StudyConfig
 from topo.train.config import TrainConfig
-from topo.cli.parser import field_default
-
 
 #: The dataclass behind each group of flags (``config_fields`` of `build_parser`).
 GROUP_CLASSES: dict[str, type] = {"data": RunConfig, "construct": ConstructConfig, "train": TrainConfig,

@@ -24,16 +24,19 @@ with one line and exit status 1, the files written before intact
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
+
 from tqdm.auto import tqdm
-from topo.common import distributed as dist_info
-from topo.common.errors import UserError
-from topo.common.writing import WriteError
-from topo.train.trainer import deterministic_algorithms
+
 from topo.cli.commands import HANDLERS
 from topo.cli.parser import COMMANDS, build_parser
-from topo.cli.settings import parse
+from topo.cli.settings import flags_by_field, parse
+from topo.common import distributed as dist_info
+from topo.common.errors import SettingError, UserError
+from topo.common.writing import WriteError
+from topo.train.trainer import deterministic_algorithms
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +83,18 @@ def one_line(error: Exception) -> str:
     return text
 
 
+def _flag_of(error: UserError, args: argparse.Namespace | None) -> str:
+    """`` (--flag)`` for a setting's error where this command has a flag for the setting (library code names
+    settings, the command line names flags), else nothing."""
+    flag = flags_by_field(args).get(error.setting) if isinstance(error, SettingError) and args is not None else None
+    return f" ({flag})" if flag else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `topo-build`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
-    handler = None
+    handler, args = None, None
     try:
         args = parse(command, argv)
         dist_info.init_from_env()
@@ -95,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         with deterministic_algorithms(getattr(args, "deterministic", False)):
             return HANDLERS[command](args)
     except UserError as e:
-        print(f"topo-build: error: {one_line(e)}", file=sys.stderr)
+        print(f"topo-build: error: {one_line(e)}{_flag_of(e, args)}", file=sys.stderr)
         return 2
     except WriteError as e:  # a full disk or a read-only folder during the work: not a mistake in the input
         print(f"topo-build: error: {e.strerror}", file=sys.stderr)

@@ -6,16 +6,25 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from typing import Any, NoReturn
+
 from topo.cluster import METHODS
-from topo.construct.config import BUDGETS, FALLBACKS, INIT_MODES, NULLS, SPLITS, STEMS, WINDOWS, ConstructConfig
-from topo.data import DATASETS
-from topo.construct.decoding import DECODERS
 from topo.common.errors import UserError
-from topo.run.export import FORMATS
+from topo.construct.config import (
+    BUDGETS,
+    FALLBACKS,
+    INIT_MODES,
+    NULLS,
+    SPLITS,
+    STEMS,
+    WINDOWS,
+    ConstructConfig,
+)
+from topo.construct.decoding import DECODERS
+from topo.data import DATASETS
 from topo.run.config import AUX_POLICIES, REFERENCES, RunConfig
+from topo.run.export import FORMATS
 from topo.run.study import ARMS, StudyConfig
 from topo.train.config import SCHEDULES, TrainConfig
-
 
 COMMANDS = ("run", "construct", "train", "analyze", "report", "study", "export", "eval")
 

@@ -8,14 +8,14 @@ import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
+
+from topo.cli.settings import flags_by_field, group_fields, run_config
 from topo.common import distributed as dist_info
 from topo.common.errors import UserError
 from topo.common.writing import remove_temporaries
-from topo.run.config import RunConfig
+from topo.run.config import RESUMABLE, RunConfig, with_resumable_changes
 from topo.run.rundir import NEW_RUN, RunDir
 from topo.run.study import StudyConfig, load_study
-from topo.cli.settings import group_fields, run_config
-from topo.run.config import RESUMABLE, with_resumable_changes
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,7 @@ def differences(args: argparse.Namespace, saved: RunConfig, given: RunConfig,
     The settings a run may change when continued (`topo.run.config.RESUMABLE`) are
     left out.
     """
-    flags = {field: flag for fields in args.config_fields.values() for field, flag in fields.items()}
-    flags["seed"] = "--seed"
+    flags = flags_by_field(args)
     groups = {field: group for group, fields in args.config_fields.items() for field in fields}
     out = []
     for field, flag in flags.items():

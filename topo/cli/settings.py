@@ -7,14 +7,21 @@ import argparse
 import time
 from pathlib import Path
 from typing import Any
+
+from topo.cli.config_file import RUN_SECTIONS, FileSettings, config_defaults
+from topo.cli.parser import Parser, build_parser, workers_value
 from topo.common import distributed as dist_info
-from topo.construct.config import ConstructConfig
 from topo.common.errors import UserError
+from topo.construct.config import ConstructConfig
 from topo.run.config import RunConfig
 from topo.run.rundir import CONFIG_FILE, RunDir
 from topo.train.config import TrainConfig, check_sync_bn
-from topo.cli.config_file import FileSettings, RUN_SECTIONS, config_defaults
-from topo.cli.parser import Parser, workers_value, build_parser
+
+
+def flags_by_field(args: argparse.Namespace) -> dict[str, str]:
+    """The flag of every configuration field the command has (``seed``: ``--seed``)."""
+    flags = {field: flag for fields in args.config_fields.values() for field, flag in fields.items()}
+    return {**flags, "seed": "--seed"} if hasattr(args, "seed") else flags
 
 
 def group_fields(args: argparse.Namespace, group: str) -> dict[str, Any]:

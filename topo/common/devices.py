@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+
 import torch
+
 from topo.common.errors import UserError
 
 #: Activations held in memory at once, at most: a recording's replayed batches (`topo.stats.record`), the

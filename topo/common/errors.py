@@ -23,3 +23,12 @@ class DataError(UserError):
 
 class StatsError(UserError, ValueError):
     """Statistics that cannot support the requested computation."""
+
+
+class SettingError(UserError):
+    """A configuration setting with a value it does not take. ``setting`` is the dataclass field, so that the
+    command line can name its flag (library code names no flag)."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting

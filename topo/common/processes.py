@@ -12,16 +12,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
+
 import torch
+from threadpoolctl import threadpool_limits
+
 from topo.common import distributed as dist_info
 from topo.common.devices import available_cpus
 from topo.common.errors import UserError
 from topo.common.progress import progress_bar
-from threadpoolctl import threadpool_limits
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,11 @@ import json
 import os
 from pathlib import Path
 from typing import Any, Callable
+
 import pandas as pd
 import torch
-from topo.common.errors import UserError
 
+from topo.common.errors import UserError
 
 PathLike = str | os.PathLike
 

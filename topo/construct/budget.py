@@ -8,12 +8,12 @@ import dataclasses
 import logging
 import math
 from typing import Any
-from builders.cost import inception_macs
-from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
-from topo.construct.config import ConstructConfig, skeleton_plan, window_for
-from topo.common.errors import UserError
+
 from builders.budget import largest_scale, scaled_widths
-from builders.cost import modules_macs, network_macs
+from builders.cost import inception_macs, modules_macs, network_macs
+from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
+from topo.common.errors import UserError
+from topo.construct.config import ConstructConfig, skeleton_plan, window_for
 
 log = logging.getLogger(__name__)
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+from builders.budget import ROUND_TO
 from builders.from_clusters import DATA_FALLBACK
 from builders.spec import NetworkSpec, PoolSpec
 from topo.cluster import METHODS, UnitClustering
+from topo.common.errors import SettingError, UserError
 from topo.construct.decoding import DECODERS
-from topo.common.errors import UserError
 from topo.controls.nulls import KINDS as NULL_KINDS
-from topo.stats.sample import DEFAULT_FIRE_QUANTILE, check_fire_quantile
 from topo.stats.positions import DEFAULT_POSITIONS
-from builders.budget import ROUND_TO
-
+from topo.stats.sample import DEFAULT_FIRE_QUANTILE, check_fire_quantile
 
 DEFAULT_SKELETON = "2,pool,5,pool,2"
 
@@ -105,31 +105,34 @@ class ConstructConfig:
     def __post_init__(self) -> None:
         parse_skeleton(self.skeleton)
         if self.init not in INIT_MODES:
-            raise UserError(f"init {self.init!r} is unknown: use one of {', '.join(INIT_MODES)}")
+            raise SettingError("init", f"init {self.init!r} is unknown: use one of {', '.join(INIT_MODES)}")
         if self.method not in METHODS:
-            raise UserError(f"method {self.method!r} is unknown: use one of {', '.join(METHODS)}")
+            raise SettingError("method", f"method {self.method!r} is unknown: use one of {', '.join(METHODS)}")
         if self.window is not None and self.window not in WINDOWS:
-            raise UserError(f"window {self.window} is not supported: use 1, 3 or 5")
+            raise SettingError("window", f"window {self.window} is not supported: use 1, 3 or 5")
         check_fire_quantile(self.fire_quantile)
-        for name, value, choices in (("budget split", self.budget_split, SPLITS), ("null", self.null, NULLS),
-                                     ("fallback", self.fallback, FALLBACKS), ("decoder", self.decoder, DECODERS)):
-            if value not in choices:
-                raise UserError(f"{name} {value!r} is unknown: use one of {', '.join(choices)}")
+        for field, name, choices in (("budget_split", "budget split", SPLITS), ("null", "null", NULLS),
+                                     ("fallback", "fallback", FALLBACKS), ("decoder", "decoder", DECODERS)):
+            if getattr(self, field) not in choices:
+                raise SettingError(field, f"{name} {getattr(self, field)!r} is unknown: use one of "
+                                          f"{', '.join(choices)}")
         if self.decoder == "threshold" and (self.init != "hebbian" or self.budget_macs != "none"):
-            raise UserError("decoder 'threshold' decodes one unit per cluster: use it with --init hebbian "
-                            "--budget none, or drop --decoder")
+            raise SettingError("decoder", "decoder 'threshold' decodes one unit per cluster: use it with init "
+                                          "'hebbian' and budget 'none', or the decoder 'mean'")
         if self.stem not in STEMS:
-            raise UserError(f"stem {self.stem!r} is unknown: use one of {', '.join(STEMS)}")
+            raise SettingError("stem", f"stem {self.stem!r} is unknown: use one of {', '.join(STEMS)}")
         if self.max_units_per_cluster is not None and not self.max_units_per_cluster >= 1:
-            raise UserError(f"max units per cluster {self.max_units_per_cluster} is below 1: use 1 or more, or none")
+            raise SettingError("max_units_per_cluster", f"max units per cluster {self.max_units_per_cluster} is "
+                                                        "below 1: use 1 or more, or none")
         if self.epochs_per_layer < 0:
-            raise UserError(f"epochs per layer {self.epochs_per_layer} is negative: use 0 or more")
+            raise SettingError("epochs_per_layer",
+                               f"epochs per layer {self.epochs_per_layer} is negative: use 0 or more")
         if isinstance(self.budget_macs, str):
             if self.budget_macs not in BUDGETS:
-                raise UserError(f"budget {self.budget_macs!r} is neither a number of multiply-adds nor one of "
-                                f"{', '.join(BUDGETS)}")
+                raise SettingError("budget_macs", f"budget {self.budget_macs!r} is neither a number of "
+                                                  f"multiply-adds nor one of {', '.join(BUDGETS)}")
         elif isinstance(self.budget_macs, bool) or not self.budget_macs > 0:
-            raise UserError(f"budget {self.budget_macs} multiply-adds is not positive")
+            raise SettingError("budget_macs", f"budget {self.budget_macs} multiply-adds is not positive")
 
     @property
     def calibration_batches(self) -> int:

@@ -35,8 +35,8 @@ from builders.from_clusters import clusters_by_branch
 from builders.inception import Inception
 from topo.cluster import Cluster, UnitClustering
 from topo.common.errors import StatsError
-from topo.stats.sample import ActivationSample
 from topo.stats.layer_stats import LayerStats
+from topo.stats.sample import ActivationSample
 
 DECODERS = ("threshold", "mean")
 

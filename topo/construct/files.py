@@ -3,17 +3,27 @@ and read back, so that an interrupted construction resumes where it stopped.
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
-import torch
-from builders.spec import NetworkSpec
-from topo.stats.layer_stats import LayerStats
 import logging
 from dataclasses import dataclass
-from topo.common import distributed as dist_info
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from builders.spec import NetworkSpec
 from topo.cluster import UnitClustering
+from topo.common import distributed as dist_info
+from topo.common.reading import (
+    PathLike,
+    UnexpectedShape,
+    json_mapping,
+    list_of_dicts,
+    read_json,
+    read_torch,
+    tensor_dict,
+)
 from topo.common.writing import atomic_torch_save, atomic_write_json
-from topo.common.reading import PathLike, UnexpectedShape, list_of_dicts, json_mapping, tensor_dict, read_json, read_torch
+from topo.stats.layer_stats import LayerStats
 
 log = logging.getLogger(__name__)
 

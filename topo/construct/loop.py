@@ -24,27 +24,26 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
 import torch
 from torch import nn
+
 import builders
 from builders.from_clusters import DATA_FALLBACK, from_clusters
 from builders.googlenet import INCEPTION_TABLE
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
-from topo.common import distributed as dist_info
-from topo.construct.prefix import CarriedOutputs
 from topo.cluster import UnitClustering
-from topo.construct.decoding import threshold_decode_
-from topo.construct.hebbian import hebbian_init_
-from topo.stats.recording import forward_macs, record
-from topo.controls.nulls import null_batches
-from topo.construct.files import ConstructionFiles
-from topo.stats.layer_stats import LayerStats
+from topo.common import distributed as dist_info
 from topo.construct.budget import discovered_base, module_weights, spend_budget, step_budget, total_budget
 from topo.construct.config import ConstructConfig, skeleton_plan, window_for
-from topo.construct.files import load_progress, save_step
-from topo.construct.prefix import build_prefix, calibrate_batchnorm, forward_batches
-from topo.construct.records import describe, layer_record
-from topo.construct.records import LayerClusters
+from topo.construct.decoding import threshold_decode_
+from topo.construct.files import ConstructionFiles, load_progress, save_step
+from topo.construct.hebbian import hebbian_init_
+from topo.construct.prefix import CarriedOutputs, build_prefix, calibrate_batchnorm, forward_batches
+from topo.construct.records import LayerClusters, describe, layer_record
+from topo.controls.nulls import null_batches
+from topo.stats.layer_stats import LayerStats
+from topo.stats.recording import forward_macs, record
 
 log = logging.getLogger(__name__)
 

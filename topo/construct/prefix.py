@@ -5,14 +5,15 @@ runs and calibrates only the layers it adds.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator
+
 import torch
 from torch import nn
+
 import builders
 from builders.network import is_head
 from builders.spec import NetworkSpec
-from contextlib import contextmanager
-from typing import Iterable, Iterator
 from topo.common.batches import batch_input
 from topo.common.devices import ACTIVATION_BYTES
 

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import numpy as np
+
 from builders.cost import inception_macs
 from builders.spec import InceptionSpec
-from topo.stats.layer_stats import LayerStats
 from topo.cluster.estimator import UnitClustering
-
+from topo.stats.layer_stats import LayerStats
 
 
 class LayerRecord(TypedDict, total=False):

@@ -34,7 +34,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from topo.common.errors import UserError
+from topo.common.errors import SettingError, UserError
 from topo.controls.nulls import KINDS
 
 #: What the run's topology must show against each control: a distance at least this many times
@@ -56,11 +56,13 @@ class ControlConfig:
     def __post_init__(self) -> None:
         unknown = [k for k in self.kinds if k not in KINDS]
         if unknown:
-            raise UserError(f"control {unknown[0]!r} is unknown: use {', '.join(KINDS)}")
+            raise SettingError("kinds", f"control {unknown[0]!r} is unknown: use {', '.join(KINDS)}")
         if self.real_seeds < 2:
-            raise UserError(f"the control needs at least 2 real seeds to measure their spread, not {self.real_seeds}")
+            raise SettingError("real_seeds", "the control needs at least 2 real seeds to measure their spread, not "
+                                             f"{self.real_seeds}")
         if self.control_seeds < 1 or self.permutations < 1:
-            raise UserError("the control needs at least one seed per control and one permutation")
+            raise SettingError("control_seeds" if self.control_seeds < 1 else "permutations",
+                               "the control needs at least one seed per control and one permutation")
 
 
 def module_shares(spec: Mapping[str, Any]) -> np.ndarray:

@@ -25,8 +25,8 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from topo.common.errors import UserError
 from topo.common.batches import split_batch
+from topo.common.errors import UserError
 
 KINDS = ("shuffled", "noise")
 

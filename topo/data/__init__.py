@@ -8,10 +8,10 @@ reads arrays and ``load("planted")`` generates a planted deep network's data.
 """
 from __future__ import annotations
 
-from topo.data.folders import ImageTree, check_tree, take_skipped
-from topo.data.loader import EpochLoader, ShardSampler, make_loader
 from topo.common.devices import resolve_device
 from topo.data.bundle import DataBundle
+from topo.data.folders import ImageTree, check_tree, take_skipped
+from topo.data.loader import EpochLoader, ShardSampler, make_loader
 from topo.data.sources import DATASETS, default_data_dir, load
 from topo.data.tensors import load_npz, planted_data
 

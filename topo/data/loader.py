@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import math
 from typing import Iterator
+
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
+
 from topo.common import distributed as dist_info
 from topo.common.devices import available_cpus, resolve_device
 

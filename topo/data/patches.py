@@ -56,8 +56,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from topo.data.bundle import DataBundle, image_hw
 from topo.common.errors import DataError
+from topo.data.bundle import DataBundle, image_hw
 
 #: The constant that fixes the tiles' split and the patches' positions forever (never change it).
 PATCHES_SPLIT_SEED = 0

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset, TensorDataset
 
 from topo.common import distributed as dist_info
+from topo.common.errors import DataError
 from topo.data import transforms as T
 from topo.data.bundle import DataBundle, image_hw
 from topo.data.folders import ImageTree, check_tree
 from topo.data.patches import patches
 from topo.data.tensors import load_npz, planted_data
-from topo.common.errors import DataError
 
 #: The constant that fixes the digits train/val split forever (never change it).
 DIGITS_SPLIT_SEED = 0

@@ -32,8 +32,8 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from topo.data.bundle import DataBundle, image_hw
 from topo.common.errors import DataError
+from topo.data.bundle import DataBundle, image_hw
 from topo.planted.generator import DeepPlantedConfig, generate_deep
 
 #: The constant that fixes the train/val split of tensors without ``x_val`` forever (never change it).

@@ -32,8 +32,8 @@ import numpy as np
 
 from builders.from_clusters import clusters_by_branch
 from topo.cluster import Cluster, aligned_jaccard, recovery_scores
-from topo.cluster.metrics import best_shift
 from topo.cluster.clusters import canonical_members
+from topo.cluster.metrics import best_shift
 from topo.planted.generator import DeepPlanted, PlantedTruth
 
 Member = tuple[int, int, int]

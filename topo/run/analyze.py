@@ -6,26 +6,27 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 from typing import Any
+
 import pandas as pd
 import torch
+
 import builders
 from analysis.plots import branch_widths
 from analysis.tables import layer_frame, to_markdown
 from builders.cost import inception_macs
 from builders.from_clusters import from_clusters
 from builders.spec import InceptionSpec, NetworkSpec
-from topo.construct.records import LayerClusters
-from topo.construct.config import ConstructConfig, window_for
-from topo.construct.files import clustering_to_dict
-from topo.construct.records import layer_record
-from topo.data import DataBundle, make_loader
 from topo.common.devices import resolve_device
 from topo.common.errors import UserError
 from topo.common.reading import read_weights, state_mismatch
-from topo.stats.recording import record
 from topo.common.writing import atomic_write_json, atomic_write_text
+from topo.construct.config import ConstructConfig, window_for
+from topo.construct.files import clustering_to_dict
+from topo.construct.records import LayerClusters, layer_record
+from topo.data import DataBundle, make_loader
 from topo.run.rundir import AnalysisFiles
 from topo.stats.layer_stats import LayerStats
+from topo.stats.recording import record
 
 log = logging.getLogger(__name__)
 

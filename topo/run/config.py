@@ -7,18 +7,17 @@ import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 import builders
-from builders.spec import NetworkSpec
-from topo.construct.config import ConstructConfig
-from topo.data import DataBundle, load
-from topo.common.errors import SpecError, UserError
-from topo.common.reading import read_config
-from builders.spec import read_spec
-from topo.controls.control import ControlConfig
+from builders.spec import NetworkSpec, read_spec
+from topo.common.errors import SettingError, SpecError, UserError
 from topo.common.processes import check_processes
+from topo.common.reading import read_config
+from topo.construct.config import ConstructConfig
+from topo.controls.control import ControlConfig
+from topo.data import DataBundle, load
 from topo.run.rundir import RunDir
 from topo.train.config import RESUMABLE_CHANGES, TrainConfig
-
 
 REFERENCES = ("auto", "googlenet-small", "googlenet-paper", "googlenet-torchvision")
 
@@ -64,7 +63,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         self.jobs = check_processes(self.jobs)
         if self.aux_heads not in AUX_POLICIES:
-            raise UserError(f"auxiliary-head policy {self.aux_heads!r} is unknown: use {' or '.join(AUX_POLICIES)}")
+            raise SettingError("aux_heads", f"auxiliary-head policy {self.aux_heads!r} is unknown: use "
+                                            f"{' or '.join(AUX_POLICIES)}")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:

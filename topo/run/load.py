@@ -22,16 +22,15 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 import builders
-from builders.spec import NetworkSpec
-from topo.data import DataBundle
+from builders.spec import NetworkSpec, read_spec
 from topo.common.errors import SpecError, UserError
-from topo.train.files import read_checkpoint, read_metrics
-from builders.spec import read_spec
 from topo.common.reading import state_mismatch
+from topo.data import DataBundle
 from topo.run.config import RunConfig, reference_spec
 from topo.run.rundir import RunDir
-from topo.train.trainer import HISTORY_COLUMNS, evaluate
 from topo.train.config import TrainConfig
+from topo.train.files import read_checkpoint, read_metrics
+from topo.train.trainer import HISTORY_COLUMNS, evaluate
 
 log = logging.getLogger(__name__)
 

@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 from builders.spec import NetworkSpec
-from topo.data import DataBundle
-from topo.common.errors import DataError, UserError
 from topo.common.devices import check_device
+from topo.common.errors import DataError, UserError
 from topo.construct.budget import check_budget, check_window, module_maps
+from topo.data import DataBundle
 from topo.run.config import RunConfig, data_name
 
 

@@ -27,12 +27,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 from topo.common.errors import UserError
 from topo.common.reading import read_config, read_state
 from topo.common.writing import atomic_write_json
 from topo.construct.files import ConstructionFiles
 from topo.train.files import TrainingFiles
-
 
 STATE_FILE = "state.json"
 

@@ -10,34 +10,34 @@ import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
+
 import pandas as pd
 import torch
+
 import builders
 from analysis.report import write_report
 from analysis.tables import comparison_frame
 from builders.cost import network_costs
-from builders.spec import NetworkSpec
+from builders.spec import NetworkSpec, read_spec
 from topo.common import distributed as dist_info
-from topo.construct.loop import Construction, construct
-from topo.construct.config import ConstructConfig
-from topo.construct.prefix import load_prefix
-from topo.data import DataBundle, make_loader
 from topo.common.devices import resolve_device
-from topo.common.reading import read_clusters, read_json, read_records
-from topo.train.files import read_metrics
-from topo.construct.files import read_prefix, read_progress
-from builders.spec import read_spec
-from topo.stats.layer_stats import read_stats
-from topo.controls.control import ControlSummary, summarise, verdict
-from topo.common.writing import atomic_write_json, atomic_write_text
-from topo.controls.nulls import null_batches
 from topo.common.processes import Job, default_processes, processes_within, run_jobs
-from topo.run.rundir import RunDir
-from topo.train.config import TrainResult
-from topo.train.trainer import train
+from topo.common.reading import read_clusters, read_json, read_records
+from topo.common.writing import atomic_write_json, atomic_write_text
+from topo.construct.config import ConstructConfig
+from topo.construct.files import read_prefix, read_progress
+from topo.construct.loop import Construction, construct
+from topo.construct.prefix import load_prefix, shared_weights
+from topo.controls.control import ControlSummary, summarise, verdict
+from topo.controls.nulls import null_batches
+from topo.data import DataBundle, make_loader
 from topo.run.config import RunConfig, load_data, reference_spec, with_aux_policy
 from topo.run.preflight import preflight
-from topo.construct.prefix import shared_weights
+from topo.run.rundir import RunDir
+from topo.stats.layer_stats import read_stats
+from topo.train.config import TrainResult
+from topo.train.files import read_metrics
+from topo.train.trainer import train
 
 log = logging.getLogger(__name__)
 

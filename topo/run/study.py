@@ -49,25 +49,22 @@ from analysis.study_stats import (
     write_tables,
 )
 from analysis.tables import to_markdown
-from builders.spec import NetworkSpec
-from topo.common import distributed as dist_info
-from topo.cluster.clusters import Cluster
-from topo.data import DataBundle
-from topo.common.errors import UserError
-from topo.common.reading import read_clusters, read_config, read_json
-from builders.spec import read_spec
-from topo.stats.layer_stats import read_stats
-from topo.common.writing import atomic_create_text, atomic_write_json, atomic_write_text
-from topo.run.config import RunConfig, load_data, reference_spec, with_aux_policy
-from topo.run.stages import construct_stage, train_stage
-from builders.cost import network_costs
-from topo.run.preflight import preflight
-from topo.common.progress import progress_bar
-from topo.run.rundir import RunDir, StudyFiles, environment_info
 from builders.baselines import UNIFORM, proportions_module, random_topology, refit, shuffled_module
+from builders.cost import network_costs
+from builders.spec import NetworkSpec, read_spec
+from topo.cluster.clusters import Cluster
+from topo.common import distributed as dist_info
+from topo.common.errors import SettingError, UserError
+from topo.common.progress import progress_bar
+from topo.common.reading import read_clusters, read_config, read_json
+from topo.common.writing import atomic_create_text, atomic_write_json, atomic_write_text
 from topo.construct.files import ConstructionFiles
-from topo.stats.layer_stats import LayerStats
-from topo.run.config import what_it_computes
+from topo.data import DataBundle
+from topo.run.config import RunConfig, load_data, reference_spec, what_it_computes, with_aux_policy
+from topo.run.preflight import preflight
+from topo.run.rundir import RunDir, StudyFiles, environment_info
+from topo.run.stages import construct_stage, train_stage
+from topo.stats.layer_stats import LayerStats, read_stats
 
 log = logging.getLogger(__name__)
 
@@ -98,14 +95,17 @@ class StudyConfig:
         self.arms = tuple(dict.fromkeys(self.arms))
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown:
-            raise UserError(f"arm {unknown[0]!r} is unknown: use some of {', '.join(ARMS)}")
+            raise SettingError("arms", f"arm {unknown[0]!r} is unknown: use some of {', '.join(ARMS)}")
         if "discovered" not in self.arms:
-            raise UserError("the arms lack 'discovered': a study compares the discovered network with the others")
+            raise SettingError("arms", "the arms lack 'discovered': a study compares the discovered network with "
+                                       "the others")
         if self.seeds < 1 or ("random" in self.arms and self.random < 1):
-            raise UserError(f"seeds ({self.seeds}) and random topologies ({self.random}) must be at least 1; "
-                            "drop 'random' from the arms to have none")
+            raise SettingError("seeds" if self.seeds < 1 else "random",
+                               f"seeds ({self.seeds}) and random topologies ({self.random}) must be at least 1; "
+                               "drop 'random' from the arms to have none")
         if not self.margin > 0 or not 0 < self.tolerance < 1:
-            raise UserError(f"margin {self.margin} must be positive and tolerance {self.tolerance} in (0, 1)")
+            raise SettingError("margin" if not self.margin > 0 else "tolerance",
+                               f"margin {self.margin} must be positive and tolerance {self.tolerance} in (0, 1)")
 
     @property
     def seed_list(self) -> list[int]:
@@ -402,8 +402,8 @@ def run_study(config: StudyConfig, out: str | Path, *, shard: tuple[int, int] = 
               poll_s: float = 5.0, wait_s: float | None = None) -> StudyResult | None:
     """Run the study's units (those of ``shard``) into ``out``, skipping finished ones; summarise when unsharded.
 
-    Every setting is checked against the data first (`topo.run.preflight.preflight`). Returns the summary on rank 0 of an unsharded study, else None (gather
-    shards with :func:`summarize`).
+    Every setting is checked against the data first (`topo.run.preflight.preflight`). Returns the summary on
+    rank 0 of an unsharded study, else None (gather shards with :func:`summarize`).
     """
     bundle = load_data(config.run)
     preflight(config.run, bundle, reference_spec(config.run, bundle))

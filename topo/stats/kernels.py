@@ -4,11 +4,10 @@ cropped or sampled), co-firing counts, and the merge of two states. Float64 sums
 from __future__ import annotations
 
 import math
+
 import torch
+
 from topo.stats.positions import inside_share
-
-
-
 
 # Subsampled batches are gathered until this many anchor rows, then added in one product.
 MIN_ROWS = 256

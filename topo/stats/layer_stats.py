@@ -3,19 +3,49 @@ layer, accumulated in float64, merged across processes, saved and read back.
 """
 from __future__ import annotations
 
-import os
-import torch
-from topo.common.errors import StatsError
 import logging
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict
+
 import numpy as np
+import torch
+
 from topo.common.distributed import every_rank, is_distributed
+from topo.common.errors import StatsError
+from topo.common.reading import SHAPE_ERRORS, PathLike, error_reason, existing_file
 from topo.common.writing import atomic_torch_save
-from topo.common.reading import PathLike, SHAPE_ERRORS, error_reason, existing_file
-from topo.stats.kernels import MIN_ROWS, STATE_KEYS, Scratch, add_dense, add_exact, add_gathered, add_state_, empty_state, full_precision, gather_sampled, move_shift_
-from topo.stats.positions import DEFAULT_POSITIONS, PositionBudget, PositionChoice, parse_positions, choose_positions, half_offsets, sample_anchors
-from topo.stats.sample import ActivationSample, DEFAULT_FIRE_QUANTILE, parse_threshold, row_count, where_text, check_fire_quantile, checked_batch
+from topo.stats.kernels import (
+    MIN_ROWS,
+    STATE_KEYS,
+    Scratch,
+    add_dense,
+    add_exact,
+    add_gathered,
+    add_state_,
+    empty_state,
+    full_precision,
+    gather_sampled,
+    move_shift_,
+)
+from topo.stats.positions import (
+    DEFAULT_POSITIONS,
+    PositionBudget,
+    PositionChoice,
+    choose_positions,
+    half_offsets,
+    parse_positions,
+    sample_anchors,
+)
+from topo.stats.sample import (
+    DEFAULT_FIRE_QUANTILE,
+    ActivationSample,
+    check_fire_quantile,
+    checked_batch,
+    parse_threshold,
+    row_count,
+    where_text,
+)
 
 log = logging.getLogger(__name__)
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-import torch
-from topo.common.errors import StatsError
 
+import torch
+
+from topo.common.errors import StatsError
 
 #: Positions per map and image used by default: decided per layer (see :func:`choose_positions`).
 DEFAULT_POSITIONS = "auto"

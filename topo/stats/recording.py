@@ -28,13 +28,13 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from topo.common import distributed as dist_info
-from topo.common.errors import StatsError
-from topo.common.progress import progress_bar
-from topo.stats.sample import DEFAULT_FIRE_QUANTILE, ActivationSample, check_fire_quantile
-from topo.stats.positions import DEFAULT_POSITIONS, PositionBudget
-from topo.stats.layer_stats import LayerStats
 from topo.common.batches import batch_input
 from topo.common.devices import ACTIVATION_BYTES
+from topo.common.errors import StatsError
+from topo.common.progress import progress_bar
+from topo.stats.layer_stats import LayerStats
+from topo.stats.positions import DEFAULT_POSITIONS, PositionBudget
+from topo.stats.sample import DEFAULT_FIRE_QUANTILE, ActivationSample, check_fire_quantile
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,12 @@ thresholds are calibrated from it).
 from __future__ import annotations
 
 import math
+
 import numpy as np
 import torch
+
 from topo.common.distributed import every_rank, is_distributed
 from topo.common.errors import StatsError
-
 
 #: A unit fires above this quantile of its own activations, by default (``topo.record``, ``from_activations``).
 DEFAULT_FIRE_QUANTILE = 0.9

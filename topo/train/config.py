@@ -4,12 +4,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
 import pandas as pd
 from torch import nn
+
 from topo.common import distributed as dist_info
 from topo.common.devices import resolve_device
-from topo.common.errors import UserError
-
+from topo.common.errors import SettingError, UserError
 
 SCHEDULES = ("cosine", "paper", "constant")
 
@@ -69,31 +70,33 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
-            raise UserError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+            raise SettingError("schedule", f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.epochs < 0 or self.batch_size < 1 or self.lr < 0:
-            raise UserError(
+            raise SettingError(
+                "epochs" if self.epochs < 0 else "batch_size" if self.batch_size < 1 else "lr",
                 f"epochs ({self.epochs}), batch size ({self.batch_size}) and learning rate ({self.lr}) "
                 f"must be non-negative (batch size at least 1)"
             )
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise UserError(f"ema_decay {self.ema_decay} must lie strictly between 0 and 1 (or be None)")
+            raise SettingError("ema_decay",
+                               f"ema_decay {self.ema_decay} must lie strictly between 0 and 1 (or be None)")
         if self.amp_dtype not in ("bfloat16", "float16"):
-            raise UserError(f"amp_dtype {self.amp_dtype!r} must be 'bfloat16' or 'float16'")
+            raise SettingError("amp_dtype", f"amp_dtype {self.amp_dtype!r} must be 'bfloat16' or 'float16'")
         if self.workers != "auto" and not (isinstance(self.workers, int) and self.workers >= 0):
-            raise UserError(f"workers {self.workers!r} must be 'auto' or a number of processes (0 or more)")
+            raise SettingError("workers",
+                               f"workers {self.workers!r} must be 'auto' or a number of processes (0 or more)")
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise UserError(f"label_smoothing {self.label_smoothing} must be in [0, 1)")
+            raise SettingError("label_smoothing", f"label_smoothing {self.label_smoothing} must be in [0, 1)")
         if not 0.0 <= self.momentum < 1.0:
-            raise UserError(f"momentum {self.momentum} (--momentum) must be in [0, 1)")
-        for name, flag in (("weight_decay", "--weight-decay"), ("warmup_epochs", "--warmup"),
-                           ("aux_weight", "--aux-weight")):
+            raise SettingError("momentum", f"momentum {self.momentum} must be in [0, 1)")
+        for name in ("weight_decay", "warmup_epochs", "aux_weight"):
             if getattr(self, name) < 0:
-                raise UserError(f"{name} {getattr(self, name)} ({flag}) is negative: use 0 or more")
+                raise SettingError(name, f"{name} {getattr(self, name)} is negative: use 0 or more")
         if not 0.0 < self.decay_factor <= 1.0:
-            raise UserError(f"decay_factor {self.decay_factor} (--decay-factor) must be in (0, 1]: the 'paper' "
-                            "schedule lowers the rate")
+            raise SettingError("decay_factor", f"decay_factor {self.decay_factor} must be in (0, 1]: the 'paper' "
+                                              "schedule lowers the rate")
         if self.grad_clip is not None and not self.grad_clip > 0:
-            raise UserError(f"grad_clip {self.grad_clip} (--grad-clip) must be positive (or None: no clipping)")
+            raise SettingError("grad_clip", f"grad_clip {self.grad_clip} must be positive (or None: no clipping)")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
 import pandas as pd
 import torch
+
 from topo.common.errors import UserError
-from dataclasses import dataclass
 from topo.common.reading import CHECKPOINT_PARTS, PathLike, read_csv, read_torch
 
 log = logging.getLogger(__name__)

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
 import pandas as pd
 import torch
 import torch.distributed as dist
@@ -28,17 +29,17 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
 from topo.common import distributed as dist_info
-from topo.data import take_skipped
-from topo.data.loader import EpochLoader, ShardSampler, make_loader
 from topo.common.devices import resolve_device
 from topo.common.errors import UserError
-from topo.train.files import read_checkpoint
-from topo.common.writing import atomic_path, atomic_torch_save
 from topo.common.progress import progress_bar
-from topo.train.files import TrainingFiles
 from topo.common.seeding import capture_rng_state, restore_rng_state, seed_everything
-from topo.train.config import DivergenceError, RESUMABLE_CHANGES, TrainConfig, TrainResult, check_sync_bn
+from topo.common.writing import atomic_path, atomic_torch_save
+from topo.data import take_skipped
+from topo.data.loader import EpochLoader, ShardSampler, make_loader
+from topo.train.config import RESUMABLE_CHANGES, DivergenceError, TrainConfig, TrainResult, check_sync_bn
+from topo.train.files import TrainingFiles, read_checkpoint
 
 log = logging.getLogger(__name__)
 
