@@ -328,7 +328,7 @@ def test_the_construction_recovers_layer_one_when_units_fire_when_positive(small
 
 @pytest.mark.slow
 def test_bench_recovery_prints_every_layer_of_the_construction_and_the_clustering_alone():
-    from test_benchmarks import run_benchmark, table_rows
+    from benchmark_runs import run_benchmark, table_rows
 
     out = run_benchmark("bench_recovery.py", "--seeds", "1", "--cli", "--overlap")
     rows = table_rows(out, "construct()")

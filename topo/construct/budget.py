@@ -202,10 +202,10 @@ def fit_to_total(spec: NetworkSpec, records: list[dict[str, Any]], budget: float
     shapes = scaled.input_shapes(input_hw)
     by_name = {m.name: m for m in scaled.inception_modules()}
     out = []
-    for record_ in records:
-        module = by_name[record_["name"]]
-        out.append(record_ | {"found_spec": record_.get("found_spec", record_["spec"]), "spec": module.to_dict(),
-                              "macs": int(inception_macs(module, *shapes[module.name][1:]))})
+    for found in records:
+        module = by_name[found["name"]]
+        out.append(found | {"found_spec": found.get("found_spec", found["spec"]), "spec": module.to_dict(),
+                            "macs": int(inception_macs(module, *shapes[module.name][1:]))})
     return scaled, out
 
 

@@ -219,12 +219,13 @@ def decode_thresholds(grown: nn.Module, name: str, found: LayerClusters, stats: 
 
 def grow_step(spec: NetworkSpec, module: InceptionSpec, model: nn.Module, config: ConstructConfig,
               found: LayerClusters, layer: tuple[LayerStats, LayerStats], batches_factory: Callable[[], Any],
-              device: torch.device, record_: dict[str, Any], seed: int) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
+              device: torch.device, module_record: dict[str, Any],
+              seed: int) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
     """`grow` (from ``seed``), then the threshold decoder where ``config`` asks for it (its rates go into
-    ``record_``)."""
+    ``module_record``)."""
     spec, grown = grow(spec, module, model, config.init, found, layer[0], seed)
     if config.init == "hebbian" and not config.budgeted and config.decoder == "threshold":
-        record_.update(decode_thresholds(grown, module.name, found, *layer, batches_factory, config, device))
+        module_record.update(decode_thresholds(grown, module.name, found, *layer, batches_factory, config, device))
     return spec, {k: v.detach().cpu() for k, v in grown.state_dict().items()}
 
 

@@ -86,10 +86,10 @@ def suggest_module(module: InceptionSpec, stats: LayerStats, map_hw: tuple[int, 
                               in_channels=module.in_channels, name=module.name, fallback=module,
                               kernel5x5=kernel5x5)
     atomic_write_json(files.clusters(module.name), clustering_to_dict(found.clustering))
-    record_ = layer_record(module.name, stats, found, suggested, module, budget=hand_macs,
+    module_record = layer_record(module.name, stats, found, suggested, module, budget=hand_macs,
                            in_channels=module.in_channels, map_hw=map_hw, kernel5x5=kernel5x5)
     log.info("%s: %d clusters %s", module.name, found.clustering.n_clusters_, dict(found.clustering.kernel_counts_))
-    return record_
+    return module_record
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
