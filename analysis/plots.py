@@ -265,7 +265,7 @@ def learning_curves(histories: Mapping[str, pd.DataFrame], path_stem: str | os.P
 
 
 def control_shares(summary: Any, path_stem: str | os.PathLike) -> list[Path]:
-    """Per module, the 1x1/3x3/5x5 output shares of every construction of a `topo.controls.ControlSummary`:
+    """Per module, the 1x1/3x3/5x5 output shares of every construction of a `topo.controls.control.ControlSummary`:
     one stacked bar per construction, grouped by module, the data's seeds first."""
     groups = [(kind, shares) for kind, shares in summary.shares.items()]
     bars = [(kind, i, s) for kind, shares in groups for i, s in enumerate(shares)]

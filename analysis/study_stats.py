@@ -1,4 +1,4 @@
-"""The statistics of a study (`topo.study`), its tables, its figure and its sentences.
+"""The statistics of a study (`topo.run.study`), its tables, its figure and its sentences.
 
 The input is one **study row** per trained unit (arm x seed, see :class:`StudyRow`):
 accuracies are fractions in [0, 1] as everywhere in `analysis`; the statistics

@@ -4,7 +4,7 @@ A :class:`NetworkSpec` is a stem (fixed layers), a sequence of stages (Inception
 modules and pooling layers, what the construction loop grows), a classifier
 head, optional auxiliary heads and a few variant switches. Every spec is a
 frozen dataclass; ``to_dict``/``from_dict`` and ``to_json``/``from_json`` are
-exact inverses. An invalid spec raises :class:`topo.errors.SpecError` (also a
+exact inverses. An invalid spec raises :class:`topo.common.errors.SpecError` (also a
 ``ValueError``) whose one-line message names the offending field and value.
 
 Layer dictionaries carry a ``"type"`` tag: ``"conv"``, ``"pool"``, ``"lrn"`` or

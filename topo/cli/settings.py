@@ -34,7 +34,8 @@ def construct_config(args: argparse.Namespace) -> ConstructConfig:
 
 def train_config(args: argparse.Namespace) -> TrainConfig:
     fields = group_fields(args, "train")
-    config = TrainConfig(**{**fields, "workers": workers_value(fields["workers"])}, seed=args.seed, progress=args.progress)
+    config = TrainConfig(**{**fields, "workers": workers_value(fields["workers"])}, seed=args.seed,
+                         progress=args.progress)
     check_sync_bn(config)
     return config
 

@@ -195,7 +195,7 @@ def best_match_jaccard(truth: Sequence[Iterable[Member]], found: Sequence[Iterab
 
 
 def recovery_scores(truth, clustering) -> dict:
-    """Scores of a fitted `UnitClustering` against a `topo.planted.PlantedTruth`.
+    """Scores of a fitted `UnitClustering` against a `topo.planted.generator.PlantedTruth`.
 
     ``jaccard`` (mean best match of each true support, recall-like),
     ``precision_jaccard`` (mean best match of each found cluster among the truth),

@@ -68,7 +68,7 @@ def default_processes(requested: int | str, n_jobs: int, device: torch.device) -
 
 def processes_within(requested: int | str, processes: int) -> int:
     """Worker processes each of ``processes`` side-by-side jobs may start for work of its own (a construction's
-    clustering, `topo.forked`): with ``"auto"``, the cores the jobs' processes leave (all of them to a job that
+    clustering, `forked_map`): with ``"auto"``, the cores the jobs' processes leave (all of them to a job that
     runs alone); else 1, and 1 under ``torch.distributed`` (its processes share the machine's cores already)."""
     if requested != "auto" or dist_info.is_distributed():
         return 1

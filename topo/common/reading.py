@@ -168,7 +168,7 @@ def read_records(path: PathLike) -> list[dict[str, Any]]:
 
 
 def read_clusters(path: PathLike) -> dict[str, Any]:
-    """A module's fitted clusters as ``topo.construct.clustering_to_dict`` wrote them."""
+    """A module's fitted clusters as ``topo.construct.files.clustering_to_dict`` wrote them."""
     fix = "restore it from a copy, or construct again into a new --out"
     return read_json(path, what="clusters file", fix=fix, parse=_check_clusters)
 

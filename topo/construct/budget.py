@@ -48,7 +48,7 @@ def check_budget(config: ConstructConfig, reference: NetworkSpec, image_hw: tupl
     """A one-line error, before anything is recorded, for a budget the skeleton's modules cannot fit in.
 
     The stem, poolings and head cost what they cost; each module gets a share of
-    the rest in proportion to its weight under the configured split (`topo.construct.module_weights`) and
+    the rest in proportion to its weight under the configured split (`topo.construct.budget.module_weights`) and
     must at least afford its narrowest form, every branch ``round_to`` wide. ``maps``: `module_maps`.
     """
     budget = total_budget(config, dataclasses.replace(reference, input_size=min(image_hw)), image_hw)

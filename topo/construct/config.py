@@ -68,7 +68,7 @@ class ConstructConfig:
     and image (``None``: all; ``"auto"``: the rule of docs/statistics.md);
     ``fire_quantile``: a unit fires above its own q-quantile (``None``: when
     positive). ``null``: test each pair against the same prefix recorded on a null
-    input (`topo.nulls`) instead of against independence. ``budget_split``: see
+    input (`topo.controls.nulls`) instead of against independence. ``budget_split``: see
     `SPLITS`; ``fallback``: see `FALLBACKS`; ``max_units_per_cluster``: a module's
     share of the budget is a ceiling, its widths grow to at most this many
     channels per cluster (what is left goes to the later modules; None: no cap);
@@ -77,8 +77,8 @@ class ConstructConfig:
     ``epochs_per_layer``: brief training of each prefix before its statistics are recorded (0: statistics of the random
     network). ``decoder``: with ``init="hebbian"`` and ``budget_macs="none"``, how a decoded unit fires:
     ``"mean"``, above its sum's mean (BatchNorm bias 0); ``"threshold"``, as often as its cluster's members
-    fire together (`topo.decoding`). ``pool_branch``: each module's pooling branch, one unit per cluster of its
-    3x3 max-pooled input (False: no pooling branch, as in the theory's layers).
+    fire together (`topo.construct.decoding`). ``pool_branch``: each module's pooling branch, one unit per cluster
+    of its 3x3 max-pooled input (False: no pooling branch, as in the theory's layers).
     """
 
     skeleton: str = DEFAULT_SKELETON

@@ -2,7 +2,7 @@
 
 At ``--budget none`` with ``--init hebbian`` every cluster of layer l is one
 unit of layer l + 1: a Conv-BN-ReLU whose filter sums the cluster's members at
-their offsets (`topo.hebbian`). With BatchNorm calibrated and its bias at 0
+their offsets (`topo.construct.hebbian`). With BatchNorm calibrated and its bias at 0
 that unit fires whenever the sum is above its mean, far more often than the
 unit the cluster stands for (docs/clustering.md, "Deep recovery"). The
 threshold decoder (``decoder="threshold"``) sets each unit's BatchNorm bias

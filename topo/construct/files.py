@@ -103,7 +103,7 @@ def load_progress(files: ConstructionFiles | None, empty: NetworkSpec
                   ) -> tuple[NetworkSpec, list[dict[str, Any]], dict[str, torch.Tensor] | None]:
     """(spec, records, weights) of an interrupted construction, or ``(empty, [], None)`` to start afresh.
 
-    A damaged progress or weights file is a one-line error naming it (`topo.files`), never a fresh start.
+    A damaged progress or weights file is a one-line error naming it (`topo.common.reading`), never a fresh start.
     """
     if files is None or not files.progress.is_file():
         return empty, [], None

@@ -13,7 +13,7 @@ convolutions", section 3):
 4. append the module, initialised at random or from its clusters (`grow`),
    and repeat.
 
-Progress is saved after every module (`topo.rundir.ConstructionFiles`), so an
+Progress is saved after every module (`topo.construct.files.ConstructionFiles`), so an
 interrupted construction resumes where it stopped.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: Cons
     (``"inception3a, 3x3 max-pooled"``); ``null`` (the kind of null input ``batches`` are) says so in both names.
     The layer keeps the offsets its largest window reads; the pooled map, clustered
     with a 1x1 window, only offset (0, 0), at the same anchor positions as the layer.
-    With ``carried``, ``batches`` are the prefix's outputs (`topo.carried`): only the probe runs on them, and
+    With ``carried``, ``batches`` are the prefix's outputs (`topo.construct.prefix`): only the probe runs on them, and
     the positions rule weighs the whole prefix's forward cost, as it would running it.
     """
     probe = builders.build(dataclasses.replace(spec, stages=spec.stages + (PoolSpec(PROBE, 3, 1, padding=1),)))
@@ -132,7 +132,7 @@ def record_null(model: nn.Module, spec: NetworkSpec, batches_factory: Callable[[
 
 
 def null_input(batches_factory: Callable[[], Any], config: ConstructConfig) -> Any:
-    """``config.null``'s null version of the recording batches (`topo.nulls`)."""
+    """``config.null``'s null version of the recording batches (`topo.controls.nulls`)."""
     return null_batches(batches_factory, config.null, seed=config.seed, max_batches=config.stats_batches)
 
 
@@ -202,7 +202,7 @@ def grow(spec: NetworkSpec, module: InceptionSpec, model: nn.Module, init: str, 
 def decode_thresholds(grown: nn.Module, name: str, found: LayerClusters, stats: LayerStats, pooled: LayerStats,
                       batches_factory: Callable[[], Any], config: ConstructConfig,
                       device: torch.device) -> dict[str, Any]:
-    """`topo.decoding.threshold_decode_` on ``grown``'s new module ``name`` over the calibration batches.
+    """`topo.construct.decoding.threshold_decode_` on ``grown``'s new module ``name`` over the calibration batches.
 
     Under ``torchrun`` every process then takes rank 0's weights, so all grow the same network.
     """

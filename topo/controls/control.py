@@ -6,7 +6,7 @@ only, no training) on:
 
 * the real data again with other seeds (``seed + 1, ...``): the spread between
   seeds, what any difference must beat;
-* each null input of `topo.nulls` ("shuffled" pixels, matched-moment "noise")
+* each null input of `topo.controls.nulls` ("shuffled" pixels, matched-moment "noise")
   with the run's own seeds.
 
 Each topology is summarised per module by its **output shares**: the fractions

@@ -14,11 +14,11 @@ output's index; label values with no sample are allowed (a warning says so).
 Inputs are standardised per channel with the training split's mean and
 standard deviation (a constant channel is only centred), and stored as float32.
 
-``load("planted")`` is the planted deep network of :func:`topo.planted.generate_deep`
+``load("planted")`` is the planted deep network of :func:`topo.planted.generator.generate_deep`
 with its default configuration (:data:`PLANTED_DATA`: 512 samples of 16
 channels of 16 x 16, 4 classes; 409 training, 103 validation samples) and the
 ``seed`` of ``load``, served through the same split and standardisation, so
-``topo.planted.save_npz`` then ``load("tensors", ...)`` gives the same bundle.
+``topo.planted.generator.save_npz`` then ``load("tensors", ...)`` gives the same bundle.
 """
 from __future__ import annotations
 

@@ -45,11 +45,11 @@ def analyze(
 ) -> pd.DataFrame:
     """Record and cluster the input of every Inception module of a (trained) network.
 
-    ``weights``: a state-dict file (`topo.files.read_weights`), or None (the
+    ``weights``: a state-dict file (`topo.common.reading.read_weights`), or None (the
     network as initialised). For each module, the widths
     the data suggests (at the module's own multiply-add cost) are reported
     beside the hand-chosen ones, as a table, JSON records and a branch-width
-    figure in ``out_dir`` (`topo.rundir.AnalysisFiles`).
+    figure in ``out_dir`` (`topo.run.rundir.AnalysisFiles`).
     """
     modules = spec.inception_modules()
     if not modules:
@@ -93,7 +93,8 @@ def suggest_module(module: InceptionSpec, stats: LayerStats, map_hw: tuple[int, 
 
 
 def load_weights(model: torch.nn.Module, path: str | Path) -> None:
-    """Load a state-dict file (`topo.files.read_weights`) strictly, with a one-line error where it does not fit."""
+    """Load a state-dict file (`topo.common.reading.read_weights`) strictly, with a one-line error where it does
+    not fit."""
     state = read_weights(path)
     try:
         model.load_state_dict(state, strict=True)

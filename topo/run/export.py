@@ -13,7 +13,7 @@ format          suffix         what
 ``pt2``         .pt2           ``torch.export``: ``torch.export.load`` in Python
 =============== ============== ===================================================================
 
-Every export writes atomically (``topo.io.atomic_path``) and checks the written
+Every export writes atomically (``topo.common.writing.atomic_path``) and checks the written
 file before it replaces anything: the file is read back and run on the example
 input and on a batch of another size (the batch dimension is dynamic in every
 format), and its logits must lie within ``tolerance`` of the model's:
@@ -160,7 +160,7 @@ def load_safetensors(path: str | Path, *, map_location: str | torch.device = "cp
         raise UserError(f"safetensors file {path} is truncated or corrupt ({type(e).__name__})") from None
     if SPEC_KEY not in metadata:
         raise UserError(f"safetensors file {path} holds no network spec ({SPEC_KEY!r} metadata): "
-                        f"it was not written by topo.export; build the network and load the weights yourself")
+                        f"it was not written by topo.run.export; build the network and load the weights yourself")
     try:
         spec = NetworkSpec.from_json(metadata[SPEC_KEY])
     except SpecError as e:
@@ -296,7 +296,7 @@ def export(model: nn.Module, path: str | Path, format: str | None = None, *, spe
 
 def export_run(run_dir: str | Path, format: str | None = None, *, network: str = "discovered",
                path: str | Path | None = None, ema: bool = False, **options: Any) -> Exported:
-    """Export a run's trained ``network`` (see :func:`topo.runs.load_run`) in ``format``, or the
+    """Export a run's trained ``network`` (see :func:`topo.run.load.load_run`) in ``format``, or the
     format of ``path``'s suffix; the default path is ``RUN_DIR/export/NETWORK<suffix>``."""
     format = format_for(path, format)
     model = load_run(run_dir, network, ema=ema)

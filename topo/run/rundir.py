@@ -1,6 +1,6 @@
 """The run directory: where one `topo-build` run keeps everything it produces.
 
-Layout (every file is written atomically through `topo.io`)::
+Layout (every file is written atomically through `topo.common.writing`)::
 
     RUN_DIR/
       config.json        resolved configuration, library versions, git revision
@@ -13,7 +13,7 @@ Layout (every file is written atomically through `topo.io`)::
       comparison.{csv,md,tex}, figures/, report.md
 
 Every file name is spelled here and nowhere else; every file is read back
-through `topo.files`. ``config.json`` also records the run format and the
+through `topo.common.reading`. ``config.json`` also records the run format and the
 topo-build version that wrote the directory: a run is only continued by the
 same ones (`RunDir.check_compatible`).
 """
@@ -181,7 +181,7 @@ class RunDir:
 
     @property
     def controls(self) -> Path:
-        """The control's outcome (`topo.controls.ControlSummary`)."""
+        """The control's outcome (`topo.controls.control.ControlSummary`)."""
         return self.root / "controls" / "summary.json"
 
     @property

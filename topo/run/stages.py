@@ -1,6 +1,6 @@
 """The main job, stage by stage: construct, train both networks, compare, report.
 
-Each stage records its completion in the run directory (`topo.rundir`), so a
+Each stage records its completion in the run directory (`topo.run.rundir`), so a
 killed run resumes at the stage it reached; training resumes from its last
 epoch checkpoint. Only rank 0 writes files under ``torchrun``.
 """
@@ -66,8 +66,8 @@ def comparison_row(name: str, spec: NetworkSpec, result: TrainResult, image_hw: 
 
 def run_construction(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
                      *, null: str | None = None, trainer: bool = True, cluster_jobs: int = 1) -> Construction:
-    """One construction on the run's data (or, with ``null``, on its null version: `topo.nulls`), its clustering
-    in ``cluster_jobs`` processes."""
+    """One construction on the run's data (or, with ``null``, on its null version: `topo.controls.nulls`), its
+    clustering in ``cluster_jobs`` processes."""
     reference = reference_spec(config, bundle)
     device = resolve_device(config.train.device)
 
@@ -98,7 +98,7 @@ def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> Netwo
 def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
                         ) -> tuple[NetworkSpec, ControlSummary | None]:
     """The run's construction and, with ``config.controls``, the control's (`control_plan`), each resumable on its
-    own (what is done is read back), side by side in ``config.jobs`` processes (`topo.parallel`): the topology,
+    own (what is done is read back), side by side in ``config.jobs`` processes (`topo.common.processes`): the topology,
     and the control's outcome (`topo.controls`; None without controls)."""
     done = run.completed()
     plan = control_plan(config) if config.controls and "controls" not in done else []
@@ -126,7 +126,7 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
 
 def construction_job(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
                      null: str | None, trainer: bool, cluster_jobs: int = 1) -> tuple[NetworkSpec, list[dict[str, Any]]]:
-    """`run_construction` as a job for `topo.parallel` (picklable in and out): the spec and the records."""
+    """`run_construction` as a job for `topo.common.processes` (picklable in and out): the spec and the records."""
     log.info("constructing on %s, seed %d (%s)", f"the {null} null" if null else "the data", construct_config.seed,
              out_dir)
     result = run_construction(config, bundle, construct_config, out_dir, null=null, trainer=trainer,

@@ -3,8 +3,8 @@
 Arms, each trained with the run's recipe, the same data order and initialisation
 seed at each seed, and the run's one auxiliary-head policy (``run.aux_heads``):
 
-* ``discovered``: constructed afresh for each seed (`topo.pipeline.construct_stage`, ``ConstructConfig(seed=s)``);
-* ``reference``: the hand-designed GoogLeNet variant (`topo.pipeline.reference_spec`);
+* ``discovered``: constructed afresh for each seed (`topo.run.stages.construct_stage`, ``ConstructConfig(seed=s)``);
+* ``reference``: the hand-designed GoogLeNet variant (`topo.run.config.reference_spec`);
 * ``random``: K topologies with the discovered network's skeleton, stem and head, each module's
   output shares and reductions drawn at random (:func:`draw_proportions`) and scaled to the
   discovered module's multiply-adds; topology k is drawn from its own seed and trained with
@@ -13,7 +13,7 @@ seed at each seed, and the run's one auxiliary-head policy (``run.aux_heads``):
 * ``shuffled``: the discovered clusters with each module's kernel sizes permuted.
 
 One arm x seed (x topology) is a **unit**: a run directory of its own
-(`topo.rundir.RunDir`, under ``STUDY/units/<arm>-s<seed>[-k<k>]/``) with its
+(`topo.run.rundir.RunDir`, under ``STUDY/units/<arm>-s<seed>[-k<k>]/``) with its
 configuration, topology, training checkpoint and, once it has finished,
 ``result.json``. A killed study resumes where it stopped (finished units are
 skipped, a construction or a training resumes from its own files), and
@@ -81,7 +81,7 @@ class StudyConfig:
     ``seeds``: N training seeds, ``run.seed`` to ``run.seed + N - 1``. ``random``: K random topologies.
     ``margin``: equivalence margin in top-1 points. ``tolerance``: largest relative difference of an
     arm's multiply-adds from the discovered network's. Every arm follows the run's auxiliary-head
-    policy (``run.aux_heads``, `topo.pipeline.with_aux_policy`).
+    policy (``run.aux_heads``, `topo.run.config.with_aux_policy`).
     """
 
     run: RunConfig = field(default_factory=RunConfig)

@@ -52,7 +52,7 @@ class PositionBudget:
     """What ``positions="auto"`` decides from: the model's forward cost and the number of images.
 
     ``forward_macs``: multiply-adds of the model's forward pass for one image
-    (counted, see :func:`topo.hooks.forward_macs`); ``num_images``: the images the
+    (counted, see :func:`topo.stats.recording.forward_macs`); ``num_images``: the images the
     statistics will see (over all processes; a lower bound where unknown). ``reach``: plan the positions
     as for a layer storing offsets up to this reach where it stores fewer (None: its own), so that layers
     recorded together at different reaches are sampled at the same anchors (`topo.record`).

@@ -11,7 +11,7 @@ the statistics: from copies the calibration pass kept, while they fit in
 ``replay_bytes`` (one forward pass in all), or else in a second pass that sees
 the same batches in the same order (see :func:`record`). Positions per map are
 chosen per layer from the model's counted forward multiply-adds
-(``positions="auto"``, :func:`topo.stats.choose_positions`).
+(``positions="auto"``, :func:`topo.stats.positions.choose_positions`).
 """
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ def record(
 
     ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted
     once, on one image; ``forward_cost`` instead, where ``data`` are activations a larger network computed) and
-    the number of images (:func:`topo.stats.choose_positions`; logged, and kept in
+    the number of images (:func:`topo.stats.positions.choose_positions`; logged, and kept in
     ``positions_used`` / ``exact``); an int samples that many anchor positions per map and image; ``None``
     uses all. Under ``torch.distributed`` with ``all_reduce=True`` the statistics are summed over ranks (each
     with its own shard), thresholds come from every rank's samples, and when one rank fails (or saw nothing of a

@@ -505,7 +505,7 @@ def train(
 
     With ``run_dir``, rank 0 writes ``{name}.ckpt`` (model, optimiser, scheduler,
     scaler, EMA, RNG states of every process, epoch, config, history) and
-    ``{name}_metrics.csv`` atomically after every epoch (`topo.rundir.TrainingFiles`),
+    ``{name}_metrics.csv`` atomically after every epoch (`topo.train.files.TrainingFiles`),
     and ``resume=True`` continues from an existing checkpoint. On CPU a resumed
     run ends with exactly the weights and metrics of an uninterrupted one. An
     epoch whose training or validation loss is NaN or infinite stops training
