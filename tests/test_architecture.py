@@ -128,3 +128,21 @@ def test_loading_a_run_draws_nothing():
     code = "import sys, topo; topo.load_run; print(sorted(m for m in sys.modules if m.startswith('matplotlib')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_public_names_the_readme_shows_resolve():
+    """The library names of the README stay where it says, whatever moves inside topo/."""
+    import builders
+    import topo
+    from topo.cluster import UnitClustering
+    from topo.construct import ConstructConfig, construct
+    from topo.train import TrainConfig, train
+
+    assert callable(topo.record) and callable(topo.load_run) and callable(topo.export)
+    assert topo.LayerStats.__name__ == "LayerStats" and issubclass(topo.UserError, Exception)
+    assert all(callable(f) for f in (UnitClustering, construct, train, builders.build, builders.from_clusters,
+                                     builders.googlenet, builders.googlenet_spec))
+    assert ConstructConfig().window is None and TrainConfig().epochs > 0
+    readme = (ROOT / "README.md").read_text()
+    for name in ("topo.record", "topo.load_run", "topo.export", "UnitClustering", "builders.from_clusters"):
+        assert name in readme

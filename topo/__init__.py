@@ -14,6 +14,7 @@ _EXPORTS = {
     "UnitClustering": "topo.cluster",
     "UserError": "topo.common.errors",
     "load_run": "topo.run.load",
+    "export": "topo.run.export",
 }
 
 __all__ = sorted(_EXPORTS)
