@@ -6,10 +6,11 @@ seed at each seed, and the run's one auxiliary-head policy (``run.aux_heads``):
 * ``discovered``: constructed afresh for each seed (`topo.run.stages.construct_stage`, ``ConstructConfig(seed=s)``);
 * ``reference``: the hand-designed GoogLeNet variant (`topo.run.config.reference_spec`);
 * ``random``: K topologies with the discovered network's skeleton, stem and head, each module's
-  output shares and reductions drawn at random (:func:`draw_proportions`) and scaled to the
+  output shares and reductions drawn at random (`builders.baselines.draw_proportions`) and scaled to the
   discovered module's multiply-adds; topology k is drawn from its own seed and trained with
   study seed k mod N;
-* ``uniform``: every module with equal 1x1/3x3/5x5/pool output shares (:data:`UNIFORM`) at the same budgets;
+* ``uniform``: every module with equal 1x1/3x3/5x5/pool output shares (`builders.baselines.UNIFORM`) at the
+  same budgets;
 * ``shuffled``: the discovered clusters with each module's kernel sizes permuted.
 
 One arm x seed (x topology) is a **unit**: a run directory of its own
@@ -50,7 +51,7 @@ from analysis.study_stats import (
 )
 from analysis.tables import to_markdown
 from builders.baselines import UNIFORM, proportions_module, random_topology, refit, shuffled_module
-from builders.cost import network_costs
+from builders.cost import network_macs
 from builders.spec import NetworkSpec, read_spec
 from topo.cluster.clusters import Cluster
 from topo.common import distributed as dist_info
@@ -261,7 +262,7 @@ def source_macs(unit: Unit, files: StudyFiles, image_hw: tuple[int, int]) -> int
     source = files.unit(unit.source)
     if "construct" not in source.completed():
         return None
-    return network_costs(read_spec(source.topology), image_hw)[1]
+    return network_macs(read_spec(source.topology), image_hw)
 
 
 def run_unit(unit: Unit, config: StudyConfig, bundle: DataBundle, files: StudyFiles) -> dict[str, Any]:
