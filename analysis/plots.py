@@ -29,6 +29,7 @@ from analysis.tables import (
 )
 from topo.common.errors import StatsError
 from topo.common.writing import atomic_path
+from topo.controls.control import PROPERTIES, property_distance
 
 DISCOVERED_COLOR = "#1f77b4"
 REFERENCE_COLOR = "#bdbdbd"
@@ -267,28 +268,57 @@ def learning_curves(histories: Mapping[str, pd.DataFrame], path_stem: str | os.P
 def control_shares(summary: Any, path_stem: str | os.PathLike) -> list[Path]:
     """Per module, the 1x1/3x3/5x5 output shares of every construction of a `topo.controls.control.ControlSummary`:
     one stacked bar per construction, grouped by module, the data's seeds first."""
-    groups = [(kind, shares) for kind, shares in summary.shares.items()]
-    bars = [(kind, i, s) for kind, shares in groups for i, s in enumerate(shares)]
+    bars = [(kind, i, p["shares"]) for kind, profiles in summary.profiles.items() for i, p in enumerate(profiles)]
     if not bars or not summary.modules:
         return []
     n_modules, n_bars = len(summary.modules), len(bars)
     width = 0.8 / n_bars
     colors = ("#1f77b4", KERNEL_COLORS["3x3"], KERNEL_COLORS["5x5"])
+    hatches = {"real": None, "shuffled": "//", "noise": "..", "phase": "xx", "other": "\\\\"}
     fig = Figure(figsize=(max(5.0, 0.35 * n_bars * n_modules + 2.0), 3.8), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(n_modules, dtype=np.float64)
-    for b, (kind, seed, shares) in enumerate(bars):
+    for b, (kind, index, shares) in enumerate(bars):
         offset = x - 0.4 + (b + 0.5) * width
         bottom = np.zeros(n_modules)
         for k, label in enumerate(("1x1", "3x3", "5x5")):
             ax.bar(offset, 100 * shares[:, k], width * 0.9, bottom=bottom, color=colors[k],
                    alpha=1.0 if kind == "real" else 0.45, label=label if b == 0 else None,
-                   hatch=None if kind == "real" else ("//" if kind == "shuffled" else ".."))
+                   hatch=hatches.get(kind, "++"))
             bottom += 100 * shares[:, k]
     ax.set_xticks(x, summary.modules, rotation=35, ha="right")
     ax.set_ylim(0, 100)
     ax.set_ylabel("output share (%)")
-    order = " | ".join(f"{kind} seed {seed}" for kind, seed, _ in bars)
+    order = " | ".join(f"{kind} {index + 1}" for kind, index, _ in bars)
     ax.set_title(f"Output shares per module; bars left to right: {order}", fontsize=8)
     ax.legend(fontsize=8, frameon=False, loc="upper right")
+    return save_figure(fig, path_stem)
+
+
+def control_distances(summary: Any, path_stem: str | os.PathLike) -> list[Path]:
+    """Per property (units, kernel mix, widths), the distance of every pair of constructions of a
+    `topo.controls.control.ControlSummary`: the data's seeds among themselves, then each control against them."""
+    real = summary.profiles.get("real", [])
+    if len(real) < 2 or not summary.kinds:
+        return []
+    groups = ["seeds"] + summary.kinds
+    fig = Figure(figsize=(3.2 * len(PROPERTIES) + 1.0, 3.6), layout="constrained")
+    axes = fig.subplots(1, len(PROPERTIES))
+    for ax, name in zip(axes, PROPERTIES):
+        for g, group in enumerate(groups):
+            if group == "seeds":
+                values = [property_distance(a, b, name) for i, a in enumerate(real) for b in real[i + 1:]]
+            else:
+                values = [property_distance(a, c, name) for a in real for c in summary.profiles[group]]
+            values = [v for v in values if np.isfinite(v)]
+            spread = np.linspace(-0.15, 0.15, len(values)) if len(values) > 1 else np.zeros(len(values))
+            ax.scatter(g + spread, values, s=28, color="#636363" if group == "seeds" else f"C{g}", zorder=3)
+            if group == "seeds" and values:
+                ax.axhline(float(np.mean(values)), color="#636363", lw=0.8, ls="--")
+        ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right")
+        ax.set_title(name)
+        ax.set_ylim(bottom=0)
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0].set_ylabel("distance between two constructions")
+    fig.suptitle("Control: distances per property (dashed: the seeds' mean)", fontsize=9)
     return save_figure(fig, path_stem)

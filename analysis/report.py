@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -263,18 +264,34 @@ def _figure_lines(root: Path, records: list[dict], rows: list[dict], histories: 
     return lines
 
 
+CONTROL_CAPTION = (
+    "Distances (topo/controls/control.py): units, |log2 of (1 + clusters)| apart; kernel mix, L1 of the 1x1/3x3/5x5 "
+    "output shares (0 to 2) over the modules where both found clusters; widths, |log2| of the output width and the "
+    "3x3 and 5x5 reductions relative to the module's input. Each is a mean over modules; ratio: against the mean "
+    "distance between the data's own seeds. p: the constructions permuted as wholes, given only where the design "
+    "can reach p < 0.01 (smallest p: its floor).")
+
+
 def _control_lines(summary: ControlSummary, root: Path) -> list[str]:
-    """The control's section: each control's distance against the seeds', and the shares per module."""
-    table = pd.DataFrame([{"control": o.kind, "distance": round(o.distance, 3), "seed distance": round(o.seed_distance, 3),
-                           "ratio": round(o.ratio, 2), "p": o.p_value, "passes": o.passes} for o in summary.outcomes])
-    lines = ["## Control: does the topology depend on the data?", "",
-             f"Constructions: {len(summary.shares['real'])} seeds on the data, and "
-             + ", ".join(f"{len(v)} on {k}" for k, v in summary.shares.items() if k != "real")
-             + ". Distance: mean over modules of the L1 distance of the 1x1/3x3/5x5 output shares (0 to 2); "
-             "p: module-wise permutation test (topo/controls/control.py).", "", to_markdown(table), ""]
-    lines += _figure_section("Control", plots.control_shares(summary, root / FIGURES_DIR / "controls"), root,
-                             "Per module, the 1x1/3x3/5x5 output shares of every construction: the data's seeds "
-                             "beside each control.")
+    """The control's section: per control and property, the distance against the seeds', p where the design
+    allows one, and the modules that found nothing; the figures."""
+    table = pd.DataFrame([{"control": o.kind, "property": o.property, "distance": o.distance,
+                           "seed distance": o.seed_distance, "ratio": o.ratio,
+                           "p": o.p_value if o.testable else math.nan, "smallest p": o.min_p,
+                           "shown": "yes" if o.shown else "no"}
+                          for o in summary.outcomes])
+    modules = len(summary.modules)
+    nothing = pd.DataFrame([{"constructions on": kind, "found nothing (modules of each)": ", ".join(
+        f"{k}/{modules}" for k in summary.found_nothing(kind))} for kind in summary.profiles])
+    lines = ["## Control: which properties depend on the data?", "", CONTROL_CAPTION, "",
+             to_markdown(table.round(3)), "", to_markdown(nothing), ""]
+    lines += _figure_section("Control distances", plots.control_distances(summary, root / FIGURES_DIR /
+                                                                          "control_distances"), root,
+                             "Per property, the distance of every pair of constructions: the data's seeds "
+                             "against each other, and against each control.")
+    lines += _figure_section("Control output shares", plots.control_shares(summary, root / FIGURES_DIR / "controls"),
+                             root, "Per module, the 1x1/3x3/5x5 output shares of every construction: the data's "
+                             "seeds beside each control (a module that found nothing is the fallback's).")
     return lines
 
 

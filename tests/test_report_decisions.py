@@ -50,6 +50,8 @@ def test_the_control_is_the_reports_first_sentence(tmp_path):
     path = report.write_report(tmp_path, real[0], [], None, controls=same)
     text = path.read_text().splitlines()
     assert text[0] == "# topo-build report"
-    assert text[2].startswith("This run's topology is not shown to depend on its data")
-    assert "## Control: does the topology depend on the data?" in text
+    assert text[2].startswith("Control: 2 constructions on the data and 1 on pixel-shuffled images.")
+    assert "no property shown to differ" in text[2] and "distances and ratios only" in text[2]
+    assert "## Control: which properties depend on the data?" in text
     assert (tmp_path / "figures" / "controls.png").is_file()
+    assert (tmp_path / "figures" / "control_distances.png").is_file()

@@ -12,13 +12,14 @@ from topo.cli.parser import field_default
 from topo.common.errors import UserError
 from topo.common.reading import read_json, read_text
 from topo.construct.config import ConstructConfig
+from topo.controls.control import ControlConfig
 from topo.run.config import RunConfig
 from topo.run.study import StudyConfig
 from topo.train.config import TrainConfig
 
 #: The dataclass behind each group of flags (``config_fields`` of `build_parser`).
-GROUP_CLASSES: dict[str, type] = {"data": RunConfig, "construct": ConstructConfig, "train": TrainConfig,
-                                  "study": StudyConfig}
+GROUP_CLASSES: dict[str, type] = {"data": RunConfig, "construct": ConstructConfig, "control": ControlConfig,
+                                  "train": TrainConfig, "study": StudyConfig}
 
 
 #: The sections of a RunConfig (its dataclass fields: construct, train, ...) and the dataclass of each.

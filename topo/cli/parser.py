@@ -20,6 +20,8 @@ from topo.construct.config import (
     ConstructConfig,
 )
 from topo.construct.decoding import DECODERS
+from topo.controls.control import KINDS as CONTROL_KINDS
+from topo.controls.control import ControlConfig
 from topo.data import DATASETS
 from topo.run.config import AUX_POLICIES, REFERENCES, RunConfig
 from topo.run.export import FORMATS
@@ -208,9 +210,9 @@ def _add_reference(p: argparse.ArgumentParser) -> dict[str, str]:
               show="0.25 on digits, else 1")
     flags.add("--aux-heads", "aux_heads", "auxiliary heads of every trained network (both, or every arm of a "
                                           "study): none, or the reference's", choices=AUX_POLICIES)
-    flags.add("--controls", "controls", "construct also on more seeds, on pixel-shuffled data and on "
-                                        "matched-moment noise, and test whether the topology depends on the data "
-                                        "(--no-controls: skip)", action=argparse.BooleanOptionalAction)
+    flags.add("--controls", "controls", "construct also on more seeds and on each --control-kinds, and test "
+                                        "which properties of the topology (units, kernel mix, widths) depend on "
+                                        "the data (--no-controls: skip)", action=argparse.BooleanOptionalAction)
     flags.add("--jobs", "jobs", "run, construct: the run's construction and the control's side by side in this "
                                 "many worker processes (the same results; 1: one after the other here); auto: one "
                                 "per core on the CPU, 1 on a GPU, and each construction's clustering in worker "
@@ -218,6 +220,29 @@ def _add_reference(p: argparse.ArgumentParser) -> dict[str, str]:
     flags.add("--fresh-init", "fresh_init", "train the discovered network from random weights even where the "
                                             "construction initialised it (the ablation of --init hebbian)",
               action="store_true")
+    return flags.fields
+
+
+def _control_kinds(text: str) -> tuple[str, ...]:
+    """``all`` or a comma-separated list of control kinds."""
+    kinds = CONTROL_KINDS if text.strip() == "all" else tuple(k.strip() for k in text.split(",") if k.strip())
+    unknown = [k for k in kinds if k not in CONTROL_KINDS]
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"{text!r} names no control kind or an unknown one; use all or some of "
+                                         f"{','.join(CONTROL_KINDS)}")
+    return kinds
+
+
+def _add_control(p: argparse.ArgumentParser) -> dict[str, str]:
+    flags = _Flags(p, "control", ControlConfig)
+    flags.add("--control-kinds", "kinds", "what the topology is tested against: all, or some of phase "
+                                         "(phase-randomised images), other (another real data set), shuffled "
+                                         "(pixel-shuffled images), noise (matched-moment noise), comma-separated",
+              type=_control_kinds, show=",".join(ControlConfig().kinds))
+    flags.add("--real-seeds", "real_seeds", "constructions on the data, the run's own included (at least 2)",
+              type=_positive_int)
+    flags.add("--control-seeds", "control_seeds", "constructions per control kind (4, with --real-seeds 5, "
+                                                  "let the control reach p < 0.01)", type=_positive_int)
     return flags.fields
 
 
@@ -426,6 +451,7 @@ def build_parser(command: str) -> argparse.ArgumentParser:
         if command in ("run", "construct", "study"):
             groups["data"].update(_add_reference(p))
             groups["construct"] = {**_add_construct(p), **_add_clustering(p)}
+            groups["control"] = _add_control(p)
         groups["train"] = _add_train(p)
         if command == "study":
             groups["study"] = _add_study(p)

@@ -23,11 +23,12 @@ log = logging.getLogger(__name__)
 def _shown(value: Any) -> str:
     if isinstance(value, bool) or value is None:
         return {True: "on", False: "off", None: "none"}[value]
-    return str(value)
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)
 
 
 def _setting(config: RunConfig, group: str, field: str) -> Any:
-    return getattr({"construct": config.construct, "train": config.train}.get(group, config), field)
+    return getattr({"construct": config.construct, "control": config.control, "train": config.train}.get(group, config),
+                   field)
 
 
 

@@ -13,6 +13,7 @@ from topo.cli.parser import Parser, build_parser, workers_value
 from topo.common import distributed as dist_info
 from topo.common.errors import UserError
 from topo.construct.config import ConstructConfig
+from topo.controls.control import ControlConfig
 from topo.run.config import RunConfig
 from topo.run.rundir import CONFIG_FILE, RunDir
 from topo.train.config import TrainConfig, check_sync_bn
@@ -47,6 +48,8 @@ def run_config(args: argparse.Namespace) -> RunConfig:
         parts["construct"] = construct_config(args)
     if "train" in args.config_fields:
         parts["train"] = train_config(args)
+    if "control" in args.config_fields:
+        parts["control"] = ControlConfig(**group_fields(args, "control"))
     config = RunConfig(**group_fields(args, "data"), seed=args.seed, **parts)
     settings = getattr(args, "config_file", None)
     return _with_kept(config, settings.kept, args.config) if settings is not None else config

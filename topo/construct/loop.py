@@ -34,12 +34,23 @@ from builders.googlenet import INCEPTION_TABLE
 from builders.spec import InceptionSpec, NetworkSpec, PoolSpec
 from topo.cluster import UnitClustering
 from topo.common import distributed as dist_info
-from topo.construct.budget import discovered_base, module_weights, spend_budget, step_budget, total_budget
+from topo.construct.budget import (
+    discovered_base,
+    module_weights,
+    spend_budget,
+    step_budget,
+    total_budget,
+)
 from topo.construct.config import ConstructConfig, skeleton_plan, window_for
 from topo.construct.decoding import threshold_decode_
 from topo.construct.files import ConstructionFiles, load_progress, save_step
 from topo.construct.hebbian import hebbian_init_
-from topo.construct.prefix import CarriedOutputs, build_prefix, calibrate_batchnorm, forward_batches
+from topo.construct.prefix import (
+    CarriedOutputs,
+    build_prefix,
+    calibrate_batchnorm,
+    forward_batches,
+)
 from topo.construct.records import LayerClusters, describe, layer_record
 from topo.controls.nulls import null_batches
 from topo.stats.layer_stats import LayerStats
@@ -132,8 +143,10 @@ def record_null(model: nn.Module, spec: NetworkSpec, batches_factory: Callable[[
 
 
 def null_input(batches_factory: Callable[[], Any], config: ConstructConfig) -> Any:
-    """``config.null``'s null version of the recording batches (`topo.controls.nulls`)."""
-    return null_batches(batches_factory, config.null, seed=config.seed, max_batches=config.stats_batches)
+    """``config.null``'s null version of the recording batches (`topo.controls.nulls`), from the reference role's
+    stream: never the random numbers of a control's input that the batches may be."""
+    return null_batches(batches_factory, config.null, seed=config.seed, role="reference",
+                        max_batches=config.stats_batches)
 
 
 def start_carrying(config: ConstructConfig, batches_factory: Callable[[], Any], trainer: Any,

@@ -26,6 +26,7 @@ class LayerRecord(TypedDict, total=False):
     method: str                    # clustering method, e.g. "arora"
     window: int                    # the window the layer was clustered with
     n_clusters: int
+    edges: int                     # Hebbian edges the clustering found (each pair of units once, up to translation)
     kernel_counts: dict[str, int]  # clusters per kernel size: {"1": .., "3": .., "5": ..}
     spec: dict[str, Any]           # the discovered InceptionSpec as a dict
     reference: dict[str, Any] | None  # the hand-designed module's InceptionSpec dict
@@ -69,6 +70,7 @@ def layer_record(name: str, stats: LayerStats, found: LayerClusters, module: Inc
         "method": clustering.method,
         "window": found.window,
         "n_clusters": int(clustering.n_clusters_),
+        "edges": int(clustering.n_edges_),
         "kernel_counts": {str(k): int(v) for k, v in clustering.kernel_counts_.items()},
         "spec": module.to_dict(),
         "reference": reference.to_dict() if reference is not None else None,

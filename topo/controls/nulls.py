@@ -1,7 +1,7 @@
 """Null inputs: the data with its structure taken away, batch by batch.
 
-Two ways of keeping what a network's own filters would produce from any input
-while removing what the data adds:
+Three ways of keeping what a network's own filters would produce from any input
+while removing part of what the data adds:
 
 * ``"shuffled"``: every image's pixel positions permuted by one fixed, seeded
   permutation (the same for every image and channel). Each pixel keeps its
@@ -11,24 +11,49 @@ while removing what the data adds:
   standard deviation (per channel and position, estimated over the batches it
   replaces). Every first and second moment of a single pixel stays; every
   correlation between pixels goes.
+* ``"phase"``: phase-randomised images. Each image's 2-D Fourier amplitudes
+  are kept and its phases replaced by those of white noise (the same phases for
+  every channel of an image, the mean's phase kept), so each image keeps its
+  power spectrum, hence its spatial autocorrelation, and loses its edges,
+  contours and every higher-order structure: what the power spectrum alone
+  produces.
+
+**Streams.** Every draw comes from its own random stream, named by the seed,
+the *role* of the draw and the batch index (`stream_seed`): a control
+construction's input (role ``"control"``) and the null a construction tests its
+pairs against (role ``"reference"``) never share random numbers, so the noise
+control is never tested against a copy of its own noise. Draws are made on the
+CPU, so a seed gives the same null on every device.
 
 `NullBatches` wraps any iterable of batches (a DataLoader, or what
 ``construct``'s ``loader`` returns) and yields the null version of each batch
-with its labels. It is deterministic: the permutation and the noise are drawn
-from generators seeded by ``seed`` (and the batch index), on the CPU, so a seed
-gives the same null on every device.
+with its labels.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+import numpy as np
 import torch
 
 from topo.common.batches import split_batch
 from topo.common.errors import UserError
 
-KINDS = ("shuffled", "noise")
+KINDS = ("shuffled", "noise", "phase")
+#: The roles a null draw can play; each has its own stream.
+ROLES = ("control", "reference")
+
+
+def stream_seed(seed: int, role: str, kind: str, index: int = 0) -> int:
+    """The seed of one draw: batch ``index`` of the ``kind`` null in ``role``, for the construction seed ``seed``.
+
+    Independent streams for every (seed, role, kind, index) through NumPy's ``SeedSequence`` (names enter as
+    their CRC-32, which never changes), as a non-negative 63-bit integer for ``torch.Generator``.
+    """
+    words = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, zlib.crc32(role.encode()), zlib.crc32(kind.encode()), index]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
 
 
 @dataclass(frozen=True)
@@ -61,17 +86,19 @@ class PixelMoments:
 class NullBatches:
     """The null version (``kind`` in `KINDS`) of every batch of ``batches``, labels kept.
 
-    ``moments`` are needed for ``"noise"`` (see `PixelMoments.of`); ``seed`` fixes
-    the permutation and the noise.
+    ``moments`` are needed for ``"noise"`` (see `PixelMoments.of`); ``seed`` and ``role`` (one of `ROLES`) name
+    the random stream (`stream_seed`) of the permutation, the noise or the phases.
     """
 
-    def __init__(self, batches: Iterable[Any], kind: str, *, seed: int = 0,
+    def __init__(self, batches: Iterable[Any], kind: str, *, seed: int = 0, role: str = "control",
                  moments: PixelMoments | None = None) -> None:
         if kind not in KINDS:
             raise UserError(f"null input {kind!r} is unknown: use one of {', '.join(KINDS)}")
+        if role not in ROLES:
+            raise UserError(f"null role {role!r} is unknown: use one of {', '.join(ROLES)}")
         if kind == "noise" and moments is None:
             raise UserError("matched-moment noise needs the data's pixel moments: pass moments=PixelMoments.of(...)")
-        self.batches, self.kind, self.seed, self.moments = batches, kind, seed, moments
+        self.batches, self.kind, self.seed, self.role, self.moments = batches, kind, seed, role, moments
 
     def __len__(self) -> int:
         return len(self.batches)  # type: ignore[arg-type]
@@ -86,24 +113,42 @@ class NullBatches:
         return getattr(self.batches, "sampler", None)
 
     def __iter__(self) -> Iterator[Any]:
+        draw = {"shuffled": self._shuffle, "noise": self._noise, "phase": self._phase}[self.kind]
         for index, batch in enumerate(self.batches):
             x, rest = split_batch(batch)
-            null = self._shuffle(x) if self.kind == "shuffled" else self._noise(x, index)
+            null = draw(x, index)
             yield (null, *rest) if rest else null
 
-    def _shuffle(self, x: torch.Tensor) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(x.shape[2] * x.shape[3], generator=generator).to(x.device)
+    def _generator(self, index: int) -> torch.Generator:
+        return torch.Generator().manual_seed(stream_seed(self.seed, self.role, self.kind, index))
+
+    def _shuffle(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        order = torch.randperm(x.shape[2] * x.shape[3], generator=self._generator(0)).to(x.device)  # one for all
         return x.flatten(2)[:, :, order].reshape(x.shape)
 
     def _noise(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
-        noise = torch.randn(x.shape, generator=generator, dtype=torch.float64)
+        noise = torch.randn(x.shape, generator=self._generator(index), dtype=torch.float64)
         values = self.moments.mean + self.moments.std * noise
         return values.to(device=x.device, dtype=x.dtype)
 
+    def _phase(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        white = torch.randn((x.shape[0], 1, *x.shape[2:]), generator=self._generator(index), dtype=torch.float64)
+        return phase_randomised(x.detach().to("cpu", torch.float64), white).to(device=x.device, dtype=x.dtype)
 
-def null_batches(batches_factory, kind: str, *, seed: int, max_batches: int | None) -> NullBatches:
+
+def phase_randomised(x: torch.Tensor, white: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, H, W) with each image's Fourier amplitudes and the phases of ``white`` (N, 1, H, W) noise.
+
+    The phases of a real image's transform are Hermitian-symmetric, so the result is real (its imaginary part,
+    rounding only, is dropped); the zero frequency keeps the image's own phase, so each channel keeps its mean.
+    """
+    spectrum = torch.fft.fft2(x)
+    phase = torch.angle(torch.fft.fft2(white)).expand_as(spectrum).clone()
+    phase[..., 0, 0] = torch.angle(spectrum[..., 0, 0])
+    return torch.fft.ifft2(torch.polar(spectrum.abs(), phase)).real
+
+
+def null_batches(batches_factory, kind: str, *, seed: int, role: str, max_batches: int | None) -> NullBatches:
     """``NullBatches`` over ``batches_factory()``; for noise the moments come from a first pass over it."""
     moments = PixelMoments.of(batches_factory(), max_batches) if kind == "noise" else None
-    return NullBatches(batches_factory(), kind, seed=seed, moments=moments)
+    return NullBatches(batches_factory(), kind, seed=seed, role=role, moments=moments)

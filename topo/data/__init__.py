@@ -12,6 +12,7 @@ from topo.common.devices import resolve_device
 from topo.data.bundle import DataBundle
 from topo.data.folders import ImageTree, check_tree, take_skipped
 from topo.data.loader import EpochLoader, ShardSampler, make_loader
+from topo.data.second import second_source
 from topo.data.sources import DATASETS, default_data_dir, load
 from topo.data.tensors import load_npz, planted_data
 
@@ -28,5 +29,6 @@ __all__ = [
     "make_loader",
     "planted_data",
     "resolve_device",
+    "second_source",
     "take_skipped",
 ]

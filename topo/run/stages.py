@@ -7,6 +7,7 @@ epoch checkpoint. Only rank 0 writes files under ``torchrun``.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from topo.construct.loop import Construction, construct
 from topo.construct.prefix import load_prefix, shared_weights
 from topo.controls.control import ControlSummary, summarise, verdict
 from topo.controls.nulls import null_batches
-from topo.data import DataBundle, make_loader
+from topo.data import DataBundle, make_loader, second_source
 from topo.run.config import RunConfig, load_data, reference_spec, with_aux_policy
 from topo.run.preflight import preflight
 from topo.run.rundir import RunDir
@@ -78,7 +79,7 @@ def run_construction(config: RunConfig, bundle: DataBundle, construct_config: Co
     def loader(dataset):
         if null is None:
             return stats_loader(dataset)
-        return null_batches(lambda: stats_loader(dataset), null, seed=construct_config.seed,
+        return null_batches(lambda: stats_loader(dataset), null, seed=construct_config.seed, role="control",
                             max_batches=construct_config.stats_batches)
 
     def brief_training(model, index):
@@ -111,9 +112,10 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
     each = processes_within(config.jobs, processes)
     jobs = [Job("the construction", construction_job, (quiet, bundle, config.construct, run.construction.root,
                                                        None, True, each))] if own else []
+    other = second_source(bundle) if any(kind == "other" for _, kind, _ in plan) else None
     jobs += [Job(f"the control's construction {name}", construction_job,
-                 (quiet, bundle, dataclasses.replace(config.construct, seed=seed), run.control(name).root, kind, False,
-                  each))
+                 (quiet, other if kind == "other" else bundle, dataclasses.replace(config.construct, seed=seed),
+                  run.control(name).root, None if kind in (None, "other") else kind, False, each))
              for name, kind, seed in plan]
     results = run_jobs(jobs, processes, desc="constructions", progress=config.train.progress and len(jobs) > 1)
     spec = _keep_construction(run, *next(results)) if own else read_spec(run.topology)
@@ -127,8 +129,8 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
 def construction_job(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
                      null: str | None, trainer: bool, cluster_jobs: int = 1) -> tuple[NetworkSpec, list[dict[str, Any]]]:
     """`run_construction` as a job for `topo.common.processes` (picklable in and out): the spec and the records."""
-    log.info("constructing on %s, seed %d (%s)", f"the {null} null" if null else "the data", construct_config.seed,
-             out_dir)
+    log.info("constructing on %s, seed %d (%s)", f"the {null} null" if null else f"the {bundle.name} data",
+             construct_config.seed, out_dir)
     result = run_construction(config, bundle, construct_config, out_dir, null=null, trainer=trainer,
                               cluster_jobs=cluster_jobs)
     return result.spec, result.records
@@ -143,11 +145,16 @@ def _keep_construction(run: RunDir, spec: NetworkSpec, records: list[dict[str, A
 
 
 def control_plan(config: RunConfig) -> list[tuple[str, str | None, int]]:
-    """(name, null kind or None for the real data, seed) of every construction the control adds to the run's own."""
+    """(name, control kind or None for the real data, seed) of every construction the control adds to the run's
+    own: each its own seed, the run's next ones, so that no control shares random numbers with another
+    construction."""
     control = config.control
-    seeds = [config.construct.seed + k for k in range(control.real_seeds)]
-    plan: list[tuple[str, str | None, int]] = [(f"real-seed{s}", None, s) for s in seeds[1:]]
-    plan += [(f"{kind}-seed{s}", kind, s) for kind in control.kinds for s in seeds[:control.control_seeds]]
+    base = config.construct.seed
+    plan: list[tuple[str, str | None, int]] = [(f"real-seed{base + k}", None, base + k)
+                                               for k in range(1, control.real_seeds)]
+    seeds = itertools.count(base + control.real_seeds)
+    plan += [(f"{kind}-seed{seed}", kind, seed) for kind in control.kinds
+             for seed in itertools.islice(seeds, control.control_seeds)]
     return plan
 
 
@@ -170,7 +177,7 @@ def _control_summary(config: RunConfig, run: RunDir, plan: list[tuple[str, str |
     summary = summarise(modules, real, nulls, permutations=config.control.permutations, seed=config.seed)
     if dist_info.rank() == 0:
         atomic_write_json(run.controls, summary.to_dict())
-        run.mark_done("controls", {"depends_on_data": summary.depends_on_data})
+        run.mark_done("controls", {"shown": {kind: summary.shown(kind) for kind in summary.kinds}})
     log.info(verdict(summary))
     return summary
 
