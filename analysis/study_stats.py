@@ -13,7 +13,11 @@ The discovered arm is compared with every other arm:
   test otherwise;
 * two one-sided Welch tests (TOST) for equivalence within ``margin`` points;
 * against the random topologies, the percentile of the discovered mean among
-  their accuracies (`scipy.stats.percentileofscore`, ``kind="mean"``).
+  their accuracies (`scipy.stats.percentileofscore`, ``kind="mean"``);
+* the power of each comparison: the seed SD of each arm and the smallest difference
+  its seeds detect with 80% power at alpha 0.05 (:func:`detectable_difference`, Welch's
+  t-test through the noncentral t distribution), and its inverse, the seeds per arm a
+  difference needs (:func:`seeds_to_detect`, :func:`plan_seeds`).
 
 The sentences (:func:`study_findings`) state only what these tests show, with n
 and p; docs/study.md gives every rule.
@@ -30,7 +34,7 @@ from typing import Any, Mapping, Sequence, TypedDict
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
-from scipy import stats
+from scipy import optimize, stats
 
 from analysis.plots import save_figure
 from analysis.tables import ReportError, accuracy_fraction, as_dict, is_missing, to_latex, to_markdown
@@ -49,6 +53,8 @@ ARM_COLORS = {"discovered": "#1f77b4", "reference": "#636363", "random": "#2ca02
               "shuffled": "#9467bd"}
 CONFIDENCE = 0.95
 ALPHA = 0.05
+POWER = 0.80              # the power a detectable difference is stated at
+MAX_PLANNED = 10_000_000  # seeds_to_detect gives up (inf) beyond this many seeds per arm
 SMALL_N = 5               # below this many seeds in either arm the permutation test decides
 DECIMALS = 9              # points are rounded to this many decimals (an image of a billion is 1e-7 points)
 EXACT_LIMIT = 100_000     # arrangements up to which the permutation test is exact
@@ -149,9 +155,97 @@ def tost_pvalue(a: Sequence[float], b: Sequence[float], margin: float) -> tuple[
     return float(max(lower, upper)), float(lower), float(upper)
 
 
+# --------------------------------------------------------------------------- power
+def welch_df(sd_a: float, n_a: int, sd_b: float, n_b: int) -> float:
+    """The Welch-Satterthwaite degrees of freedom of two arms with these SDs and sizes."""
+    va, vb = sd_a ** 2 / n_a, sd_b ** 2 / n_b
+    return (va + vb) ** 2 / (va ** 2 / (n_a - 1) + vb ** 2 / (n_b - 1))
+
+
+def _power_at(noncentrality: float, df: float, alpha: float) -> float:
+    """Power of a two-sided t-test with ``df`` degrees of freedom at this noncentrality."""
+    critical = stats.t.ppf(1.0 - alpha / 2.0, df)
+    lower = float(stats.nct.cdf(-critical, df, noncentrality))  # can be NaN far out in the tail, where it is 0
+    return float(stats.nct.sf(critical, df, noncentrality)) + (0.0 if math.isnan(lower) else lower)
+
+
+def _defined(sd_a: float, n_a: int, sd_b: float, n_b: int) -> bool:
+    sds = (float(sd_a), float(sd_b))
+    return min(n_a, n_b) >= 2 and all(math.isfinite(v) and v >= 0 for v in sds) and max(sds) > 0
+
+
+def welch_power(difference: float, sd_a: float, n_a: int, sd_b: float, n_b: int, alpha: float = ALPHA) -> float:
+    """Power of Welch's two-sided test to find a true ``difference`` (points) between arms of these SDs and sizes.
+
+    The statistic is taken as noncentral t (`scipy.stats.nct`) with the Welch-Satterthwaite degrees of freedom
+    and noncentrality ``difference / sqrt(sd_a**2 / n_a + sd_b**2 / n_b)``, the SDs as known; NaN where
+    undefined (an arm with fewer than 2 seeds, or no SD in either arm).
+    """
+    if not _defined(sd_a, n_a, sd_b, n_b):
+        return math.nan
+    se = math.sqrt(sd_a ** 2 / n_a + sd_b ** 2 / n_b)
+    return _power_at(abs(difference) / se, welch_df(sd_a, n_a, sd_b, n_b), alpha)
+
+
+def detectable_difference(sd_a: float, n_a: int, sd_b: float, n_b: int, alpha: float = ALPHA,
+                          power: float = POWER) -> float:
+    """The smallest difference of means (points) Welch's two-sided test finds with ``power`` at ``alpha``.
+
+    Solves :func:`welch_power` = ``power`` for the difference (`scipy.optimize.brentq`). NaN where
+    undefined: an arm with fewer than 2 seeds, or no SD in either arm.
+    """
+    if not _defined(sd_a, n_a, sd_b, n_b):
+        return math.nan
+    df = welch_df(sd_a, n_a, sd_b, n_b)
+    high = stats.t.ppf(1.0 - alpha / 2.0, df) + 4.0
+    while _power_at(high, df, alpha) < power:
+        high *= 2.0
+    noncentrality = optimize.brentq(lambda nc: _power_at(nc, df, alpha) - power, 0.0, high, xtol=1e-10)
+    return noncentrality * math.sqrt(sd_a ** 2 / n_a + sd_b ** 2 / n_b)
+
+
+def seeds_to_detect(difference: float, sd_a: float, sd_b: float, alpha: float = ALPHA,
+                    power: float = POWER) -> float:
+    """The smallest n (seeds in each arm, at least 2) at which :func:`welch_power` of ``difference`` reaches
+    ``power``; inf past `MAX_PLANNED`, NaN where undefined (no SD in either arm, or ``difference`` not positive).
+    """
+    if not difference > 0 or not _defined(sd_a, 2, sd_b, 2):
+        return math.nan
+
+    def enough(n: int) -> bool:
+        return welch_power(difference, sd_a, n, sd_b, n, alpha) >= power
+
+    low, high = 1, 2  # enough(low) is False (n = 1 is no test), then double high until it is enough
+    while not enough(high):
+        if high >= MAX_PLANNED:
+            return math.inf
+        low, high = high, min(2 * high, MAX_PLANNED)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (low, middle) if enough(middle) else (middle, high)
+    return float(high)
+
+
+def verdict_detectable(sd_a: float, n_a: int, sd_b: float, n_b: int, alpha: float = ALPHA) -> float:
+    """What the verdict's test detects at 80% power: :func:`detectable_difference`, or inf where the permutation
+    test decides (an arm below `SMALL_N`) and cannot give p below ``alpha`` with these n; NaN where undefined."""
+    if not _defined(sd_a, n_a, sd_b, n_b):
+        return math.nan
+    if min(n_a, n_b) < SMALL_N and smallest_permutation_pvalue(n_a, n_b) >= alpha:
+        return math.inf
+    return detectable_difference(sd_a, n_a, sd_b, n_b, alpha)
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """The discovered arm (``a``) against another arm (``b``), in percentage points of top-1."""
+    """The discovered arm (``a``) against another arm (``b``), in percentage points of top-1.
+
+    ``n`` counts the arm's units: seeds for the arms with one unit per seed, topologies for the random arm
+    (each one draw of a topology and its training, so its SD is the spread over both). ``detectable`` is
+    the smallest difference the verdict's test finds with 80% power at alpha 0.05
+    (:func:`verdict_detectable`): inf where the permutation test decides and cannot reach alpha, NaN where
+    undefined (an arm with fewer than 2 units, or no SD in either).
+    """
 
     arm: str
     baseline: str
@@ -159,6 +253,9 @@ class Comparison:
     n_baseline: int
     mean: float
     mean_baseline: float
+    sd: float                  # seed SD (n - 1) of each arm
+    sd_baseline: float
+    detectable: float          # points, at 80% power
     difference: float          # mean - mean_baseline
     ci_low: float              # Welch interval of the difference
     ci_high: float
@@ -200,9 +297,11 @@ def compare(a: Sequence[float], b: Sequence[float], *, arm: str, baseline: str, 
     welch_t, welch_df, welch_p, ci_low, ci_high, tost_p = _welch(a, b, margin, confidence)
     perm_p = permutation_pvalue(a, b) if min(a.size, b.size) >= 2 else nan
     small = min(a.size, b.size) < SMALL_N
+    sd_a, sd_b = mean_ci(a)[1], mean_ci(b)[1]
     return Comparison(
         arm=arm, baseline=baseline, n=int(b.size), n_baseline=int(a.size),
         mean=float(b.mean()) if b.size else nan, mean_baseline=float(a.mean()) if a.size else nan,
+        sd=sd_b, sd_baseline=sd_a, detectable=verdict_detectable(sd_a, int(a.size), sd_b, int(b.size)),
         difference=round(float(a.mean() - b.mean()), DECIMALS) if a.size and b.size else nan,
         ci_low=ci_low, ci_high=ci_high, welch_t=welch_t, welch_df=welch_df, welch_p=welch_p,
         permutation_p=perm_p, test="permutation" if small else "welch", p=perm_p if small else welch_p,
@@ -222,6 +321,98 @@ def compare_arms(rows: Sequence[Any], *, margin: float, baseline: str = "discove
     return [compare(values[baseline], v, arm=arm, baseline=baseline, margin=margin, confidence=confidence,
                     percentile=arm == "random")
             for arm, v in values.items() if arm != baseline]
+
+
+@dataclass(frozen=True)
+class SeedNeed:
+    """What one comparison of the pilot needs to detect the planned difference (points)."""
+
+    arm: str
+    sd_baseline: float         # the pilot's SD of the baseline arm
+    sd: float                  # and of this arm
+    needed: float              # seeds per arm (seeds_to_detect); NaN undefined, inf past MAX_PLANNED
+    detectable: float          # what the planned units detect (verdict_detectable), points at 80% power
+
+
+@dataclass(frozen=True)
+class SeedPlan:
+    """The seeds a study runs to detect ``detect`` points, chosen from its pilot's SDs (:func:`plan_seeds`)."""
+
+    detect: float
+    pilot: int                 # the pilot's seeds, kept
+    max_seeds: int
+    wanted: int                # what the comparisons ask for (at least SMALL_N), before the cap
+    seeds: int                 # seeds per arm the study runs
+    random: int | None         # random topologies it runs (None: no random arm)
+    needs: tuple[SeedNeed, ...]
+    baseline: str = "discovered"
+
+    @property
+    def capped(self) -> bool:
+        return self.wanted > self.seeds
+
+
+def plan_seeds(rows: Sequence[Any], *, detect: float, pilot: int, max_seeds: int, random: int | None = None,
+               baseline: str = "discovered") -> SeedPlan:
+    """The seeds per arm (and random topologies) that detect ``detect`` points in every comparison of the pilot.
+
+    ``rows``: the pilot's units. Each comparison of ``baseline`` with another arm asks for
+    :func:`seeds_to_detect` at the pilot's two SDs; the study takes the largest (and at least `SMALL_N`,
+    where Welch's test, whose power this is, decides), keeps the pilot's seeds and stops at ``max_seeds``.
+    The random arm gets at least as many topologies as the arms get seeds. A comparison whose need is
+    undefined (no SD) asks for nothing; with none defined the study keeps its pilot.
+    """
+    values = top1_by_arm(rows)
+    sd_base = mean_ci(values.get(baseline, []))[1]
+    sds = {arm: mean_ci(v)[1] for arm, v in values.items() if arm != baseline}
+    needed = {arm: seeds_to_detect(detect, sd_base, sd) for arm, sd in sds.items()}
+    defined = [n for n in needed.values() if not math.isnan(n)]
+    wanted = max([SMALL_N, *defined]) if defined else pilot
+    wanted = int(min(wanted, MAX_PLANNED))
+    seeds = max(pilot, min(wanted, max_seeds))
+    topologies = None if random is None else max(random, seeds)
+    needs = tuple(SeedNeed(arm, sd_base, sd, needed[arm],
+                           verdict_detectable(sd_base, seeds, sd, topologies if arm == "random" and topologies
+                                              else seeds))
+                  for arm, sd in sds.items())
+    return SeedPlan(float(detect), pilot, max_seeds, max(wanted, pilot), seeds, topologies, needs, baseline)
+
+
+def _seeds(n: float) -> str:
+    return "an undefined number of seeds (no SD)" if math.isnan(n) else (
+        f"more than {MAX_PLANNED:,} seeds" if math.isinf(n) else f"{n:.0f} seeds")
+
+
+def plan_sentence(plan: SeedPlan) -> str:
+    """The seeds chosen for a detectable difference: the difference, the pilot's SDs, the seeds, the cap."""
+    level = f"{round(100 * POWER)}% power, alpha {ALPHA:g}"
+    sds = "; ".join(f"{ARM_PHRASES.get(n.arm, n.arm)} {n.sd:.2f}" for n in plan.needs)
+    asks = ", ".join(f"{_seeds(n.needed)} against {ARM_PHRASES.get(n.arm, n.arm)}" for n in plan.needs)
+    text = (f"Seeds chosen to detect a difference of {plan.detect:g} points ({level}) from the SDs of a "
+            f"{plan.pilot}-seed pilot (the {plan.baseline} network {plan.needs[0].sd_baseline:.2f} points; "
+            f"{sds}): Welch's test needs {asks}" if plan.needs else
+            f"Seeds chosen to detect a difference of {plan.detect:g} points ({level}): the pilot has no comparison")
+    runs = f"the study runs {plan.seeds} seeds (the pilot's {plan.pilot} kept)"
+    if plan.random is not None:
+        runs += f" and {plan.random} random topologies"
+    text += f"; {runs}."
+    defined = [n.needed for n in plan.needs if not math.isnan(n.needed)]
+    if not defined:
+        text += " No need is defined (no SD in the pilot), so the study keeps its pilot."
+    elif max(defined) < SMALL_N and plan.pilot < SMALL_N:
+        text += (f" At least {SMALL_N} seeds are asked for, so that Welch's t-test, whose power this is, "
+                 "decides (below that the permutation test does).")
+    if plan.capped:
+        short = [n for n in plan.needs if n.needed > plan.seeds or n.detectable > plan.detect]
+        finite = [n for n in short if math.isfinite(n.detectable)]
+        if finite:
+            text += (f" The cap of {plan.max_seeds} seeds detects only " + ", ".join(
+                f"{n.detectable:.2f} points against {ARM_PHRASES.get(n.arm, n.arm)}" for n in finite) + ".")
+        if len(finite) < len(short):
+            arms = " and ".join(ARM_PHRASES.get(n.arm, n.arm) for n in short if not math.isfinite(n.detectable))
+            text += (f" At the cap of {plan.max_seeds} seeds the permutation test decides against {arms} and "
+                     f"cannot reach alpha {ALPHA:g}: no difference is detectable there.")
+    return text
 
 
 def cost_deviations(rows: Sequence[Any], baseline: str = "discovered") -> pd.DataFrame:
@@ -283,11 +474,18 @@ def units_frame(rows: pd.DataFrame) -> pd.DataFrame:
     })
 
 
+def _pair(a: float, b: float) -> str:
+    return " vs ".join("undefined" if math.isnan(v) else f"{v:.2f}" for v in (a, b))
+
+
 def comparisons_frame(comparisons: Sequence[Comparison]) -> pd.DataFrame:
-    """One row per comparison: n, difference and its Welch interval, every p-value, the test used, percentile."""
+    """One row per comparison: n and SD of both arms, the difference and its Welch interval, the difference the
+    seeds detect at 80% power, every p-value, the test used, percentile."""
     return pd.DataFrame([{
         "Comparison": f"{c.baseline} vs {c.arm}", "n": f"{c.n_baseline} vs {c.n}",
+        "SD (points)": _pair(c.sd_baseline, c.sd),
         "Difference (points)": c.difference, "CI low (points)": c.ci_low, "CI high (points)": c.ci_high,
+        f"Detectable (points, {round(100 * POWER)}% power)": c.detectable,
         "Welch p": c.welch_p, "Permutation p": c.permutation_p, "Test": c.test, "p": c.p,
         f"TOST p (±{c.margin:g})": c.tost_p,
         "Percentile": math.nan if c.percentile is None else c.percentile,
@@ -359,6 +557,7 @@ def comparison_sentence(c: Comparison, alpha: float = ALPHA) -> str:
                  if c.test == "permutation" and floor >= alpha else "")
         welch = f"; Welch's t-test p = {_p(c.welch_p)}" if c.test == "permutation" else ""
         text = f"At {sizes}, the {c.baseline} network is not distinguishable from {phrase} ({named}{welch}{limit})."
+        text += " " + power_sentence(c, alpha)
     if not math.isnan(c.tost_p):
         shown = "is shown" if c.equivalent(alpha) else "is not shown"
         text += f" Equivalence within ±{c.margin:g} points {shown} (TOST p = {_p(c.tost_p)})."
@@ -366,6 +565,27 @@ def comparison_sentence(c: Comparison, alpha: float = ALPHA) -> str:
         text += (f" The {c.baseline} mean lies at the {c.percentile:.0f}th percentile of the {c.n} random "
                  "topologies' accuracies.")
     return text
+
+
+def power_sentence(c: Comparison, alpha: float = ALPHA) -> str:
+    """Whether a comparison's seeds could have detected a difference of the observed size (80% power)."""
+    level = f"{round(100 * POWER)}% power"
+    if math.isnan(c.detectable):
+        return "What these seeds can detect is undefined: neither arm's top-1 varies over its units."
+    if math.isinf(c.detectable):
+        welch = detectable_difference(c.sd_baseline, c.n_baseline, c.sd, c.n, alpha)
+        would = (f"; Welch's t-test would detect only differences of {welch:.2f} points or more at {level}"
+                 if math.isfinite(welch) else "")
+        return (f"These seeds detect no difference at alpha = {alpha:g}: the permutation test that decides at "
+                f"these n cannot reach it{would}.")
+    observed = abs(c.difference)
+    source = " (from Welch's t-test; the permutation test that decides at these n has less)" \
+        if c.test == "permutation" else ""
+    if observed < c.detectable:
+        return (f"These seeds detect only differences of {c.detectable:.2f} points or more at {level}{source}, "
+                f"more than the observed {observed:.2f} points: a difference of that size can go undetected.")
+    return (f"These seeds detect differences of {c.detectable:.2f} points or more at {level}{source}; the observed "
+            f"{observed:.2f} points is of that size, yet the test does not find it at alpha = {alpha:g}.")
 
 
 def _cost_sentence(deviations: pd.DataFrame, tolerance: float) -> str:
@@ -397,13 +617,17 @@ def _search_sentence(summary: pd.DataFrame) -> str:
 
 
 def study_findings(rows: Sequence[Any], comparisons: Sequence[Comparison], *, tolerance: float,
-                   alpha: float = ALPHA, missing: Sequence[str] = ()) -> list[str]:
-    """The report's paragraphs: one per comparison, then cost, search cost and missing units."""
+                   alpha: float = ALPHA, missing: Sequence[str] = (), plan: SeedPlan | str | None = None
+                   ) -> list[str]:
+    """The report's paragraphs: one per comparison, the seeds chosen (``plan``, or a sentence on why none
+    are yet), then cost, search cost and missing units."""
     paragraphs = [comparison_sentence(c, alpha) for c in comparisons]
     if not comparisons:
         paragraphs.append("No comparison can be made yet: the discovered arm has no finished unit.")
     if any(c.p < alpha for c in comparisons if not math.isnan(c.p)) and len(comparisons) > 1:
         paragraphs.append(f"The p-values are not adjusted for the {len(comparisons)} comparisons.")
+    if plan is not None:
+        paragraphs.append(plan if isinstance(plan, str) else plan_sentence(plan))
     paragraphs.append(_cost_sentence(cost_deviations(rows), tolerance))
     paragraphs.append(_search_sentence(summary_frame(rows)))
     if missing:

@@ -22,7 +22,7 @@ from builders.budget import OUTPUTS, fill_budget
 from builders.cost import inception_macs
 from topo.cli.main import main
 from topo.construct.config import ConstructConfig
-from topo.common.errors import UserError
+from topo.common.errors import SettingError, UserError
 from builders.spec import read_spec
 from topo.run.config import RunConfig, with_aux_policy
 from builders.cost import network_costs
@@ -47,9 +47,12 @@ from topo.run.study import (
     load_study,
     open_study,
     parse_shard,
+    pilot_rows,
     plan_units,
     run_study,
+    seed_plan,
     shard_units,
+    study_units,
     summarize,
     topology_id,
 )
@@ -125,6 +128,11 @@ def test_parse_shard_errors(text):
     ({"random": 0}, "drop 'random'"),
     ({"margin": 0.0}, "margin"),
     ({"run": {"aux_heads": "some"}}, "auxiliary-head policy"),
+    ({"detect": 0.0}, "must be a positive number of top-1 points"),
+    ({"detect": -2.0}, "must be a positive number of top-1 points"),
+    ({"detect": float("nan")}, "must be a positive number of top-1 points"),
+    ({"detect": 2.0, "seeds": 1}, "a pilot of at least 2 seeds"),
+    ({"detect": 2.0, "seeds": 4, "max_seeds": 3}, r"most seeds \(3\) cannot be fewer than the pilot's 4"),
 ])
 def test_config_errors_are_one_line(changes, message):
     with pytest.raises(UserError, match=message) as error:
@@ -135,10 +143,36 @@ def test_config_errors_are_one_line(changes, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.parametrize("changes, setting", [({"detect": 0.0}, "detect"), ({"detect": 1.0, "seeds": 1}, "seeds"),
+                                              ({"detect": 1.0, "max_seeds": 1}, "max_seeds")])
+def test_detect_errors_name_their_setting(changes, setting):
+    with pytest.raises(SettingError) as error:
+        tiny(**changes)
+    assert error.value.setting == setting
+    assert tiny(seeds=20, max_seeds=10).max_seeds == 10  # the cap is checked only with a difference to detect
+
+
 def test_config_round_trips():
     config = tiny(arms=("discovered", "uniform", "shuffled"), margin=0.25,
                   run=dataclasses.replace(FAST_RUN, aux_heads="reference"))
     assert StudyConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    detecting = tiny(detect=1.5, max_seeds=6)
+    assert StudyConfig.from_dict(json.loads(json.dumps(detecting.to_dict()))) == detecting
+    saved = {k: v for k, v in tiny().to_dict().items() if k not in ("detect", "max_seeds")}  # a study of before
+    assert StudyConfig.from_dict(saved) == tiny()
+
+
+def test_added_seeds_keep_the_pilots_units():
+    config = StudyConfig(arms=("discovered", "reference", "random", "uniform"), seeds=3, random=8, detect=2.0,
+                         run=dataclasses.replace(FAST_RUN, seed=10))
+    pilot, more = plan_units(config), plan_units(config, seeds=5, random=10)
+    assert plan_units(config, seeds=3, random=8) == pilot
+    assert {u.name for u in pilot} < {u.name for u in more}
+    added = [u for u in more if u not in pilot]
+    assert sorted(u.name for u in added if u.arm != "random") == sorted(
+        f"{arm}-s{s}" for arm in ("discovered", "reference", "uniform") for s in (13, 14))
+    # the new random topologies train, like the pilot's, with the pilot's seed k mod 3
+    assert [u.name for u in added if u.arm == "random"] == ["random-s12-k8", "random-s10-k9"]
 
 
 # --------------------------------------------------------------------------- topologies
@@ -226,6 +260,74 @@ def test_time_left_from_the_finished_units():
     # random units at their arm's mean; an arm not seen yet at the mean of every finished unit
     assert left.estimate(["random", "random", "uniform"]) == pytest.approx(12 + 12 + 18)
     assert [duration_text(t) for t in (45, 192, 7200)] == ["45 s", "3.2 min", "2.0 h"]
+
+
+# --------------------------------------------------------------------------- choosing the seeds (no training)
+def _fake_results(out: Path, config: StudyConfig, top1: dict[str, list[float]], seeds: int | None = None) -> None:
+    """result.json of every unit of ``config`` at ``seeds`` whose arm has accuracies left in ``top1`` (points)."""
+    files = open_study(config, out)
+    left = {arm: list(values) for arm, values in top1.items()}
+    for unit in plan_units(config, seeds=seeds):
+        if not left.get(unit.arm):
+            continue
+        row = {"arm": unit.arm, "seed": unit.seed, "unit": unit.name, "topology": unit.topology, "topology_id": "x",
+               "params": 1000, "macs": 1_000_000, "top1": left[unit.arm].pop(0) / 100, "top5": 1.0,
+               "train_time_s": 1.0, "wall_time_s": 1.0, "construction_time_s": 1.0, "draws": None}
+        files.unit(unit.name).root.mkdir(parents=True, exist_ok=True)
+        files.result(unit.name).write_text(json.dumps(row))
+
+
+PILOT = {"discovered": [47.8, 50.6, 53.4], "reference": [64.3, 65.2, 66.1]}  # SDs 2.8 and 0.9, as measured
+
+
+def test_the_seeds_are_chosen_once_the_pilot_has_finished(tmp_path):
+    config = StudyConfig(run=FAST_RUN, arms=("discovered", "reference"), seeds=3, detect=5.0, max_seeds=10)
+    files = StudyFiles(tmp_path)
+    _fake_results(tmp_path, config, {"discovered": PILOT["discovered"], "reference": PILOT["reference"][:2]})
+    assert pilot_rows(config, files) is None
+    units, plan = study_units(config, files)
+    assert plan is None and units == plan_units(config)
+    result = summarize(tmp_path)
+    assert result.plan is None and result.missing == ["reference-s2"]
+    assert "chosen once the 3-seed pilot has finished" in (tmp_path / "report.md").read_text()
+
+    _fake_results(tmp_path, config, PILOT)
+    units, plan = study_units(config, files)
+    assert plan == seed_plan(config, pilot_rows(config, files)) and plan.seeds == 5  # 5 asked for against 0.9
+    assert units == plan_units(config, seeds=5)
+    result = summarize(tmp_path)
+    assert result.plan == plan and result.missing == ["discovered-s3", "discovered-s4", "reference-s3",
+                                                      "reference-s4"]
+    report = (tmp_path / "report.md").read_text()
+    assert "the study runs 5 seeds (the pilot's 3 kept)" in report
+    assert "2.80 vs 0.90" in report and "Detectable (points, 80% power)" in report
+    tests = pd.read_csv(tmp_path / "study_tests.csv")
+    assert tests.loc[0, "SD (points)"] == "2.80 vs 0.90" and tests.loc[0, "Detectable (points, 80% power)"] == np.inf
+
+
+def test_a_study_keeps_its_difference_to_detect(tmp_path):
+    """--detect and --max-seeds decide which units run, like --seeds: a study folder keeps them."""
+    config = tiny(detect=2.0)
+    open_study(config, tmp_path)
+    open_study(dataclasses.replace(config), tmp_path)  # the same settings continue it
+    for other, message in ((tiny(detect=3.0), "detect=2.0, not 3.0"), (tiny(), "detect=2.0, not None"),
+                           (tiny(detect=2.0, max_seeds=12), "max_seeds=10, not 12")):
+        with pytest.raises(UserError, match=message):
+            open_study(other, tmp_path)
+    plain = tmp_path / "plain"
+    open_study(tiny(), plain)
+    open_study(tiny(max_seeds=12), plain)  # without a difference to detect the cap is unused, so it may differ
+
+
+def test_resume_refuses_another_difference_to_detect(tmp_path):
+    from topo.cli.resume import study_config
+    from topo.cli.settings import parse
+
+    open_study(tiny(detect=2.0), tmp_path)
+    resumed = study_config(parse("study", ["--resume", "--out", str(tmp_path)]), tmp_path)
+    assert resumed.detect == 2.0 and resumed.max_seeds == 10
+    with pytest.raises(UserError, match=r"drop the other flags \(detect\)"):
+        study_config(parse("study", ["--resume", "--out", str(tmp_path), "--detect", "3"]), tmp_path)
 
 
 # --------------------------------------------------------------------------- a tiny study, as two shards
@@ -349,6 +451,30 @@ def test_a_study_folder_keeps_its_configuration(sharded):
 
 
 @pytest.mark.slow
+def test_a_study_adds_the_seeds_its_pilot_calls_for(sharded, tmp_path):
+    """The tiny study as the pilot of one with a difference to detect (the pilot's units do not depend on it):
+    its SDs call for at least 5 seeds, the cap of 3 adds a seed and a random topology, the pilot is kept."""
+    out = Path(shutil.copytree(sharded[0], tmp_path / "copy"))
+    config = tiny(detect=50.0, max_seeds=3)
+    saved = json.loads((out / "study.json").read_text())
+    (out / "study.json").write_text(json.dumps({**saved, "config": config.to_dict()}))
+    pilot = {p: t for p, t in _files(out).items() if "units" in p.parts}
+    plan = seed_plan(config, pilot_rows(config, StudyFiles(out)))
+    assert plan.seeds == 3 and plan.random == 3 and plan.capped  # 5 asked for (Welch's test decides), 3 allowed
+    result = run_study(config, out, progress=False)
+    assert all(_files(out)[p] == t for p, t in pilot.items())  # the pilot's units were not touched
+    assert result is not None and result.plan == plan and result.missing == []
+    assert sorted(result.rows["unit"]) == ["discovered-s0", "discovered-s1", "discovered-s2", "random-s0-k0",
+                                           "random-s0-k2", "random-s1-k1"]
+    report = (out / "report.md").read_text()
+    assert "the study runs 3 seeds (the pilot's 2 kept) and 3 random topologies" in report
+    assert "The cap of 3 seeds" in report or "At the cap of 3 seeds" in report
+    finished = _files(out)
+    assert run_study(config, out, progress=False).missing == []  # resumed: nothing left to run
+    assert all(_files(out)[p] == t for p, t in finished.items() if "units" in p.parts)
+
+
+@pytest.mark.slow
 def test_a_shard_waits_for_a_construction_another_shard_runs(tmp_path):
     config = tiny(arms=("discovered", "uniform"))  # units: discovered-s0, discovered-s1, uniform-s0, uniform-s1
     with pytest.raises(UserError, match="uniform-s0 still wait for discovered-s0"):
@@ -365,6 +491,7 @@ FLAGS = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "1", "--w
     (["--shard", "2/2"], "shard '2/2'"),
     (["--arms", "reference,random"], "lack 'discovered'"),
     (["--summarize"], "need --out STUDY"),
+    (["--detect", "2", "--max-seeds", "1"], "cannot be fewer than the pilot's 2 seeds (--max-seeds)"),
 ])
 def test_study_command_errors_are_one_line(argv, expected, tmp_path, capsys):
     out = [] if "--summarize" in argv else ["--out", str(tmp_path / "s")]

@@ -11,13 +11,20 @@ from scipy import stats
 
 from analysis.study_stats import (
     ALPHA,
+    MAX_PLANNED,
+    POWER,
     SMALL_N,
     compare,
     compare_arms,
     comparison_sentence,
     cost_deviations,
+    detectable_difference,
     mean_ci,
     permutation_pvalue,
+    plan_seeds,
+    plan_sentence,
+    power_sentence,
+    seeds_to_detect,
     smallest_permutation_pvalue,
     study_figure,
     study_findings,
@@ -26,6 +33,8 @@ from analysis.study_stats import (
     comparisons_frame,
     top1_by_arm,
     tost_pvalue,
+    verdict_detectable,
+    welch_power,
 )
 from analysis.tables import ReportError
 
@@ -210,3 +219,167 @@ def test_one_seed_cannot_be_tested():
     assert np.isnan(c.p) and np.isnan(c.welch_p) and np.isnan(c.permutation_p)
     assert c.percentile == 100.0
     assert "cannot be tested against the random topologies" in comparison_sentence(c)
+
+
+# --------------------------------------------------------------------------- power
+def _simulated_power(difference, sd_a, n_a, sd_b, n_b, reps=20_000, seed=0):
+    """The share of ``reps`` simulated pairs of arms in which Welch's test finds ``difference`` at alpha 0.05."""
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(difference, sd_a, (reps, n_a)), rng.normal(0.0, sd_b, (reps, n_b))
+    return float(np.mean(stats.ttest_ind(a, b, axis=1, equal_var=False).pvalue < ALPHA))
+
+
+@pytest.mark.parametrize("effect, n", [(1.0, 17), (0.8, 26), (0.5, 64)])
+def test_seeds_to_detect_gives_the_textbook_t_test_sizes(effect, n):
+    """Cohen's d of 1, 0.8 and 0.5 at 80% power, alpha 0.05 two-sided: 17, 26 and 64 per group (the t-test's
+    sizes, e.g. G*Power's; the normal approximation gives 16, 25 and 63)."""
+    assert seeds_to_detect(effect, 1.0, 1.0) == n
+    assert welch_power(effect, 1.0, n, 1.0, n) >= POWER > welch_power(effect, 1.0, n - 1, 1.0, n - 1)
+    # the inverse: n seeds detect the effect, n - 1 do not; the scale is points, so SDs of 2 double everything
+    assert detectable_difference(1.0, n, 1.0, n) <= effect < detectable_difference(1.0, n - 1, 1.0, n - 1)
+    assert seeds_to_detect(2 * effect, 2.0, 2.0) == n
+    assert detectable_difference(2.0, n, 2.0, n) == pytest.approx(2 * detectable_difference(1.0, n, 1.0, n))
+
+
+@pytest.mark.parametrize("sd_a, n_a, sd_b, n_b", [(1.0, 17, 1.0, 17), (2.8, 10, 0.9, 10), (2.8, 6, 0.9, 12),
+                                                  (2.8, 10, 2.7, 10)])
+def test_the_detectable_difference_has_80_percent_power_in_simulation(sd_a, n_a, sd_b, n_b):
+    detectable = detectable_difference(sd_a, n_a, sd_b, n_b)
+    assert welch_power(detectable, sd_a, n_a, sd_b, n_b) == pytest.approx(POWER, abs=1e-8)
+    assert _simulated_power(detectable, sd_a, n_a, sd_b, n_b) == pytest.approx(POWER, abs=0.015)
+
+
+def test_too_few_seeds_miss_a_true_difference():
+    """Built to fail: 5 seeds per arm of SD 1 cannot reliably find a difference of 1 point."""
+    assert detectable_difference(1.0, 5, 1.0, 5) > 1.0  # about 2 points
+    simulated = _simulated_power(1.0, 1.0, 5, 1.0, 5)
+    assert simulated < 0.35 and simulated == pytest.approx(welch_power(1.0, 1.0, 5, 1.0, 5), abs=0.03)
+    # and the normal approximation's 16 seeds fall short of 80% with the t-test
+    assert _simulated_power(1.0, 1.0, 16, 1.0, 16) < POWER - 0.01
+
+
+def test_the_formula_is_optimistic_below_small_n():
+    """The SDs are taken as known; Welch's test estimates them, which costs power at few seeds: at the
+    computed difference, 3 seeds per arm have about 70% power, and SMALL_N seeds close to the stated 80%."""
+    at_three = _simulated_power(detectable_difference(1.0, 3, 1.0, 3), 1.0, 3, 1.0, 3)
+    at_small_n = _simulated_power(detectable_difference(1.0, SMALL_N, 1.0, SMALL_N), 1.0, SMALL_N, 1.0, SMALL_N)
+    assert at_three < 0.75 and POWER - 0.03 < at_small_n < POWER
+
+
+def test_power_is_undefined_without_seeds_or_spread():
+    for args in ((1.0, 1, 1.0, 5), (0.0, 5, 0.0, 5), (math.nan, 5, 1.0, 5)):
+        assert math.isnan(detectable_difference(*args)) and math.isnan(welch_power(1.0, *args))
+    assert math.isnan(seeds_to_detect(1.0, 0.0, 0.0)) and math.isnan(seeds_to_detect(0.0, 1.0, 1.0))
+    assert math.isnan(seeds_to_detect(-1.0, 1.0, 1.0))
+    # one arm without spread is defined: the other arm's n - 1 degrees of freedom
+    assert detectable_difference(0.0, 5, 1.0, 5) == pytest.approx(detectable_difference(1e-9, 5, 1.0, 5))
+    assert seeds_to_detect(1e-4, 1.0, 1.0) == math.inf and MAX_PLANNED >= 10_000_000
+
+
+def test_what_the_verdicts_test_detects():
+    assert verdict_detectable(1.0, 3, 1.0, 3) == math.inf  # the permutation test cannot give p below 0.1
+    assert verdict_detectable(1.0, 4, 1.0, 4) == detectable_difference(1.0, 4, 1.0, 4)  # it can give 0.029
+    assert verdict_detectable(1.0, 3, 1.0, 8) == detectable_difference(1.0, 3, 1.0, 8)  # 0.012
+    assert verdict_detectable(1.0, 6, 1.0, 6) == detectable_difference(1.0, 6, 1.0, 6)
+
+
+def test_comparisons_state_the_sds_and_the_detectable_difference():
+    rows = _rows({"discovered": A, "reference": B, "random": [97.0, 98.0, 99.0]})
+    reference, random = compare_arms(rows, margin=0.5)
+    assert reference.sd_baseline == pytest.approx(np.std(A, ddof=1)) and reference.sd == pytest.approx(
+        np.std(B, ddof=1))
+    assert reference.detectable == pytest.approx(detectable_difference(np.std(A, ddof=1), 4, np.std(B, ddof=1), 5))
+    assert random.n == 3 and random.sd == pytest.approx(1.0)  # the random arm's n counts its topologies
+    frame = comparisons_frame([reference, random])
+    assert frame.loc[0, "SD (points)"] == f"{np.std(A, ddof=1):.2f} vs {np.std(B, ddof=1):.2f}"
+    assert frame.loc[0, "Detectable (points, 80% power)"] == reference.detectable
+    assert frame.loc[1, "Detectable (points, 80% power)"] == math.inf  # 4 against 3: the floor is 0.057
+
+
+def test_sentences_say_what_the_seeds_could_detect():
+    close = compare([98.0, 98.6, 97.9, 98.3, 98.1], [98.4, 99.0, 98.1, 97.9, 98.5], arm="reference",
+                    baseline="discovered", margin=0.5)
+    assert not close.differs() and close.test == "welch" and abs(close.difference) < close.detectable
+    text = comparison_sentence(close)
+    assert (f"These seeds detect only differences of {close.detectable:.2f} points or more at 80% power, more than "
+            f"the observed {abs(close.difference):.2f} points") in text
+    assert "equal" not in text and "Equivalence within ±0.5 points is not shown" in text
+
+    three = compare([98.0, 98.6, 97.9], [98.4, 99.0, 98.1], arm="reference", baseline="discovered", margin=0.5)
+    text = comparison_sentence(three)
+    welch = detectable_difference(three.sd_baseline, 3, three.sd, 3)
+    assert "These seeds detect no difference at alpha = 0.05" in text
+    assert f"Welch's t-test would detect only differences of {welch:.2f} points or more" in text
+
+    flat = compare([98.0, 98.0], [98.0, 98.0], arm="uniform", baseline="discovered", margin=0.5)
+    assert math.isnan(flat.detectable) and "undefined: neither arm's top-1 varies" in power_sentence(flat)
+
+    rng = np.random.default_rng(2)
+    apart = compare(rng.normal(98.0, 0.2, 8), rng.normal(96.0, 0.2, 8), arm="random", baseline="discovered",
+                    margin=0.5)
+    assert apart.differs() and "detect" not in comparison_sentence(apart)
+
+
+# --------------------------------------------------------------------------- choosing the seeds
+MEASURED = {"discovered": (50.6, 2.8), "reference": (65.2, 0.9), "random": (61.7, 2.7), "uniform": (63.8, 1.8)}
+
+
+def _pilot(sds: dict[str, tuple[float, float]], seeds: int = 3) -> list[dict]:
+    """Rows of a pilot whose arms have exactly these means and SDs (3 seeds: mean - sd, mean, mean + sd)."""
+    assert seeds == 3
+    return _rows({arm: [mean - sd, mean, mean + sd] for arm, (mean, sd) in sds.items()})
+
+
+def test_plan_takes_the_largest_need_of_the_pilots_comparisons():
+    rows = _pilot(MEASURED)
+    plan = plan_seeds(rows, detect=5.0, pilot=3, max_seeds=10, random=8)
+    needs = {n.arm: n for n in plan.needs}
+    assert {arm: n.sd for arm, n in needs.items()} == pytest.approx({"reference": 0.9, "random": 2.7, "uniform": 1.8})
+    for arm, need in needs.items():
+        assert need.sd_baseline == pytest.approx(2.8)
+        assert need.needed == seeds_to_detect(5.0, 2.8, MEASURED[arm][1])
+    assert plan.seeds == max(n.needed for n in plan.needs) == 6 and not plan.capped
+    assert plan.random == 8  # more topologies than seeds already
+    for need in plan.needs:
+        assert need.detectable <= 5.0
+    text = plan_sentence(plan)
+    assert "detect a difference of 5 points (80% power, alpha 0.05)" in text and "3-seed pilot" in text
+    assert "the discovered network 2.80 points; the reference 0.90" in text
+    assert "the study runs 6 seeds (the pilot's 3 kept) and 8 random topologies." in text and "cap" not in text
+
+
+def test_plan_stops_at_the_cap_and_says_what_the_cap_detects():
+    plan = plan_seeds(_pilot(MEASURED), detect=2.0, pilot=3, max_seeds=10, random=8)
+    assert plan.capped and plan.seeds == 10 and plan.random == 10 and plan.wanted == 31
+    random = next(n for n in plan.needs if n.arm == "random")
+    assert random.needed == 31 and random.detectable == pytest.approx(detectable_difference(2.8, 10, 2.7, 10))
+    text = plan_sentence(plan)
+    assert "The cap of 10 seeds detects only " in text
+    assert f"{random.detectable:.2f} points against the random topologies" in text
+
+
+def test_plan_asks_for_small_n_and_keeps_a_larger_pilot():
+    plan = plan_seeds(_pilot(MEASURED), detect=40.0, pilot=3, max_seeds=10)
+    assert all(n.needed < SMALL_N for n in plan.needs) and plan.seeds == SMALL_N and plan.random is None
+    assert "At least 5 seeds are asked for" in plan_sentence(plan)
+    capped = plan_seeds(_pilot(MEASURED), detect=40.0, pilot=3, max_seeds=3)
+    assert capped.capped and capped.seeds == 3
+    assert "the permutation test decides against the reference" in plan_sentence(capped)
+    big = plan_seeds(_pilot(MEASURED), detect=40.0, pilot=8, max_seeds=10)  # never fewer than the pilot
+    assert big.seeds == 8 and not big.capped
+
+
+def test_a_pilot_without_spread_keeps_its_seeds():
+    plan = plan_seeds(_pilot({"discovered": (98.0, 0.0), "reference": (97.0, 0.0)}), detect=1.0, pilot=3,
+                      max_seeds=10)
+    assert math.isnan(plan.needs[0].needed) and plan.seeds == 3 and not plan.capped
+    assert "No need is defined (no SD in the pilot)" in plan_sentence(plan)
+
+
+def test_findings_state_the_plan():
+    rows = _pilot(MEASURED)
+    plan = plan_seeds(rows, detect=5.0, pilot=3, max_seeds=10, random=8)
+    text = "\n".join(study_findings(rows, compare_arms(rows, margin=0.5), tolerance=0.02, plan=plan))
+    assert plan_sentence(plan) in text
+    pending = study_findings(rows, [], tolerance=0.02, plan="chosen once the pilot has finished")
+    assert "chosen once the pilot has finished" in pending

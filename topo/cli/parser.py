@@ -372,6 +372,11 @@ def _add_study(p: argparse.ArgumentParser) -> dict[str, str]:
               type=_positive_float)
     flags.add("--tolerance", "tolerance", "largest relative difference of an arm's multiply-adds from the "
                                           "discovered network's (0.02 = 2%%)", type=_positive_float)
+    flags.add("--detect", "detect", "a difference in top-1 points to detect with 80%% power (alpha 0.05): the "
+                                    "--seeds run as a pilot, then seeds are added as its SDs call for "
+                                    "(docs/study.md, Power)", type=_positive_float, show="off",
+              metavar="POINTS")
+    flags.add("--max-seeds", "max_seeds", "with --detect, the most seeds per arm", type=_positive_int)
     flags.group.add_argument("--shard", metavar="I/N", help="run every N-th unit from unit I (0 <= I < N) into "
                                                             "the same --out; gather with --summarize")
     flags.group.add_argument("--summarize", action="store_true", help="gather the finished units of --out into "

@@ -20,7 +20,10 @@ configuration, topology, training checkpoint and, once it has finished,
 skipped, a construction or a training resumes from its own files), and
 ``shard=(i, n)`` runs every n-th unit, so that several processes or machines
 share one study folder without writing the same file; :func:`summarize`
-gathers what is done. docs/study.md gives every rule.
+gathers what is done. With ``detect`` the study's seeds are a pilot: once it
+has finished, the seeds every comparison needs to detect that difference at 80%
+power are computed from the pilot's SDs (`analysis.study_stats.plan_seeds`) and
+the missing units are added. docs/study.md gives every rule.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,9 +42,12 @@ import pandas as pd
 
 from analysis.study_stats import (
     Comparison,
+    SeedPlan,
     compare_arms,
     comparisons_frame,
     cost_deviations,
+    plan_seeds,
+    plan_sentence,
     study_figure,
     study_findings,
     study_frame,
@@ -81,7 +88,9 @@ class StudyConfig:
 
     ``seeds``: N training seeds, ``run.seed`` to ``run.seed + N - 1``. ``random``: K random topologies.
     ``margin``: equivalence margin in top-1 points. ``tolerance``: largest relative difference of an
-    arm's multiply-adds from the discovered network's. Every arm follows the run's auxiliary-head
+    arm's multiply-adds from the discovered network's. ``detect``: a difference in top-1 points to detect
+    with 80% power; the N seeds are then a pilot, and seeds are added, up to ``max_seeds``, as its SDs
+    call for (`analysis.study_stats.plan_seeds`). Every arm follows the run's auxiliary-head
     policy (``run.aux_heads``, `topo.run.config.with_aux_policy`).
     """
 
@@ -91,6 +100,8 @@ class StudyConfig:
     random: int = 8
     margin: float = 0.5
     tolerance: float = 0.02
+    detect: float | None = None
+    max_seeds: int = 10
 
     def __post_init__(self) -> None:
         self.arms = tuple(dict.fromkeys(self.arms))
@@ -107,6 +118,16 @@ class StudyConfig:
         if not self.margin > 0 or not 0 < self.tolerance < 1:
             raise SettingError("margin" if not self.margin > 0 else "tolerance",
                                f"margin {self.margin} must be positive and tolerance {self.tolerance} in (0, 1)")
+        if self.detect is not None:
+            if not (self.detect > 0 and math.isfinite(self.detect)):
+                raise SettingError("detect", f"the difference to detect ({self.detect}) must be a positive "
+                                             "number of top-1 points")
+            if self.seeds < 2:
+                raise SettingError("seeds", f"a difference to detect needs a pilot of at least 2 seeds to "
+                                            f"estimate each arm's SD, not {self.seeds}")
+            if self.max_seeds < self.seeds:
+                raise SettingError("max_seeds", f"the most seeds ({self.max_seeds}) cannot be fewer than the "
+                                                f"pilot's {self.seeds} seeds")
 
     @property
     def seed_list(self) -> list[int]:
@@ -150,19 +171,55 @@ class StudyResult:
     comparisons: list[Comparison]
     missing: list[str]
     report: Path
+    plan: SeedPlan | None = None   # the seeds chosen for ``detect`` (None: no detect, or the pilot unfinished)
 
 
 # --------------------------------------------------------------------------- units and shards
-def plan_units(config: StudyConfig) -> list[Unit]:
-    """Every unit, in the fixed order shards split: discovered, reference, per seed uniform and shuffled, random."""
-    seeds = config.seed_list
-    units = [Unit("discovered", s) for s in seeds]
+def plan_units(config: StudyConfig, seeds: int | None = None, random: int | None = None) -> list[Unit]:
+    """Every unit, in the fixed order shards split: discovered, reference, per seed uniform and shuffled, random.
+
+    ``seeds`` and ``random`` (default the configuration's) extend a study past its pilot (``detect``): the
+    arms of one unit per seed run ``run.seed`` to ``run.seed + seeds - 1``, and random topology k trains
+    with the pilot's seed k mod ``config.seeds`` whatever their number, so that a unit keeps its name.
+    """
+    first = config.run.seed
+    every = [first + i for i in range(config.seeds if seeds is None else seeds)]
+    units = [Unit("discovered", s) for s in every]
     if "reference" in config.arms:
-        units += [Unit("reference", s) for s in seeds]
-    units += [Unit(arm, s) for s in seeds for arm in ("uniform", "shuffled") if arm in config.arms]
+        units += [Unit("reference", s) for s in every]
+    units += [Unit(arm, s) for s in every for arm in ("uniform", "shuffled") if arm in config.arms]
     if "random" in config.arms:
-        units += [Unit("random", seeds[k % len(seeds)], k) for k in range(config.random)]
+        pilot = config.seed_list
+        units += [Unit("random", pilot[k % len(pilot)], k)
+                  for k in range(config.random if random is None else random)]
     return units
+
+
+def pilot_rows(config: StudyConfig, files: StudyFiles) -> list[dict[str, Any]] | None:
+    """The rows of the pilot (every unit of :func:`plan_units` at the configured seeds), None until all are done."""
+    pilot = plan_units(config)
+    if not all(files.result(u.name).is_file() for u in pilot):
+        return None
+    return [_read_result(files, u) for u in pilot]
+
+
+def seed_plan(config: StudyConfig, rows: Sequence[Mapping[str, Any]]) -> SeedPlan:
+    """The seeds (and random topologies) ``config.detect`` asks for, from the pilot's ``rows``."""
+    assert config.detect is not None
+    return plan_seeds(rows, detect=config.detect, pilot=config.seeds, max_seeds=config.max_seeds,
+                      random=config.random if "random" in config.arms else None)
+
+
+def study_units(config: StudyConfig, files: StudyFiles) -> tuple[list[Unit], SeedPlan | None]:
+    """Every unit of the study as far as it is known: with ``detect``, the pilot until it has finished, then the
+    pilot and the seeds its SDs call for; and the plan (None before that, or without ``detect``)."""
+    if config.detect is None:
+        return plan_units(config), None
+    rows = pilot_rows(config, files)
+    if rows is None:
+        return plan_units(config), None
+    plan = seed_plan(config, rows)
+    return plan_units(config, plan.seeds, plan.random), plan
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -365,8 +422,12 @@ def _differences(saved: Any, given: Any, prefix: str = "") -> Iterator[tuple[str
 
 
 def _comparable(config: StudyConfig) -> dict[str, Any]:
-    """The configuration without the fields that may change when a study resumes (devices, workers, progress)."""
-    return {**config.to_dict(), "run": what_it_computes(config.run)}
+    """The configuration without the fields that may change when a study resumes (devices, workers, progress),
+    and without ``max_seeds`` where there is no ``detect`` (it is then unused)."""
+    data = {**config.to_dict(), "run": what_it_computes(config.run)}
+    if config.detect is None:
+        del data["max_seeds"]
+    return data
 
 
 def load_study(out: str | Path) -> StudyConfig:
@@ -403,15 +464,38 @@ def run_study(config: StudyConfig, out: str | Path, *, shard: tuple[int, int] = 
               poll_s: float = 5.0, wait_s: float | None = None) -> StudyResult | None:
     """Run the study's units (those of ``shard``) into ``out``, skipping finished ones; summarise when unsharded.
 
-    Every setting is checked against the data first (`topo.run.preflight.preflight`). Returns the summary on
-    rank 0 of an unsharded study, else None (gather shards with :func:`summarize`).
+    With ``config.detect`` the configured seeds are a pilot: once every pilot unit has finished (a shard
+    waits for the others'), the seeds its SDs call for are added (:func:`study_units`), every shard taking
+    its share of the new units. Every setting is checked against the data first
+    (`topo.run.preflight.preflight`). Returns the summary on rank 0 of an unsharded study, else None
+    (gather shards with :func:`summarize`).
     """
     bundle = load_data(config.run)
     preflight(config.run, bundle, reference_spec(config.run, bundle))
     files = open_study(config, out)
-    units = shard_units(plan_units(config), *shard)
+    pilot = plan_units(config)
+    _run_units(shard_units(pilot, *shard), config, bundle, files, shard=shard, progress=progress, poll_s=poll_s,
+               wait_s=wait_s, what="the pilot" if config.detect is not None else "")
+    if config.detect is not None:
+        wait_for(pilot, files, poll_s=poll_s, wait_s=wait_s)
+        units, plan = dist_info.same_on_all_ranks(study_units(config, files))
+        log.info("%s", plan_sentence(plan))
+        known = {u.name for u in pilot}
+        added = [u for u in units if u.name not in known]
+        _run_units(shard_units(added, *shard), config, bundle, files, shard=shard, progress=progress,
+                   poll_s=poll_s, wait_s=wait_s, what="added for the difference to detect")
+    if shard[1] > 1:
+        log.info("shard %d/%d done; once every shard is, gather them: topo-build study --out %s --summarize",
+                 *shard, files.root)
+        return None
+    return summarize(out) if dist_info.rank() == 0 else None
+
+
+def _run_units(units: Sequence[Unit], config: StudyConfig, bundle: DataBundle, files: StudyFiles, *,
+               shard: tuple[int, int], progress: bool, poll_s: float, wait_s: float | None, what: str) -> None:
+    """Run the unfinished ``units``, as they become ready, with a progress bar and a line per finished unit."""
     pending = [u for u in units if not files.result(u.name).is_file()]
-    log.info("study %s: %d units in %s, %d to run%s", files.root, len(units),
+    log.info("study %s: %d units%s in %s, %d to run%s", files.root, len(units), f" ({what})" if what else "",
              "this shard" if shard[1] > 1 else "all", len(pending),
              f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "")
     time_left, finished = TimeLeft(), set()
@@ -426,24 +510,40 @@ def run_study(config: StudyConfig, out: str | Path, *, shard: tuple[int, int] = 
         left = time_left.estimate([u.arm for u in pending if u.name not in finished])
         bar.set_postfix_str(f"about {duration_text(left)} left")
         _finished(unit, row, done, len(pending), left, config.tolerance)
-    if shard[1] > 1:
-        log.info("shard %d/%d done; once every shard is, gather them: topo-build study --out %s --summarize",
-                 *shard, files.root)
-        return None
-    return summarize(out) if dist_info.rank() == 0 else None
 
 
-def collect(config: StudyConfig, files: StudyFiles) -> tuple[list[dict[str, Any]], list[str]]:
-    """The rows of the finished units, and the names of the others, in plan order."""
+def wait_for(units: Sequence[Unit], files: StudyFiles, *, poll_s: float = 5.0, wait_s: float | None = None) -> None:
+    """Return once every unit of ``units`` has its result (other shards run some); ``wait_s``: give up
+    (`UserError`) after waiting that long; None waits as long as it takes."""
+    waited, told = 0.0, 0.0
+    while True:
+        missing = dist_info.same_on_all_ranks([u.name for u in units if not files.result(u.name).is_file()])
+        if not missing:
+            return
+        if wait_s is not None and waited >= wait_s:
+            raise UserError(f"the pilot's units {', '.join(missing)} are still not finished after {waited:.0f} s: "
+                            "run the shards that hold them, then this one again")
+        if waited >= told:
+            log.info("waiting for the pilot's units %s (other shards run them)", ", ".join(missing))
+            told = waited + 300.0
+        time.sleep(poll_s)
+        waited += poll_s
+
+
+def collect(units: Sequence[Unit], files: StudyFiles) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows of the finished ``units``, and the names of the others, in plan order."""
     rows, missing = [], []
-    for unit in plan_units(config):
-        path = files.result(unit.name)
-        if path.is_file():
-            rows.append(read_json(path, what="unit result", fix="delete it to train the unit again",
-                                  parse=_result_row))
+    for unit in units:
+        if files.result(unit.name).is_file():
+            rows.append(_read_result(files, unit))
         else:
             missing.append(unit.name)
     return rows, missing
+
+
+def _read_result(files: StudyFiles, unit: Unit) -> dict[str, Any]:
+    return read_json(files.result(unit.name), what="unit result", fix="delete it to train the unit again",
+                     parse=_result_row)
 
 
 def _result_row(value: Any) -> dict[str, Any]:
@@ -462,7 +562,8 @@ def summarize(out: str | Path) -> StudyResult:
     """
     config = load_study(out)
     files = StudyFiles(Path(out))
-    rows, missing = collect(config, files)
+    units, plan = study_units(config, files)
+    rows, missing = collect(units, files)
     if not rows:
         raise UserError(f"{out} has no finished unit yet: run topo-build study --out {out} first")
     if missing:
@@ -480,15 +581,20 @@ def summarize(out: str | Path) -> StudyResult:
     if not tests.empty:
         write_tables(tests, files.tests)
     figure = study_figure(rows, files.figure)
-    paragraphs = study_findings(rows, comparisons, tolerance=config.tolerance, missing=missing)
+    pending = (f"The seeds for a difference of {config.detect:g} points are chosen once the {config.seeds}-seed "
+               "pilot has finished." if config.detect is not None and plan is None else None)
+    paragraphs = study_findings(rows, comparisons, tolerance=config.tolerance, missing=missing,
+                                plan=plan if plan is not None else pending)
     tables = {"Summary": summary, "Tests": tests, "Units": units_frame(frame)}
     report = write_study_report(files.report, paragraphs, tables, figure, config.to_dict())
-    return StudyResult(frame, summary, tests, comparisons, missing, report)
+    return StudyResult(frame, summary, tests, comparisons, missing, report, plan)
 
 
 def summary_markdown(result: StudyResult) -> str:
-    """The summary and tests tables as printed at the end of a study."""
+    """The summary and tests tables as printed at the end of a study, and the seeds chosen for ``detect``."""
     parts = [to_markdown(result.summary)]
     if not result.tests.empty:
         parts.append(to_markdown(result.tests))
+    if result.plan is not None:
+        parts.append(plan_sentence(result.plan))
     return "\n\n".join(parts)
