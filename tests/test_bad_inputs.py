@@ -225,6 +225,13 @@ def _cases() -> list[Case]:
         Case("construct-other-settings", lambda i, o, t: (
             ["construct", *FAST, "--round-to", "4", "--out", str(saved_run(i, command="construct"))],
             "--round-to 1, not 4")),
+        Case("construct-other-control-kinds", lambda i, o, t: (
+            ["construct", *FAST, "--control-kinds", "noise", "--out", str(saved_run(i, command="construct"))],
+            "--control-kinds phase,other, not noise")),
+        Case("control-kind-unknown", lambda i, o, t: (["construct", *FAST, "--control-kinds", "phase,pink", *out(o)],
+                                                      "names no control kind or an unknown one")),
+        Case("control-one-real-seed", lambda i, o, t: (["construct", *FAST, "--real-seeds", "1", *out(o)],
+                                                       "at least 2 constructions on the data")),
         # resume
         Case("resume-missing", lambda i, o, t: (["--resume", str(i / "none")], "not a topo-build run directory")),
         Case("resume-truncated-config", lambda i, o, t: (["--resume", str(truncated_config_run(i))],
