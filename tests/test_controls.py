@@ -325,3 +325,14 @@ def test_the_control_on_planted_data_shows_what_its_design_allows(tmp_path, one_
     assert ControlSummary.from_dict(saved).to_dict() == summary.to_dict()
     assert "controls" in run.completed()
     assert f"p < {ALPHA:g}" in verdict(summary)
+
+
+def test_a_summary_of_the_old_control_is_one_line_with_the_fix(tmp_path):
+    from topo.run.rundir import RunDir
+    from topo.run.stages import read_controls
+
+    run = RunDir(tmp_path / "run")
+    run.controls.parent.mkdir(parents=True)
+    run.controls.write_text(json.dumps({"modules": ["m0"], "shares": {"real": [[[1, 0, 0]]]}, "outcomes": []}))
+    with pytest.raises(UserError, match="older version of the control.*delete .* to construct the controls again"):
+        read_controls(run)

@@ -49,6 +49,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from topo.common.errors import SettingError, UserError
+from topo.common.reading import UnexpectedShape
 from topo.controls.nulls import KINDS as NULL_KINDS
 
 #: Every control kind: the null inputs, and "other" (another real data set).
@@ -259,7 +260,7 @@ class ControlSummary:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ControlSummary:
         if "profiles" not in data:
-            raise UserError("the control summary is from an older version (output shares only)")
+            raise UnexpectedShape("is from an older version of the control (output shares only)")
         profiles = {k: [{name: np.asarray(v, dtype=bool if name == "found" else np.float64) for name, v in p.items()}
                         for p in ps] for k, ps in data["profiles"].items()}
         outcomes = [ControlOutcome(o["kind"], o["property"], o["distance"], o["seed_distance"], o["p_value"],
