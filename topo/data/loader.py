@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
@@ -39,17 +41,78 @@ class ShardSampler(Sampler[int]):
         return max(0, math.ceil((self.n - self.rank) / self.num_replicas))
 
 
-class EpochLoader(DataLoader):
-    """A ``DataLoader`` whose order and worker seeds are a function of ``seed + epoch``."""
+@dataclass
+class EpochSeed:
+    """The seed of a loader's pass: its ``seed`` and the current ``epoch`` (shared by the loader and its sampler)."""
 
-    def __init__(self, *args, seed: int = 0, **kwargs) -> None:
+    seed: int
+    epoch: int = 0
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s random transforms in pass ``epoch`` of a loader seeded with ``seed``."""
+    words = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, epoch, index]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+class SeededSampler(Sampler[tuple[int, int]]):
+    """``sampler``'s indices, each with the seed of its random transforms (`sample_seed`)."""
+
+    def __init__(self, sampler: Sampler[int], state: EpochSeed) -> None:
+        self.sampler, self.state = sampler, state
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        seed, epoch = self.state.seed, self.state.epoch
+        return ((index, sample_seed(seed, epoch, index)) for index in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+
+class SeededSamples(Dataset):
+    """``dataset`` read with torch's global generator seeded per sample: item ``(index, seed)`` is
+    ``dataset[index]`` drawn under ``torch.manual_seed(seed)`` (the process's own state is put back after), so
+    a sample's random augmentation is a function of the loader's seed, the epoch and the index, whatever the
+    number of workers and whatever the process drew before."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
+
+    def __getattr__(self, name: str) -> Any:  # the wrapped data set's own attributes (classes, skipped counts)
+        if name == "dataset" or name.startswith("__"):  # never its batch reader (__getitems__), nor pickling's
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class EpochLoader(DataLoader):
+    """A ``DataLoader`` whose order, worker seeds and (for data sets that are not in-memory tensors) every
+    sample's random transforms are a function of ``seed + epoch``."""
+
+    def __init__(self, *args, seed: int = 0, state: EpochSeed | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.seed = seed
         self.epoch = 0
+        self.state = state
 
     def set_epoch(self, epoch: int) -> None:
-        """Fix the shuffling and the workers' random streams of the next pass to ``seed + epoch``."""
+        """Fix the shuffling, the workers' random streams and the samples' transforms of the next pass to
+        ``seed + epoch``."""
         self.epoch = epoch
+        if self.state is not None:
+            self.state.epoch = epoch
         if hasattr(self.sampler, "set_epoch"):
             self.sampler.set_epoch(epoch)
         self.generator.manual_seed(self.seed + epoch)
@@ -78,6 +141,10 @@ def make_loader(
     Defaults by device: ``workers="auto"`` (see :func:`default_workers`),
     pinned memory on CUDA, persistent workers on CUDA only (on CPU fresh
     workers each epoch keep augmentation exactly reproducible across resumes).
+
+    A data set other than in-memory tensors is read through :class:`SeededSamples`: each sample's random
+    transforms are drawn from its own seed (`sample_seed` of ``seed``, the epoch and its index), so the same
+    seed gives the same batches with any number of workers (0 included) and whatever the process drew before.
     """
     device = resolve_device(device)
     if distributed is None:
@@ -96,6 +163,10 @@ def make_loader(
         persistent_workers = device.type == "cuda"
     generator = torch.Generator()
     generator.manual_seed(seed)
+    state = None
+    if not isinstance(dataset, TensorDataset):  # tensors in memory have no random transforms
+        state = EpochSeed(seed)
+        dataset, sampler = SeededSamples(dataset), SeededSampler(sampler, state)
     return EpochLoader(
         dataset,
         batch_size=batch_size,
@@ -106,4 +177,5 @@ def make_loader(
         persistent_workers=bool(persistent_workers) and workers > 0,
         generator=generator,
         seed=seed,
+        state=state,
     )
