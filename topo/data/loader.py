@@ -118,6 +118,14 @@ class EpochLoader(DataLoader):
         self.generator.manual_seed(self.seed + epoch)
 
 
+def _sampler(dataset: Dataset, train: bool, replicas: int, rank: int, seed: int) -> Sampler[int]:
+    """This process's indices: shuffled by ``seed`` (and the epoch), the last incomplete batch dropped, for
+    training; every sample once, in order, for evaluation."""
+    if train:
+        return DistributedSampler(dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+    return ShardSampler(len(dataset), replicas, rank)
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -153,12 +161,7 @@ def make_loader(
     if workers == "auto":
         workers = default_workers(dataset, device)
     workers = int(workers)
-    if train:
-        sampler: Sampler[int] = DistributedSampler(
-            dataset, num_replicas=replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
-        )
-    else:
-        sampler = ShardSampler(len(dataset), replicas, rank)
+    sampler = _sampler(dataset, train, replicas, rank, seed)
     if persistent_workers is None:
         persistent_workers = device.type == "cuda"
     generator = torch.Generator()
