@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pandas as pd
 import torch
@@ -27,12 +29,13 @@ from topo.common.reading import read_weights
 from topo.common.writing import atomic_write_json, atomic_write_text
 from topo.construct.budget import check_window
 from topo.controls.control import verdict
+from topo.data.folders import unreadable_note
 from topo.run.analyze import analyze
 from topo.run.config import RunConfig, load_data, reference_spec, sized_googlenet
 from topo.run.export import FORMATS, export_run, load_safetensors
 from topo.run.load import build_with_weights, load_run, run_spec, timed_evaluate
 from topo.run.preflight import preflight
-from topo.run.rundir import RunDir
+from topo.run.rundir import RunDir, StudyFiles, owned_folder
 from topo.run.stages import (
     comparison_row,
     constructions_stage,
@@ -50,17 +53,47 @@ def _show_comparison(frame: pd.DataFrame | None) -> None:
         print("\n" + to_markdown(frame) + "\n\n" + COMPARISON_CAPTION, flush=True)
 
 
+#: What an interrupted command that writes a folder says to continue its work.
+SAME_COMMAND = "the same command and --out {root}"
+
+
+@contextlib.contextmanager
+def _owned(args: argparse.Namespace, root: Path, how: str | None, **lock: Any) -> Iterator[None]:
+    """Own the command's folder ``root`` inside the block (rank 0; `topo.run.rundir.owned_folder`, ``lock``
+    its options): a second command on it fails at once. ``how`` is what an interruption inside says to continue
+    (``args.continue_with``, read by `topo.cli.main`)."""
+    args.continue_with = how.format(root=root) if how else None
+    with owned_folder(root, **lock) if dist_info.rank() == 0 else contextlib.nullcontext():
+        yield
+
+
+def _checked_out(args: argparse.Namespace, command: str) -> tuple[RunDir, RunConfig]:
+    """The output folder of ``command`` and the flags' configuration, checked before any work: the device, and
+    a folder that can be written."""
+    config = run_config(args)
+    check_device(config.train.device)
+    run = RunDir(out_dir(args, command))
+    run.check_writable()
+    return run, config
+
+
+def _refuse_a_run(run: RunDir) -> None:
+    """A one-line error where ``run`` holds a run already: a new run does not go on in it."""
+    if run.config_path.exists():
+        raise UserError(f"{run.root} already holds a run: resume it with --resume {run.root}, or choose another "
+                        "--out")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    if args.resume:
-        run, config = resumed_run(args)
-    else:
-        config = run_config(args)
-        run = RunDir(out_dir(args, "run"))
-        if run.config_path.exists():
-            raise UserError(f"{run.root} already holds a run: resume it with --resume {run.root}, or choose another "
-                            "--out")
-        run.check_writable()
-    outcome = run_all(config, run)
+    run, config = (RunDir.existing(args.resume), None) if args.resume else _checked_out(args, "run")
+    run.check_writable()
+    with _owned(args, run.root, "topo-build --resume {root}"):
+        if config is None:
+            run, config = resumed_run(args)
+            check_device(config.train.device)  # a resumed run may change its device
+        else:
+            _refuse_a_run(run)
+        outcome = run_all(config, run)
     if outcome is not None:
         report, frame = outcome
         _show_comparison(frame)
@@ -78,13 +111,13 @@ def _start(run: RunDir, config: RunConfig, command: str) -> None:
 
 
 def cmd_construct(args: argparse.Namespace) -> int:
-    config = run_config(args)
-    run = RunDir(out_dir(args, "construct"))
-    reuse_out(args, run, config, "construct")
-    bundle = load_data(config)
-    preflight(config, bundle, reference_spec(config, bundle))
-    _start(run, config, "construct")
-    _, summary = constructions_stage(config, bundle, run)
+    run, config = _checked_out(args, "construct")
+    with _owned(args, run.root, SAME_COMMAND):
+        reuse_out(args, run, config, "construct")
+        bundle = load_data(config)
+        preflight(config, bundle, reference_spec(config, bundle))
+        _start(run, config, "construct")
+        _, summary = constructions_stage(config, bundle, run)
     if dist_info.rank() == 0:
         print(f"topology: {run.topology}", flush=True)
         if summary is not None:
@@ -94,19 +127,19 @@ def cmd_construct(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     spec = read_spec(args.spec)
-    config = run_config(args)
-    run = RunDir(out_dir(args, "train"))
-    reuse_out(args, run, config, "train")
-    bundle = load_data(config)
-    _check_fits(spec, bundle, args.spec, args.data)
-    preflight(config, bundle, None)
-    _start(run, config, "train")
-    name = Path(args.spec).stem
-    if dist_info.rank() == 0:
-        atomic_write_text(run.training.spec(name), spec.to_json() + "\n")
-    torch.manual_seed(args.seed)
-    result = train(builders.build(spec), bundle.train, bundle.val, config.train, run_dir=run.training.root,
-                   name=name)
+    run, config = _checked_out(args, "train")
+    with _owned(args, run.root, SAME_COMMAND):
+        reuse_out(args, run, config, "train")
+        bundle = load_data(config)
+        _check_fits(spec, bundle, args.spec, args.data)
+        preflight(config, bundle, None)
+        _start(run, config, "train")
+        name = Path(args.spec).stem
+        if dist_info.rank() == 0:
+            atomic_write_text(run.training.spec(name), spec.to_json() + "\n")
+        torch.manual_seed(args.seed)
+        result = train(builders.build(spec), bundle.train, bundle.val, config.train, run_dir=run.training.root,
+                       name=name)
     row = comparison_row(name, spec, result, tuple(bundle.image_size))
     if dist_info.rank() == 0:
         write_comparison([row], run.root)
@@ -131,14 +164,16 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     out = out_dir(args, "analyze")
     RunDir(out).check_writable()
     check_device(args.device)
-    bundle = load_data(config)
-    spec = _analysed_spec(args, bundle)
-    if config.construct.window is not None:
-        shapes = spec.input_shapes(tuple(bundle.image_size))
-        check_window(config.construct.window, [(m.name, tuple(shapes[m.name][1:])) for m in spec.inception_modules()])
-    frame = analyze(spec, args.weights, bundle, out, construct_config=config.construct,
-                    batch_size=args.batch_size, device=args.device, workers=workers_value(args.workers),
-                    progress=args.progress)
+    with _owned(args, out, None):
+        bundle = load_data(config)
+        spec = _analysed_spec(args, bundle)
+        if config.construct.window is not None:
+            shapes = spec.input_shapes(tuple(bundle.image_size))
+            check_window(config.construct.window,
+                         [(m.name, tuple(shapes[m.name][1:])) for m in spec.inception_modules()])
+        frame = analyze(spec, args.weights, bundle, out, construct_config=config.construct,
+                        batch_size=args.batch_size, device=args.device, workers=workers_value(args.workers),
+                        progress=args.progress)
     print("\n" + to_markdown(frame), flush=True)
     return 0
 
@@ -161,10 +196,26 @@ def cmd_study(args: argparse.Namespace) -> int:
     else:
         RunDir(out).check_writable()
         shard = parse_shard(args.shard) if args.shard else (0, 1)
-        result = run_study(study_config(args, out), out, shard=shard, progress=args.progress)
+        with _owned_study(args, out, shard):
+            config = study_config(args, out)
+            check_device(config.run.train.device)
+            result = run_study(config, out, shard=shard, progress=args.progress)
     if result is not None and dist_info.rank() == 0:
         print("\n" + summary_markdown(result) + f"\n\nreport: {result.report}", flush=True)
     return 0
+
+
+@contextlib.contextmanager
+def _owned_study(args: argparse.Namespace, out: Path, shard: tuple[int, int]) -> Iterator[None]:
+    """Own the study folder ``out``: the whole of it, or (``shard`` of several) a share of it beside the other
+    shards and the shard's own lock."""
+    if shard[1] == 1:
+        with _owned(args, out, SAME_COMMAND):
+            yield
+        return
+    with _owned(args, out, SAME_COMMAND, shared=True), _owned(args, out, SAME_COMMAND,
+                                                              lock=StudyFiles.shard_lock(*shard)):
+        yield
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -238,6 +289,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                "Loss": metrics["loss"], "Top-1 (%)": 100 * metrics["top1"],
                                "Top-5 (%)": 100 * metrics["top5"], "Throughput (img/s)": metrics["images_per_s"]}])
         print("\n" + to_markdown(frame), flush=True)
+        note = unreadable_note(bundle.val, metrics["count"])
+        if note:
+            print(note, flush=True)
         if args.out:
             atomic_write_json(args.out, result)
             print(f"results: {args.out}", flush=True)

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from topo.cli.parser import field_default
 from topo.common.errors import UserError
-from topo.common.reading import read_json, read_text
+from topo.common.reading import read_text
 from topo.construct.config import ConstructConfig
 from topo.controls.control import ControlConfig
 from topo.run.config import RunConfig
@@ -50,7 +52,7 @@ def _read_yaml(path: str) -> Any:
     except ImportError:
         raise UserError(f"configuration file {path} is YAML but PyYAML is not installed: give the settings as JSON "
                         "(e.g. a run's config.json), or pip install pyyaml") from None
-    text = read_text(path, what="configuration file", fix=CONFIG_FIX)
+    text = _text(path)
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -58,6 +60,35 @@ def _read_yaml(path: str) -> Any:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"configuration file {path} is not valid YAML ({getattr(e, 'problem', None) or e}{where}); "
                         f"{CONFIG_FIX}") from None
+
+
+def _text(path: str) -> str:
+    """The text of the file ``path``, without a UTF-8 byte-order mark (as Windows editors write) at its start."""
+    return read_text(path, what="configuration file", fix=CONFIG_FIX).removeprefix("\ufeff")
+
+
+def _unique_keys(path: str) -> Callable[[list[tuple[str, Any]]], dict[str, Any]]:
+    """A JSON object hook that refuses (one line naming the key and ``path``) a key an object gives twice:
+    which of the two was meant cannot be told."""
+    def mapping(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise UserError(f"configuration file {path}: the key {key!r} is given twice in one object; keep one")
+            seen.add(key)
+        return dict(pairs)
+    return mapping
+
+
+def _read_json(path: str) -> Any:
+    """The JSON value of the ``--config`` file ``path``: a byte-order mark accepted, a key given twice refused."""
+    text = _text(path)
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys(path))
+    except json.JSONDecodeError as e:
+        problem = ("is empty" if not text.strip()
+                   else f"is truncated or not JSON ({e.msg}, line {e.lineno} column {e.colno})")
+        raise UserError(f"configuration file {path} {problem}; {CONFIG_FIX}") from None
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -69,7 +100,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     options (``epochs``, ``batch-size``; see :func:`config_defaults`).
     """
     yaml_file = Path(path).suffix.lower() in (".yaml", ".yml")
-    data = _read_yaml(path) if yaml_file else read_json(path, what="configuration file", fix=CONFIG_FIX)
+    data = _read_yaml(path) if yaml_file else _read_json(path)
     if isinstance(data, dict) and isinstance(data.get("config"), dict) and set(data) - {"config"} <= DOCUMENT_KEYS:
         data = data["config"]
     if not isinstance(data, dict):

@@ -25,8 +25,12 @@ with one line and exit status 1, the files written before intact
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import warnings
+from collections.abc import Iterator
+from typing import TextIO
 
 from tqdm.auto import tqdm
 
@@ -60,7 +64,7 @@ class _Formatter(logging.Formatter):
 def configure_logging(verbosity: int) -> logging.Handler:
     """One handler on the root logger, at INFO (``-1``: WARNING, ``1``: DEBUG); other ranks log errors only.
 
-    Python warnings (e.g. the clustering's) are routed through it too. Returns the handler, for removal.
+    Returns the handler, for removal. Python warnings reach it through `warnings_as_lines`.
     """
     level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity]
     if dist_info.rank() != 0:
@@ -70,8 +74,32 @@ def configure_logging(verbosity: int) -> logging.Handler:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(level)
-    logging.captureWarnings(True)
     return handler
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """`warnings.showwarning` of the command line: the message alone, logged (``warning: MESSAGE``); the
+    source file, line and category are for developers (``python -W error`` shows them)."""
+    logging.getLogger("py.warnings").warning("%s", str(message).strip())
+
+
+@contextlib.contextmanager
+def warnings_as_lines() -> Iterator[None]:
+    """Python warnings (e.g. the clustering's) shown as ``warning: MESSAGE`` lines inside the block, through the
+    logging handler; the display before it restored after it (nothing changes at import)."""
+    shown = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
+
+
+def _interrupted(args: argparse.Namespace | None) -> str:
+    """The line of a command stopped by Ctrl-C: how to continue its work in its folder, where it has one."""
+    how = getattr(args, "continue_with", None)
+    return f"topo-build: interrupted; continue with {how}" if how else "topo-build: interrupted"
 
 
 def one_line(error: Exception) -> str:
@@ -102,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config_file.unused:
             log.info("%s does not use these settings of %s: %s", build_parser(command).prog, args.config,
                      ", ".join(args.config_file.unused))
-        with deterministic_algorithms(getattr(args, "deterministic", False)):
+        with deterministic_algorithms(getattr(args, "deterministic", False)), warnings_as_lines():
             return HANDLERS[command](args)
     except UserError as e:
         print(f"topo-build: error: {one_line(e)}{_flag_of(e, args)}", file=sys.stderr)
@@ -111,11 +139,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"topo-build: error: {e.strerror}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("topo-build: interrupted; a run continues with --resume RUN_DIR", file=sys.stderr)
+        print(_interrupted(args), file=sys.stderr)
         return 130
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
-            logging.captureWarnings(False)
         dist_info.cleanup()
 

@@ -13,7 +13,7 @@ from topo.cli.settings import flags_by_field, group_fields, run_config
 from topo.common import distributed as dist_info
 from topo.common.errors import UserError
 from topo.common.writing import remove_temporaries
-from topo.run.config import RESUMABLE, RunConfig, with_resumable_changes
+from topo.run.config import RESUMABLE, RunConfig, same_data_dir, with_resumable_changes
 from topo.run.rundir import NEW_RUN, RunDir
 from topo.run.study import StudyConfig, load_study
 
@@ -31,8 +31,6 @@ def _setting(config: RunConfig, group: str, field: str) -> Any:
                    field)
 
 
-
-
 def differences(args: argparse.Namespace, saved: RunConfig, given: RunConfig,
                 only: set[str] | None = None) -> list[str]:
     """``"--epochs 15, not 3"`` for every setting (of ``only``, if given) where ``given`` differs from ``saved``.
@@ -47,9 +45,14 @@ def differences(args: argparse.Namespace, saved: RunConfig, given: RunConfig,
         if field in RESUMABLE or (only is not None and field not in only):
             continue
         was, now = _setting(saved, groups.get(field, "data"), field), _setting(given, groups.get(field, "data"), field)
-        if was != now:
+        if not _same(field, was, now):
             out.append(f"{flag} {_shown(was)}, not {_shown(now)}")
     return out
+
+
+def _same(field: str, was: Any, now: Any) -> bool:
+    """Whether a setting keeps its saved value; a ``data_dir`` where it names the same place."""
+    return same_data_dir(was, now) if field == "data_dir" else was == now
 
 
 def _refuse_other_settings(run: RunDir, changed: list[str], how: str) -> None:

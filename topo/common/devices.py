@@ -30,13 +30,46 @@ def available_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def check_device(device: str) -> torch.device:
-    """The device ``device`` (``--device``) names, or a one-line error where this machine has no such device."""
+def available_devices() -> list[str]:
+    """The devices this machine has: ``cpu``, each CUDA device (``cuda:N``), ``mps`` where present."""
+    found = ["cpu", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    return [*found, "mps"] if _has_mps() else found
+
+
+def _has_mps() -> bool:
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def _is_available(device: torch.device) -> bool:
+    """Whether this machine has ``device`` (an accelerator type other than CUDA and MPS: where torch's module
+    of that name says it is available and has the index)."""
+    index = device.index or 0
+    if device.type == "cpu":
+        return True
+    if device.type == "cuda":
+        return index < torch.cuda.device_count()
+    if device.type == "mps":
+        return index == 0 and _has_mps()
+    backend = getattr(torch, device.type, None)  # torch.xpu, torch.mtia, ...; none for meta
+    try:
+        return bool(backend.is_available()) and index < backend.device_count()
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def check_device(device: str | torch.device | None) -> torch.device:
+    """The device ``device`` (``--device``) names, or a one-line error where this machine has no such device:
+    an unknown name, or a device that is not here (``mps`` without Apple's GPU, ``cuda:7`` with fewer GPUs),
+    naming what is available."""
     try:
         resolved = resolve_device(device)
     except RuntimeError:
-        raise UserError(f"device {device!r} (--device) is not a device name: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and (resolved.index or 0) >= torch.cuda.device_count():
-        raise UserError(f"device {device!r} (--device): this machine has {torch.cuda.device_count()} CUDA "
-                        "device(s); use --device auto or cpu")
+        raise UserError(f"device {device!r} (--device) is not a device name: use auto, cpu, cuda, cuda:N or mps "
+                        f"(available: {', '.join(available_devices())})") from None
+    if not _is_available(resolved):
+        what = (f": this machine has {torch.cuda.device_count()} CUDA device(s)" if resolved.type == "cuda"
+                else " is not on this machine")
+        raise UserError(f"device {str(device)!r} (--device){what} (available: {', '.join(available_devices())}); "
+                        "use --device auto or one of those")
     return resolved

@@ -87,7 +87,7 @@ def image_folders(
     train_dir, val_dir, classes = check_tree(data_dir)
     size = _square(image_hw(image_size, 224), name)
     train = ImageTree(train_dir, T.imagenet_train(size), strict=strict, verify=verify)
-    val = ImageTree(val_dir, T.imagenet_eval(size), strict=strict, verify=verify)
+    val = ImageTree(val_dir, T.imagenet_eval(size), strict=strict, verify=verify, evaluation=True)
     return DataBundle(train, val, len(classes), 3, (size, size), classes, name)
 
 

@@ -4,6 +4,7 @@ and training's), and what follows from them: the data, the reference network siz
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +35,9 @@ class RunConfig:
 
     ``aux_heads``: the one auxiliary-head policy of every trained network: ``"none"``,
     or ``"reference"`` (each network gets the reference's heads where it has the
-    layers they attach to); see `with_aux_policy`.
+    layers they attach to); see `with_aux_policy`. ``data_dir`` is held as an
+    absolute path (`absolute_data_dir`), so that a run is resumed or evaluated
+    from any working directory.
     """
 
     data: str = "patches"
@@ -61,6 +64,7 @@ class RunConfig:
         return out
 
     def __post_init__(self) -> None:
+        self.data_dir = absolute_data_dir(self.data_dir)
         self.jobs = check_processes(self.jobs)
         if self.aux_heads not in AUX_POLICIES:
             raise SettingError("aux_heads", f"auxiliary-head policy {self.aux_heads!r} is unknown: use "
@@ -80,6 +84,19 @@ class RunConfig:
     def of_run(cls, run: RunDir) -> RunConfig:
         """The configuration saved in a run directory (a one-line error naming a damaged config.json)."""
         return read_config(run.config_path, parse=cls.from_dict)
+
+
+def absolute_data_dir(data_dir: str | os.PathLike | None) -> str | None:
+    """``data_dir`` as an absolute path (``~`` expanded; symbolic links kept, as given), None as None. A
+    relative path is taken from the working directory now, the one the run is started in."""
+    return None if data_dir is None else os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+
+
+def same_data_dir(saved: str | None, given: str | None) -> bool:
+    """Whether two ``data_dir`` settings name the same place (the same path, or paths that resolve to it)."""
+    if saved is None or given is None:
+        return saved == given
+    return saved == given or Path(saved).resolve() == Path(given).resolve()
 
 
 def load_data(config: RunConfig) -> DataBundle:

@@ -79,19 +79,30 @@ def _require(module: str) -> Any:
 
 
 def format_for(path: str | Path | None, format: str | None = None) -> str:
-    """``format`` checked, or the format named by ``path``'s suffix."""
+    """``format`` checked (known, and not contradicted by a suffix of ``path`` that names another format), or
+    the format named by ``path``'s suffix."""
+    named = _format_of_suffix(path)
     if format is None:
         if path is None:
             raise UserError(f"name an export format: one of {', '.join(FORMATS)}")
-        suffix = Path(path).suffix
-        by_suffix = {s: f for f, s in SUFFIXES.items()}
-        if suffix not in by_suffix:
+        if named is None:
             raise UserError(f"cannot tell the export format of {path}: name a format ({', '.join(FORMATS)}) "
                             f"or use a suffix {', '.join(SUFFIXES.values())}")
-        return by_suffix[suffix]
+        return named
     if format not in SUFFIXES:
         raise UserError(f"export format {format!r} is unknown: use one of {', '.join(FORMATS)}")
+    if named is not None and named != format:
+        raise UserError(f"export format {format!r} contradicts the file {path}, whose suffix {Path(path).suffix} "
+                        f"names {named!r}: write {Path(path).with_suffix(SUFFIXES[format])}, or export {named!r}")
     return format
+
+
+def _format_of_suffix(path: str | Path | None) -> str | None:
+    """The format whose suffix ``path`` has (any case), None for another suffix or no path."""
+    if path is None:
+        return None
+    suffix = Path(path).suffix.lower()
+    return next((name for name, known in SUFFIXES.items() if known == suffix), None)
 
 
 def example_for(spec: NetworkSpec, batch: int = 2) -> torch.Tensor:

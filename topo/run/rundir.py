@@ -16,23 +16,42 @@ Every file name is spelled here and nowhere else; every file is read back
 through `topo.common.reading`. ``config.json`` also records the run format and the
 topo-build version that wrote the directory: a run is only continued by the
 same ones (`RunDir.check_compatible`).
+
+A command that writes a folder owns it while it works (`owned_folder`): an
+exclusive ``flock`` on ``.topo-build.lock`` inside it, taken before
+``config.json`` is written and released on exit, also on an error. A second
+command on the folder fails at once, naming the first one's pid; the kernel
+drops the lock of a process that died, so a lock file a killed run left behind
+is taken over. The shards of a study share its folder (a shared lock) and each
+owns its own shard lock.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import logging
+import os
 import platform
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not on a POSIX system: folders are not locked
+    fcntl = None  # type: ignore[assignment]
 
 from topo.common.errors import UserError
 from topo.common.reading import read_config, read_state
 from topo.common.writing import atomic_write_json
 from topo.construct.files import ConstructionFiles
 from topo.train.files import TrainingFiles
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 
@@ -45,6 +64,18 @@ RUN_FORMAT = 1
 
 
 NEW_RUN = "start a new run with another --out"
+
+
+#: The lock file of a folder a command owns (`owned_folder`).
+LOCK_FILE = ".topo-build.lock"
+
+
+#: Tries to lock a lock file that another process may unlink between our open and our lock.
+LOCK_TRIES = 20
+
+
+class FolderInUse(UserError):
+    """Another process owns the folder: two commands writing one folder would mix their files."""
 
 
 def topo_version() -> str | None:
@@ -85,6 +116,96 @@ def _git_revision() -> str | None:
     if out.returncode != 0:
         return None
     return out.stdout.strip() or None
+
+
+def _holder(path: Path) -> str:
+    """`` (pid N)`` of the process that wrote its pid in the lock file ``path``, where it did."""
+    try:
+        pid = path.read_text().strip()
+    except OSError:
+        return ""
+    return f" (pid {pid})" if pid.isdigit() else ""
+
+
+def _open_lock(path: Path, shared: bool) -> int | None:
+    """The descriptor of ``path``, locked (``shared`` or exclusive) and still the file at ``path``; a
+    `FolderInUse` where another process holds a lock that excludes it; None (a warning) where the file system
+    cannot lock files."""
+    for _ in range(LOCK_TRIES):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # its folder was removed by the owner that just left it
+            continue
+        except OSError as e:
+            raise UserError(f"{path.parent} cannot be owned: its lock file {path.name} cannot be opened "
+                            f"({e.strerror}); make it writable, or choose another folder") from None
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise FolderInUse(f"{path.parent} is in use: another topo-build process{_holder(path)} is using it; "
+                              "wait for it to finish (or stop it), or choose another folder") from None
+        except OSError as e:  # a file system without locks (some network file systems)
+            os.close(fd)
+            log.warning("%s cannot be locked (%s): a second topo-build on it would not be refused", path.parent,
+                        e.strerror)
+            return None
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:  # not unlinked by its last owner meanwhile
+                return fd
+        os.close(fd)
+    raise FolderInUse(f"{path.parent} is in use: its lock file {path.name} keeps changing; try again")
+
+
+def _release(fd: int, path: Path) -> None:
+    """Unlock ``fd`` and close it; the lock file is removed where no other process holds it."""
+    with contextlib.suppress(BlockingIOError):
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # no other holder (shards share the study's lock)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+    fcntl.flock(fd, fcntl.LOCK_UN)  # also for worker processes forked with a copy of ``fd``
+    os.close(fd)
+
+
+def _missing(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, the deepest first."""
+    return [p for p in (folder, *folder.parents) if not p.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove ``folders`` (the deepest first) while they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty: it holds the command's files
+            return
+
+
+@contextlib.contextmanager
+def owned_folder(root: str | Path, *, lock: str = LOCK_FILE, shared: bool = False) -> Iterator[Path]:
+    """Own the folder ``root`` (made if needed) inside the block: a lock on its file ``lock``, exclusive (this
+    process's pid written in it) unless ``shared``; `FolderInUse` (one line, naming the folder and the owner's
+    pid) where another process owns it. On leaving, also on an error, the lock is released and its file
+    removed, and so are the folders this call made where they are left empty (a command that failed its
+    checks leaves nothing behind). Forked workers inherit the lock; they do not release it."""
+    root = Path(root)
+    if fcntl is None:
+        yield root
+        return
+    made, path, owner = _missing(root), root / lock, os.getpid()
+    fd = _open_lock(path, shared)
+    try:
+        if fd is not None:
+            os.ftruncate(fd, 0)  # a killed owner's pid goes; shared owners write none
+            if not shared:
+                os.write(fd, f"{owner}\n".encode())
+        yield root
+    finally:
+        if os.getpid() == owner:
+            if fd is not None:
+                _release(fd, path)
+            _remove_empty(made)
 
 
 @dataclass(frozen=True)
@@ -222,6 +343,11 @@ class StudyFiles:
     @property
     def config(self) -> Path:
         return self.root / "study.json"
+
+    @staticmethod
+    def shard_lock(index: int, count: int) -> str:
+        """The lock file (in the study's folder) that shard ``index`` of ``count`` owns (`owned_folder`)."""
+        return f".topo-build.shard-{index}-of-{count}.lock"
 
     def unit(self, name: str) -> RunDir:
         return RunDir(self.root / "units" / name)

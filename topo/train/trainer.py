@@ -145,7 +145,8 @@ def evaluate(
             k = min(5, logits.shape[1])
             top1, topk = _topk_correct(logits, y, (1, k))
             loss = F.cross_entropy(logits, y, reduction="sum")
-            sums += torch.stack([loss.double(), top1.double(), topk.double(), sums.new_tensor(len(y))])
+            readable = (y >= 0).sum().double()  # an unreadable image's slot has target -100 (ImageTree), ignored
+            sums += torch.stack([loss.double(), top1.double(), topk.double(), readable])
     finally:
         model.train(was_training)
     sampler = getattr(loader, "sampler", None)
