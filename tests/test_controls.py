@@ -336,3 +336,15 @@ def test_a_summary_of_the_old_control_is_one_line_with_the_fix(tmp_path):
     run.controls.write_text(json.dumps({"modules": ["m0"], "shares": {"real": [[[1, 0, 0]]]}, "outcomes": []}))
     with pytest.raises(UserError, match="older version of the control.*delete .* to construct the controls again"):
         read_controls(run)
+
+
+def test_construct_states_the_control_once(tmp_path, capsys, one_thread):
+    """`topo-build construct` printed the control's paragraph twice (a log line and the command's own)."""
+    from topo.cli.main import main
+
+    status = main(["construct", "--data", "planted", "--stem", "none", "--budget", "none", "--skeleton", "2",
+                   "--stats-batches", "4", "--batch-size", "64", "--workers", "0", "--jobs", "1", "--no-progress",
+                   "--out", str(tmp_path / "run")])
+    captured = capsys.readouterr()
+    assert status == 0
+    assert (captured.out + captured.err).count("Control: 2 constructions on the data") == 1

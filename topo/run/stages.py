@@ -178,7 +178,7 @@ def _control_summary(config: RunConfig, run: RunDir, plan: list[tuple[str, str |
     if dist_info.rank() == 0:
         atomic_write_json(run.controls, summary.to_dict())
         run.mark_done("controls", {"shown": {kind: summary.shown(kind) for kind in summary.kinds}})
-    log.info(verdict(summary))
+    log.debug(verdict(summary))  # the commands print it once (topo.cli.commands)
     return summary
 
 
