@@ -8,6 +8,7 @@ tuples only, so it loads with ``torch.load(weights_only=True)``.
 from __future__ import annotations
 
 import random
+import zlib
 from typing import Any
 
 import numpy as np
@@ -43,3 +44,12 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     if state["cuda"] and torch.cuda.is_available():
         cuda_states = list(state["cuda"])[: torch.cuda.device_count()]
         torch.cuda.set_rng_state_all(cuda_states)
+
+
+def derived_seed(seed: int, *names: int | str) -> int:
+    """An independent seed for the stream that ``names`` (integers, or strings entering as their CRC-32, which
+    never changes) name under ``seed``: NumPy's ``SeedSequence`` of them, as a non-negative 63-bit integer for
+    ``torch.Generator.manual_seed``."""
+    words = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF]
+    words += [zlib.crc32(n.encode()) if isinstance(n, str) else int(n) for n in names]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))

@@ -31,15 +31,14 @@ with its labels.
 """
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
-import numpy as np
 import torch
 
 from topo.common.batches import split_batch
 from topo.common.errors import UserError
+from topo.common.seeding import derived_seed
 
 KINDS = ("shuffled", "noise", "phase")
 #: The roles a null draw can play; each has its own stream.
@@ -47,13 +46,9 @@ ROLES = ("control", "reference")
 
 
 def stream_seed(seed: int, role: str, kind: str, index: int = 0) -> int:
-    """The seed of one draw: batch ``index`` of the ``kind`` null in ``role``, for the construction seed ``seed``.
-
-    Independent streams for every (seed, role, kind, index) through NumPy's ``SeedSequence`` (names enter as
-    their CRC-32, which never changes), as a non-negative 63-bit integer for ``torch.Generator``.
-    """
-    words = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, zlib.crc32(role.encode()), zlib.crc32(kind.encode()), index]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    """The seed of one draw: batch ``index`` of the ``kind`` null in ``role``, for the construction seed ``seed``
+    (an independent stream for every combination, `topo.common.seeding.derived_seed`)."""
+    return derived_seed(seed, role, kind, index)
 
 
 @dataclass(frozen=True)

@@ -5,12 +5,12 @@ import math
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, TensorDataset
 
 from topo.common import distributed as dist_info
 from topo.common.devices import available_cpus, resolve_device
+from topo.common.seeding import derived_seed
 
 
 def default_workers(dataset: Dataset, device: torch.device) -> int:
@@ -51,8 +51,7 @@ class EpochSeed:
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
     """The seed of sample ``index``'s random transforms in pass ``epoch`` of a loader seeded with ``seed``."""
-    words = [seed & 0xFFFFFFFF, seed >> 32 & 0xFFFFFFFF, epoch, index]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return derived_seed(seed, epoch, index)
 
 
 class SeededSampler(Sampler[tuple[int, int]]):
