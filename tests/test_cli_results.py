@@ -359,3 +359,19 @@ def test_loader_workers_are_seeded_from_seed_and_epoch():
 
 def test_comparison_caption_states_the_multiply_add_convention():
     assert "multiply-adds per image (fvcore's 'flops'; FlopCounterMode counts 2 per multiply-add)" in COMPARISON_CAPTION
+
+
+def test_a_network_that_does_not_fit_the_data_says_what_differs(tmp_path):
+    """eval of a run on other data called the run folder a "spec" and said "imagenet has 3 and 3"."""
+    from types import SimpleNamespace
+
+    from topo.cli.commands import _check_fits
+
+    spec = builders.googlenet_spec("small", num_classes=10, width_mult=0.125, in_channels=3, input_size=32)
+    data = SimpleNamespace(in_channels=3, num_classes=3)
+    with pytest.raises(UserError) as caught:
+        _check_fits(spec, data, str(tmp_path), "imagenet data in /data")
+    message = str(caught.value)
+    assert message.startswith(f"the network of run {tmp_path} does not fit imagenet data in /data")
+    assert "has 10 classes where the data have 3" in message and "channels" not in message.split(";")[0]
+    _check_fits(spec, SimpleNamespace(in_channels=3, num_classes=10), str(tmp_path), "x")  # fits: no error

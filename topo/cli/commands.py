@@ -228,12 +228,16 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _check_fits(spec: builders.NetworkSpec, bundle: Any, source: str, data: str) -> None:
-    """A one-line error where the network's input channels or classes are not the data's."""
-    if spec.in_channels != bundle.in_channels or spec.head.num_classes != bundle.num_classes:
-        raise UserError(
-            f"spec {source} takes {spec.in_channels} input channels and {spec.head.num_classes} classes, but "
-            f"{data} has {bundle.in_channels} and {bundle.num_classes}: use a spec built for this data"
-        )
+    """A one-line error saying what differs where the network's input channels or classes are not the data's."""
+    differs = []
+    if spec.in_channels != bundle.in_channels:
+        differs.append(f"reads {spec.in_channels} input channels where the data have {bundle.in_channels}")
+    if spec.head.num_classes != bundle.num_classes:
+        differs.append(f"has {spec.head.num_classes} classes where the data have {bundle.num_classes}")
+    if differs:
+        what = f"the network of run {source}" if Path(source).is_dir() else f"spec {source}"
+        raise UserError(f"{what} does not fit {data}: it {' and '.join(differs)}; evaluate it on data like the "
+                        "data it was built for, or use a spec built for this data")
 
 
 def _evaluated(args: argparse.Namespace) -> tuple[torch.nn.Module, builders.NetworkSpec, TrainConfig]:
