@@ -37,7 +37,7 @@ from topo.common.progress import progress_bar
 from topo.common.seeding import capture_rng_state, restore_rng_state, seed_everything
 from topo.common.writing import atomic_path, atomic_torch_save
 from topo.data import take_skipped
-from topo.data.loader import EpochLoader, ShardSampler, make_loader
+from topo.data.loader import EpochLoader, SeededSampler, ShardSampler, make_loader
 from topo.train.config import RESUMABLE_CHANGES, DivergenceError, TrainConfig, TrainResult, check_sync_bn
 from topo.train.files import TrainingFiles, read_checkpoint
 
@@ -150,6 +150,8 @@ def evaluate(
     finally:
         model.train(was_training)
     sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, SeededSampler):  # an image data set's: the shard is the sampler it seeds
+        sampler = sampler.sampler
     if isinstance(sampler, ShardSampler) and sampler.num_replicas > 1 and dist_info.is_distributed():
         dist.all_reduce(sums)
     loss, top1, topk, count = sums.tolist()
