@@ -19,36 +19,42 @@ A mistake in the input (a path, a flag, a data set, a file, a setting the data
 cannot support) ends with one line naming it and the fix on stderr
 (``topo-build: error: ...``), and exit status 2, before any work where it can
 be known then; a file that cannot be written during a run (a full disk) ends
-with one line and exit status 1, the files written before intact
-(docs/errors.md lists every case).
+with one line and exit status 1, the files written before intact; Ctrl-C or
+SIGTERM stops it at once with one line saying how to continue, exit status 130
+or 143 (docs/errors.md lists every case).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Iterator
 from typing import TextIO
 
-from tqdm.auto import tqdm
-
-from topo.cli.commands import HANDLERS
-from topo.cli.parser import COMMANDS, build_parser
-from topo.cli.settings import flags_by_field, parse
-from topo.common import distributed as dist_info
+# Only what stops a command is imported here; the rest (torch and all) is imported by `main` inside its handling
+# of Ctrl-C and SIGTERM, so that a command stopped while it starts ends with its one line too.
 from topo.common.errors import SettingError, UserError
 from topo.common.writing import WriteError
-from topo.train.trainer import deterministic_algorithms
 
 log = logging.getLogger(__name__)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``timeout``, ``kill``): the command stops as on Ctrl-C, with exit status 143."""
+
+    status = 128 + signal.SIGTERM
 
 
 class _TqdmHandler(logging.StreamHandler):
     """Writes records with ``tqdm.write``, so that log lines and progress bars do not tangle."""
 
     def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
         try:
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # noqa: BLE001 - a logging handler must never raise
@@ -66,6 +72,8 @@ def configure_logging(verbosity: int) -> logging.Handler:
 
     Returns the handler, for removal. Python warnings reach it through `warnings_as_lines`.
     """
+    from topo.common import distributed as dist_info
+
     level = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}[verbosity]
     if dist_info.rank() != 0:
         level = logging.ERROR
@@ -97,9 +105,35 @@ def warnings_as_lines() -> Iterator[None]:
 
 
 def _interrupted(args: argparse.Namespace | None) -> str:
-    """The line of a command stopped by Ctrl-C: how to continue its work in its folder, where it has one."""
+    """The line of a command stopped by Ctrl-C or SIGTERM: how to continue its work in its folder, where it has
+    one."""
     how = getattr(args, "continue_with", None)
     return f"topo-build: interrupted; continue with {how}" if how else "topo-build: interrupted"
+
+
+#: What each signal that stops a command raises while it works (`topo.common.processes.raised_on_signals`).
+_STOPS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
+
+
+def _terminate(signum: int, frame: object) -> None:
+    """The SIGTERM handler of `sigterm_as_interrupt`."""
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises `Terminated` (a KeyboardInterrupt) in this process, which then stops as on
+    Ctrl-C: its files whole, its workers stopped, one line. While the command works, `_STOPS` refines it (never
+    inside a finalizer). The handler before it is put back after it; nothing changes at import, for a process
+    started to ignore SIGTERM, nor outside the main thread (where Python runs no signal handler)."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(error: Exception) -> str:
@@ -114,6 +148,8 @@ def one_line(error: Exception) -> str:
 def _flag_of(error: UserError, args: argparse.Namespace | None) -> str:
     """`` (--flag)`` for a setting's error where this command has a flag for the setting (library code names
     settings, the command line names flags), else nothing."""
+    from topo.cli.settings import flags_by_field
+
     flag = flags_by_field(args).get(error.setting) if isinstance(error, SettingError) and args is not None else None
     return f" ({flag})" if flag else ""
 
@@ -121,16 +157,31 @@ def _flag_of(error: UserError, args: argparse.Namespace | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `topo-build`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
-    handler, args = None, None
+    with sigterm_as_interrupt():
+        return _command(argv)
+
+
+def _command(argv: list[str]) -> int:
+    """The command ``argv`` names, run: its exit status, and one line on stderr where it fails or is stopped."""
+    handler, args, cleanup = None, None, None
     try:
+        from topo.cli.commands import HANDLERS
+        from topo.cli.parser import COMMANDS, build_parser
+        from topo.cli.settings import parse
+        from topo.common import distributed as dist_info
+        from topo.common.processes import raised_on_signals
+        from topo.train.trainer import deterministic_algorithms
+
+        cleanup = dist_info.cleanup
+        command = argv.pop(0) if argv and argv[0] in COMMANDS else "run"
         args = parse(command, argv)
         dist_info.init_from_env()
         handler = configure_logging(getattr(args, "verbosity", 0))
         if args.config_file.unused:
             log.info("%s does not use these settings of %s: %s", build_parser(command).prog, args.config,
                      ", ".join(args.config_file.unused))
-        with deterministic_algorithms(getattr(args, "deterministic", False)), warnings_as_lines():
+        with raised_on_signals(_STOPS), deterministic_algorithms(getattr(args, "deterministic", False)), \
+                warnings_as_lines():
             return HANDLERS[command](args)
     except UserError as e:
         print(f"topo-build: error: {one_line(e)}{_flag_of(e, args)}", file=sys.stderr)
@@ -138,11 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     except WriteError as e:  # a full disk or a read-only folder during the work: not a mistake in the input
         print(f"topo-build: error: {e.strerror}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (`Terminated`)
         print(_interrupted(args), file=sys.stderr)
-        return 130
+        return getattr(e, "status", 128 + signal.SIGINT)
     finally:
         if handler is not None:
             logging.getLogger().removeHandler(handler)
-        dist_info.cleanup()
-
+        if cleanup is not None:
+            cleanup()

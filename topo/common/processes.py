@@ -1,5 +1,13 @@
 """Work in other processes: independent jobs side by side in spawned workers (`run_jobs`), and one
 computation's many small tasks in forked workers that inherit what they share (`forked_map`).
+
+Interruptions: workers start with Ctrl-C held (`signals_held`), so that they never take the terminal's Ctrl-C
+(sent to every process of its group), and this process never takes a signal in the middle of starting them (in
+an at-fork hook Python prints the exception and drops it; a DataLoader's iterator was left half-made); a worker
+then ignores Ctrl-C. The command line raises Ctrl-C and SIGTERM as exceptions with `raised_on_signals` (once,
+never inside a finalizer). On such an exception `run_jobs` sends each worker SIGTERM: a running job unwinds (its
+temporary files removed, its own workers stopped) and no other starts, an idle worker exits, all without a
+traceback; if a job has not unwound after `STOP_S`, the workers are killed.
 """
 from __future__ import annotations
 
@@ -7,14 +15,17 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
+from types import FrameType
 from typing import Any
 
 import torch
@@ -30,6 +41,12 @@ log = logging.getLogger(__name__)
 
 #: How often (s) a worker checks that the process that started it is still there.
 PARENT_POLL_S = 0.5
+#: How long (s) stopped `run_jobs` workers get to exit before they are killed.
+STOP_S = 10.0
+#: How soon (s) a signal that came where it must wait is sent again (`_postponed`).
+RETRY_S = 0.1
+#: The signals that stop a command: held while workers start, ignored (Ctrl-C) or handled (SIGTERM) in workers.
+STOPPING = frozenset({signal.SIGINT, signal.SIGTERM})
 
 
 @dataclass(frozen=True)
@@ -78,6 +95,8 @@ def processes_within(requested: int | str, processes: int) -> int:
 def run_jobs(jobs: Sequence[Job], processes: int, *, desc: str = "jobs", progress: bool = True) -> Iterator[Any]:
     """The results of ``jobs``, in order, each as soon as it and those before it are done; with ``processes`` > 1
     computed side by side in that many spawned workers (see the module docstring), else here, one after the other.
+    On a job's error nothing new starts and the running jobs end; on Ctrl-C (a KeyboardInterrupt), or when the
+    caller stops taking results, the running jobs are stopped at once (`_stop_workers`).
     Spawned workers import the caller's main module again: a script must call this under
     ``if __name__ == "__main__":``."""
     if processes <= 1 or len(jobs) <= 1:
@@ -90,14 +109,46 @@ def run_jobs(jobs: Sequence[Job], processes: int, *, desc: str = "jobs", progres
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
                              initargs=(os.getpid(), threads, root.level, _picklable_formatter(root))) as pool:
-        with _passive_openmp():  # the workers start (one per submission) with it in their environment
-            futures = [pool.submit(job.function, *job.args) for job in jobs]
+        futures: list[Future] = []
         try:
+            _submit(pool, jobs, futures)
             for job, future in zip(jobs, progress_bar(futures, desc=desc, disable=not progress)):
                 yield _result(job, future)
-        finally:  # on an error, or when the caller stops early: start nothing new, let the running jobs end
+        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, SIGTERM, or a caller that stopped (on its own error)
+            _stop_workers(pool, futures)
+            raise
+        finally:  # on an error: start nothing new, let the running jobs end
             for future in futures:
                 future.cancel()
+
+
+def _submit(pool: ProcessPoolExecutor, jobs: Sequence[Job], futures: list[Future]) -> None:
+    """Submit ``jobs`` to ``pool``, their futures added to ``futures``. The workers start (one per submission) with
+    ``OMP_WAIT_POLICY=PASSIVE`` in their environment and Ctrl-C blocked; this process takes Ctrl-C and SIGTERM once
+    they are started. SIGTERM is not blocked in them: until they handle it (`_stop_job`) it ends them at once, also
+    while they import."""
+    with _passive_openmp(), signals_held(blocked=frozenset({signal.SIGINT})):
+        for job in jobs:
+            futures.append(pool.submit(_call_job, job.function, job.args))
+
+
+def _stop_workers(pool: ProcessPoolExecutor, futures: Sequence[Future]) -> None:
+    """Stop ``pool``'s jobs now: nothing new starts, each worker gets SIGTERM (`_stop_job`), and once the running
+    jobs have unwound (their futures done) the workers are left to exit; if some job has not after `STOP_S`, every
+    worker still there is killed."""
+    workers = list((getattr(pool, "_processes", None) or {}).values())  # no public handle before Python 3.14
+    pool.shutdown(wait=False, cancel_futures=True)
+    for worker in workers:
+        if worker.exitcode is None:
+            worker.terminate()
+    deadline = time.monotonic() + STOP_S
+    while not all(future.done() for future in futures):  # done: unwound, failed or cancelled
+        if time.monotonic() > deadline:
+            for worker in workers:
+                worker.kill()
+                worker.join()
+            return
+        time.sleep(PARENT_POLL_S / 10)
 
 
 @contextmanager
@@ -116,7 +167,7 @@ def _passive_openmp():
 def _result(job: Job, future) -> Any:
     try:
         return future.result()
-    except BrokenProcessPool:
+    except (BrokenProcessPool, SystemExit):  # SystemExit: the worker was sent SIGTERM by someone else
         raise UserError(f"a worker process died (out of memory, or killed) before {job.name} was done; resume the "
                         "run, or run the jobs one at a time with --jobs 1 (a script of your own that runs jobs side "
                         "by side must start them under if __name__ == '__main__')") from None
@@ -133,7 +184,13 @@ def _picklable_formatter(root: logging.Logger) -> logging.Formatter | None:
 
 
 def _start_worker(parent: int, threads: int, level: int, formatter: logging.Formatter | None) -> None:
-    """A worker's set-up: the parent's threads, log level and format, and a watch on the parent."""
+    """A worker's set-up: the parent's threads, log level and format, the platform's start method, a watch on the
+    parent, and its signals (Ctrl-C ignored, SIGTERM stops the job: `_stop_job`).
+
+    A spawned process starts its own processes by spawning (CPython sets it so); put back, a job's DataLoaders
+    start their workers as the parent's do (forked on Linux: no import of torch each pass, a watch on their
+    parent that works, and semaphores that need no unlinking when the worker exits at once)."""
+    multiprocessing.set_start_method(None, force=True)
     torch.set_num_threads(threads)
     handler = logging.StreamHandler(sys.stdout)
     if formatter is not None:
@@ -143,12 +200,154 @@ def _start_worker(parent: int, threads: int, level: int, formatter: logging.Form
     root.setLevel(level)
     logging.captureWarnings(True)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="watch-parent").start()
+    _take_signals(_stop_job)
 
 
 def _exit_with_parent(parent: int) -> None:
     while os.getppid() == parent:
         time.sleep(PARENT_POLL_S)
     os._exit(1)
+
+
+#: The main thread's hold on Ctrl-C and SIGTERM (`signals_held`): how deep, and the signals kept back meanwhile.
+_HOLD: dict[str, Any] = {"depth": 0, "kept": []}
+
+
+@contextmanager
+def signals_held(blocked: frozenset[int] = STOPPING) -> Iterator[None]:
+    """Ctrl-C and SIGTERM held back inside the block and taken when it ends. ``blocked`` ones are blocked in this
+    thread, so that processes started inside it inherit the mask and take none of them until they unblock them
+    (`_take_signals`; a DataLoader's workers never do: their parent stops them); in the main thread this module's
+    handlers also keep back the ones another thread received, or that are not blocked (`_postponed`)."""
+    main = int(threading.current_thread() is threading.main_thread())
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, blocked) if hasattr(signal, "pthread_sigmask") else None
+    _HOLD["depth"] += main
+    try:
+        yield
+    finally:
+        _HOLD["depth"] -= main
+        if mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        if main and not _HOLD["depth"]:
+            kept, _HOLD["kept"] = _HOLD["kept"], []
+            for signum in dict.fromkeys(kept):
+                signal.raise_signal(signum)
+
+
+@contextmanager
+def raised_on_signals(exceptions: Mapping[int, Callable[[], BaseException]]) -> Iterator[None]:
+    """Inside the block the first signal of ``exceptions`` raises its exception here (the main thread), though not
+    where it must wait (`_postponed`); later ones are ignored, the work is already stopping (``timeout`` sends
+    SIGTERM twice). A signal this process was started to ignore stays ignored; the handlers before the block are
+    put back after it. Outside the main thread nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in exceptions}
+    raised: list[int] = []
+    for signum in exceptions:
+        if previous[signum] != signal.SIG_IGN:
+            signal.signal(signum, partial(_raise_once, exceptions, raised))
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            if signum in _AGAIN:
+                _AGAIN.pop(signum).cancel()  # not for the handler put back
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _raise_once(exceptions: Mapping[int, Callable[[], BaseException]], raised: list[int], signum: int,
+                frame: FrameType | None) -> None:
+    """The handler of `raised_on_signals`."""
+    if raised or _postponed(signum, frame):
+        return
+    raised.append(signum)
+    raise exceptions[signum]()
+
+
+def _postponed(signum: int, frame: FrameType | None) -> bool:
+    """In a handler: whether ``signum`` must wait. While it is held (`signals_held`) it is kept for the end of the
+    hold; where an exception must not be raised (`_uninterruptible`) it comes again `RETRY_S` later."""
+    if _HOLD["depth"]:
+        _HOLD["kept"].append(signum)
+        return True
+    if _uninterruptible(frame):
+        signal_again(signum)
+        return True
+    return False
+
+
+def _uninterruptible(frame: FrameType | None) -> bool:
+    """Whether ``frame`` (where a signal came) runs where an exception must not be raised: in a ``__del__``
+    method Python prints it and drops it, and the work goes on (a DataLoader's iterator joins its workers in one);
+    in multiprocessing's resource sharer it cuts the hand-over of a batch's file descriptor (the DataLoader
+    worker prints ConnectionResetError); in ``_sendback_result`` it cuts a job's result on its way to the parent."""
+    return _inside(frame, ("__del__", "_sendback_result"), "resource_sharer.py")
+
+
+def _inside(frame: FrameType | None, functions: tuple[str, ...], module: str | None = None) -> bool:
+    """Whether ``frame`` runs inside a function named in ``functions``, or in a file named ``module``."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in functions or (module is not None and code.co_filename.endswith(module)):
+            return True
+        frame = frame.f_back
+    return False
+
+
+#: The signals `signal_again` is to send, by number: one at a time each.
+_AGAIN: dict[int, threading.Timer] = {}
+
+
+def signal_again(signum: int) -> None:
+    """Send ``signum`` to this process again in `RETRY_S` seconds (from a thread: a signal handler must return),
+    unless it is to be sent again already."""
+    if signum in _AGAIN and _AGAIN[signum].is_alive():
+        return
+    _AGAIN[signum] = timer = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
+    timer.daemon = True
+    timer.start()
+
+
+def _take_signals(sigterm: Callable[[int, Any], Any] | int) -> None:
+    """In a worker started under `signals_held`: Ctrl-C ignored (the process that started it stops it), SIGTERM
+    taken by ``sigterm``, neither held any longer."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, sigterm)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPPING)
+
+
+#: In a `run_jobs` worker: whether a job is running, and whether SIGTERM stopped the worker (no job starts then).
+_WORKER = {"job": False, "stopped": False}
+
+
+def _call_job(function: Callable[..., Any], args: tuple) -> Any:
+    """``function(*args)`` in a `run_jobs` worker, marked as running for `_stop_job`; none once it is stopped."""
+    if _WORKER["stopped"]:
+        raise SystemExit(128 + signal.SIGTERM)
+    _WORKER["job"] = True
+    try:
+        return function(*args)
+    finally:
+        _WORKER["job"] = False
+
+
+def _stop_job(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM in a `run_jobs` worker: the running job is unwound by SystemExit, once (its temporary files
+    removed, its workers stopped; the parent takes it as the job's end) and no job starts after it; a worker
+    without a job (starting, idle, exiting, or after its job unwound) exits at once. Neither where the signal must
+    wait (`_postponed`)."""
+    if _postponed(signum, frame):
+        return
+    if not _WORKER["job"]:
+        os._exit(128 + signum)
+    if _WORKER["stopped"]:
+        return  # unwinding already; the parent kills a worker still there after STOP_S
+    _WORKER["stopped"] = True
+    raise SystemExit(128 + signum)
 
 
 def forked_map(function: Callable[[Any, Any], Any], shared: Any, items: Sequence[Any], processes: int, *,
@@ -163,8 +362,10 @@ def forked_map(function: Callable[[Any, Any], Any], shared: Any, items: Sequence
         return [function(shared, item) for item in progress_bar(items, **bar)]
     processes = min(processes, len(items))
     chunk = max(1, len(items) // (8 * processes))  # small enough to balance uneven tasks, large enough to batch
-    with multiprocessing.get_context("fork").Pool(processes, initializer=_inherit, initargs=(function, shared)) \
-            as pool:
+    with ExitStack() as stack:
+        with signals_held():  # the workers (and the pool's threads) start with Ctrl-C and SIGTERM held
+            pool = stack.enter_context(multiprocessing.get_context("fork").Pool(
+                processes, initializer=_inherit, initargs=(function, shared, os.getpid())))
         return list(progress_bar(pool.imap(_call_inherited, items, chunksize=chunk), **bar))
 
 
@@ -172,9 +373,13 @@ def forked_map(function: Callable[[Any, Any], Any], shared: Any, items: Sequence
 _INHERITED: dict[str, Any] = {}
 
 
-def _inherit(function: Callable[[Any, Any], Any], shared: Any) -> None:
+def _inherit(function: Callable[[Any, Any], Any], shared: Any, parent: int) -> None:
+    """A `forked_map` worker's set-up: what it shares, one BLAS thread, a watch on the parent, and its signals
+    (Ctrl-C ignored, SIGTERM ends it: the pool stops it so)."""
     _INHERITED.update(function=function, shared=shared)
     threadpool_limits(limits=1, user_api="blas")
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="watch-parent").start()
+    _take_signals(signal.SIG_DFL)
 
 
 def _call_inherited(item: Any) -> Any:

@@ -134,8 +134,26 @@ def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> 
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to ``path`` atomically."""
+    """``torch.save`` to ``path`` atomically; a write that fails (a full disk) is a `WriteError`, the previous
+    version of ``path`` intact."""
     import torch
 
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)  # through a Python file: a full disk is an OSError, not torch's RuntimeError
+        try:
+            torch.save(obj, f)  # through a Python file, whose failed write torch reports as a RuntimeError
+        except RuntimeError as e:
+            failed = _os_error_behind(e)
+            if failed is None:
+                raise
+            raise failed from None  # atomic_path makes it a WriteError
+
+
+def _os_error_behind(error: BaseException) -> OSError | None:
+    """The OSError that ``error`` was raised while handling, if any: torch's zip writer turns a file write that
+    failed (``[Errno 28] No space left on device``) into ``RuntimeError: [enforce fail at inline_container.cc]``."""
+    cause: BaseException | None = error
+    while cause is not None:
+        if isinstance(cause, OSError):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return None

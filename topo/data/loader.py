@@ -10,6 +10,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, T
 
 from topo.common import distributed as dist_info
 from topo.common.devices import available_cpus, resolve_device
+from topo.common.processes import signals_held
 from topo.common.seeding import derived_seed
 
 
@@ -105,6 +106,13 @@ class EpochLoader(DataLoader):
         self.seed = seed
         self.epoch = 0
         self.state = state
+
+    def _get_iterator(self) -> Any:
+        """A pass's iterator, its worker processes started with Ctrl-C and SIGTERM held (`signals_held`): the
+        terminal's Ctrl-C never reaches them (this process stops them), and this process takes a signal only once
+        they are started (during their start it was dropped, or left a half-made iterator)."""
+        with signals_held():
+            return super()._get_iterator()
 
     def set_epoch(self, epoch: int) -> None:
         """Fix the shuffling, the workers' random streams and the samples' transforms of the next pass to

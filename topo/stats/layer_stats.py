@@ -238,17 +238,7 @@ class LayerStats:
         if self._state is None or other._state is None:
             source = other if self._state is None else self
             return source._copy()
-        if (self.num_channels, self.spatial_shape, self._offsets) != (
-            other.num_channels,
-            other.spatial_shape,
-            other._offsets,
-        ) or not _same_threshold(self.threshold, other.threshold):
-            raise StatsError(
-                f"{self._label()}: cannot merge statistics of C={self.num_channels}, map {self.spatial_shape}, "
-                f"offsets <= {self.max_offset}, {_describe_threshold(self.threshold)} with C={other.num_channels}, "
-                f"map {other.spatial_shape}, offsets <= {other.max_offset}, {_describe_threshold(other.threshold)}; "
-                "record both with the same layer and settings"
-            )
+        self._check_mergeable(other)
         other._flush()
         merged = self._copy()
         device = merged._state["n"].device
@@ -258,6 +248,28 @@ class LayerStats:
             merged.positions_used = None
         merged.exact = bool(self.exact and other.exact)
         return merged
+
+    def _check_mergeable(self, other: LayerStats) -> None:
+        """A one-line StatsError where ``other`` (with statistics) was recorded with another layout or other
+        firing thresholds than these: what differs, and how to record them alike."""
+        if (self.num_channels, self.spatial_shape, self._offsets) != (
+            other.num_channels,
+            other.spatial_shape,
+            other._offsets,
+        ):
+            raise StatsError(
+                f"{self._label()}: cannot merge statistics of C={self.num_channels}, map {self.spatial_shape}, "
+                f"offsets <= {self.max_offset} with C={other.num_channels}, map {other.spatial_shape}, "
+                f"offsets <= {other.max_offset}; record both with the same layer and settings"
+            )
+        if not np.array_equal(self.thresholds, other.thresholds):
+            raise StatsError(
+                f"{self._label()}: cannot merge statistics recorded with other firing thresholds "
+                f"({_threshold_difference(self.threshold, other.threshold, self.num_channels)}); give every shard "
+                "the same thresholds: calibrate them once (e.g. one shard's .thresholds) and pass them as threshold= "
+                "to each shard's LayerStats or from_activations (topo.record shares them itself across the ranks of "
+                "one torch.distributed group)"
+            )
 
     def all_reduce(self) -> LayerStats:
         """Sum the statistics over the ranks of ``torch.distributed``, in place; returns ``self``.
@@ -520,6 +532,17 @@ def _read_payload(path: str | os.PathLike) -> dict:
 
 def _same_threshold(a: float | np.ndarray, b: float | np.ndarray) -> bool:
     return np.shape(a) == np.shape(b) and bool(np.array_equal(a, b))
+
+
+def _threshold_difference(a: float | np.ndarray, b: float | np.ndarray, channels: int) -> str:
+    """What differs between two firing thresholds of ``channels`` units: both values, or (per unit) how many units
+    differ, which (the first five) and by how much at most."""
+    if isinstance(a, float) and isinstance(b, float):
+        return f"threshold {a:g} and threshold {b:g}"
+    x, y = (np.broadcast_to(np.asarray(t, dtype=np.float64), (channels,)) for t in (a, b))
+    differ = np.flatnonzero(x != y)
+    units = ", ".join(map(str, differ[:5])) + (", ..." if len(differ) > 5 else "")
+    return f"per-unit thresholds: {len(differ)} of {channels} units differ ({units}), by up to {np.abs(x - y).max():.3g}"
 
 
 def _describe_threshold(threshold: float | np.ndarray) -> str:
