@@ -27,6 +27,7 @@ from topo.cli import commands
 from topo.cli.main import main
 from topo.cli.settings import parse
 from topo.common.devices import check_device
+from topo.common.processes import Job, run_jobs
 from topo.common.errors import UserError
 from topo.common.writing import atomic_write_text
 from topo.construct.config import ConstructConfig
@@ -104,7 +105,7 @@ def raising(error: BaseException) -> Callable[..., None]:
 def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each command's work replaced by a failure: a command that gets past its checks fails at once."""
     started = raising(AssertionError("the command started its work"))
-    for name in ("run_all", "constructions_stage", "train", "run_study", "analyze", "timed_evaluate"):
+    for name in ("run_all", "constructions_stage", "train", "run_study", "analyze", "timed_evaluate", "report_stage"):
         monkeypatch.setattr(commands, name, started)
 
 
@@ -114,6 +115,7 @@ def _argv(command: str, folder: Path, inputs: Path) -> list[str]:
     return {
         "run": ["--data", "digits", *FAST, "--no-controls", *out],
         "resume": ["--resume", str(folder)],
+        "report": ["report", str(folder)],
         "construct": ["construct", "--data", "digits", *FAST[:4], "--no-controls", *out],
         "train": ["train", str(tiny_spec(inputs)), "--data", "digits", *FAST[4:], *out],
         "study": ["study", "--data", "digits", *FAST, *out],
@@ -121,11 +123,13 @@ def _argv(command: str, folder: Path, inputs: Path) -> list[str]:
     }[command]
 
 
-@pytest.mark.parametrize("command", ["run", "resume", "construct", "train", "study", "analyze"])
+@pytest.mark.parametrize("command", ["run", "resume", "report", "construct", "train", "study", "analyze"])
 def test_a_folder_in_use_is_refused_at_once(command: str, tmp_path: Path, no_work: None, capsys) -> None:
+    """Also ``report``, which writes into a run's folder; ``export`` and ``eval`` only read a run's files (each
+    written whole) and write their own whole, so they take no lock."""
     folder, inputs = tmp_path / "out", tmp_path / "inputs"
     inputs.mkdir()
-    if command == "resume":
+    if command in ("resume", "report"):
         saved_run(folder)
     argv = _argv(command, folder, inputs)
     fd = hold(folder)
@@ -226,6 +230,29 @@ def test_a_run_made_with_a_relative_data_dir_resumes_from_another_folder(tmp_pat
     assert f"--data-dir {data}, not {tmp_path / 'elsewhere' / 'd.npz'}" in one_line_error(capsys)
 
 
+def test_a_run_saved_with_a_relative_data_dir_by_an_older_version_is_found(tmp_path: Path, monkeypatch,
+                                                                          caplog) -> None:
+    """Older runs saved ``data_dir`` as typed; it is looked for from here, then from the folders above the run."""
+    data = tensors_file(tmp_path / "data")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(stages, "constructions_stage", raising(KeyboardInterrupt()))
+    argv = ["--data", "tensors", "--data-dir", "data/d.npz", *FAST, "--batch-size", "16", "--no-controls"]
+    assert main([*argv, "--out", "runs/old"]) == 130
+    document = json.loads((tmp_path / "runs" / "old" / "config.json").read_text())
+    document["config"]["data_dir"] = "data/d.npz"  # as an older version wrote it
+    atomic_write_text(tmp_path / "runs" / "old" / "config.json", json.dumps(document))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert RunConfig.of_run(RunDir("../runs/old")).data_dir == str(data)  # two folders above the run
+    assert main(["--resume", "../runs/old"]) == 130
+    assert main(["--resume", "../runs/old", "--data-dir", str(data)]) == 130
+    document["config"]["data_dir"] = "nowhere/d.npz"
+    atomic_write_text(tmp_path / "runs" / "old" / "config.json", json.dumps(document))
+    with caplog.at_level("WARNING"):
+        assert RunConfig.of_run(RunDir("../runs/old")).data_dir == str(tmp_path / "elsewhere" / "nowhere" / "d.npz")
+    assert "relative --data-dir nowhere/d.npz, found neither from here nor from a folder above" in caplog.text
+
+
 def test_eval_of_a_run_made_with_a_relative_data_dir_from_another_folder(tmp_path: Path, monkeypatch,
                                                                         capsys) -> None:
     tensors_file(tmp_path / "data")
@@ -295,11 +322,17 @@ def test_a_config_file_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
     assert args.seed == 3 and args.epochs == 2
 
 
-@pytest.mark.parametrize("text, key", [('{"seed": 1, "seed": 2}', "seed"),
-                                       ('{"train": {"epochs": 1, "lr": 0.1, "epochs": 1}}', "epochs")])
-def test_a_key_given_twice_in_a_config_file_is_one_line(text: str, key: str, tmp_path: Path, no_work: None,
-                                                        capsys) -> None:
-    path, out = tmp_path / "settings.json", tmp_path / "out"
+@pytest.mark.parametrize("name, text, key", [
+    ("settings.json", '{"seed": 1, "seed": 2}', "seed"),
+    ("settings.json", '{"train": {"epochs": 1, "lr": 0.1, "epochs": 1}}', "epochs"),
+    ("settings.yaml", "seed: 1\nseed: 2\n", "seed"),
+    ("settings.yml", "train:\n  epochs: 1\n  lr: 0.1\n  epochs: 1\n", "epochs"),
+])
+def test_a_key_given_twice_in_a_config_file_is_one_line(name: str, text: str, key: str, tmp_path: Path,
+                                                        no_work: None, capsys) -> None:
+    if name.endswith((".yaml", ".yml")):
+        pytest.importorskip("yaml")
+    path, out = tmp_path / name, tmp_path / "out"
     path.write_text(text)
     assert main(["construct", "--config", str(path), "--data", "digits", "--out", str(out)]) == 2
     line = one_line_error(capsys)
@@ -322,6 +355,24 @@ def test_ctrl_c_names_the_folder_to_continue(command: str, patched: tuple, conti
     err = capsys.readouterr().err.strip()
     assert err.startswith("topo-build: interrupted") and continued.format(out=Path("runs") / out.name) in err, err
     assert "RUN_DIR" not in err and not locked(out)
+
+
+def _warn_in_a_job(text: str) -> int:
+    warnings.warn(text, UserWarning)
+    return 0
+
+
+def test_a_warning_inside_a_side_by_side_job_is_its_message_alone(monkeypatch, capfd) -> None:
+    """`construct --jobs 2` runs constructions in spawned workers, which show warnings as the command line does."""
+    def warns_in_jobs(args: object) -> int:
+        jobs = [Job(f"job {i}", _warn_in_a_job, (f"only {i} clusters were found",)) for i in (1, 2)]
+        return sum(run_jobs(jobs, 2, progress=False))
+
+    monkeypatch.setitem(commands.HANDLERS, "report", warns_in_jobs)
+    assert main(["report", "anywhere"]) == 0
+    out = capfd.readouterr().out
+    assert {"warning: only 1 clusters were found", "warning: only 2 clusters were found"} <= set(out.splitlines()), out
+    assert ".py:" not in out and "UserWarning" not in out
 
 
 def test_a_python_warning_is_its_message_alone(monkeypatch, capsys) -> None:

@@ -181,7 +181,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_report(args: argparse.Namespace) -> int:
     run = RunDir.existing(args.run_dir)
     run.check_writable()
-    report, frame = report_stage(run)
+    with _owned(args, run.root, None):  # a run still working on the folder would write over the report
+        report, frame = report_stage(run)
     _show_comparison(frame)
     print(f"report: {report}", flush=True)
     return 0

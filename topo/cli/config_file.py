@@ -54,12 +54,29 @@ def _read_yaml(path: str) -> Any:
                         "(e.g. a run's config.json), or pip install pyyaml") from None
     text = _text(path)
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_unique_keys_loader(yaml, path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise UserError(f"configuration file {path} is not valid YAML ({getattr(e, 'problem', None) or e}{where}); "
                         f"{CONFIG_FIX}") from None
+
+
+def _unique_keys_loader(yaml: Any, path: str) -> type:
+    """PyYAML's safe loader, refusing (as `_unique_keys` does for JSON) a key that a mapping gives twice."""
+    class UniqueKeySafeLoader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by the keys beside it
+                    continue
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise UserError(f"configuration file {path}: the key {key!r} is given twice in one mapping "
+                                    f"(line {key_node.start_mark.line + 1}); keep one")
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+    return UniqueKeySafeLoader
 
 
 def _text(path: str) -> str:

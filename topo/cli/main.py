@@ -35,8 +35,8 @@ import warnings
 from collections.abc import Iterator
 from typing import TextIO
 
-# Only what stops a command is imported here; the rest (torch and all) is imported by `main` inside its handling
-# of Ctrl-C and SIGTERM, so that a command stopped while it starts ends with its one line too.
+# Only what stops a command is imported here; the rest (torch and all) is imported by `main` with Ctrl-C and
+# SIGTERM noted (`noting_signals`), so that a command stopped while it starts ends with its one line too.
 from topo.common.errors import SettingError, UserError
 from topo.common.writing import WriteError
 
@@ -111,29 +111,37 @@ def _interrupted(args: argparse.Namespace | None) -> str:
     return f"topo-build: interrupted; continue with {how}" if how else "topo-build: interrupted"
 
 
-#: What each signal that stops a command raises while it works (`topo.common.processes.raised_on_signals`).
+#: What each signal that stops a command raises (`topo.common.processes.raised_on_signals` while it works).
 _STOPS = {signal.SIGINT: KeyboardInterrupt, signal.SIGTERM: Terminated}
 
 
-def _terminate(signum: int, frame: object) -> None:
-    """The SIGTERM handler of `sigterm_as_interrupt`."""
-    raise Terminated()
-
-
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Inside the block SIGTERM raises `Terminated` (a KeyboardInterrupt) in this process, which then stops as on
-    Ctrl-C: its files whole, its workers stopped, one line. While the command works, `_STOPS` refines it (never
-    inside a finalizer). The handler before it is put back after it; nothing changes at import, for a process
-    started to ignore SIGTERM, nor outside the main thread (where Python runs no signal handler)."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
-        yield
+def noting_signals() -> Iterator[list[int]]:
+    """Inside the block Ctrl-C and SIGTERM are noted in the list it gives, not raised: the command starts, and
+    raises them once it can stop cleanly (`_raise_noted`); an exception raised inside an import can be dropped by
+    importlib (the run went on) or make Python end by SIGINT after all. The handlers before it are put back after
+    it; nothing changes at import, outside the main thread (where Python runs no signal handler), nor for a
+    signal the process was started to ignore."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
         return
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {signum: signal.getsignal(signum) for signum in _STOPS}
+    for signum, handler in previous.items():
+        if handler != signal.SIG_IGN:
+            signal.signal(signum, lambda received, frame: noted.append(received))
     try:
-        yield
+        yield noted
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+
+def _raise_noted(noted: list[int]) -> None:
+    """Raise what the first signal of ``noted`` (`noting_signals`) stops a command with, if any came."""
+    if noted:
+        raise _STOPS[noted[0]]()
 
 
 def one_line(error: Exception) -> str:
@@ -157,12 +165,13 @@ def _flag_of(error: UserError, args: argparse.Namespace | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `topo-build`; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    with sigterm_as_interrupt():
-        return _command(argv)
+    with noting_signals() as noted:
+        return _command(argv, noted)
 
 
-def _command(argv: list[str]) -> int:
-    """The command ``argv`` names, run: its exit status, and one line on stderr where it fails or is stopped."""
+def _command(argv: list[str], noted: list[int]) -> int:
+    """The command ``argv`` names, run: its exit status, and one line on stderr where it fails or is stopped (by
+    a signal ``noted`` while it started, or one that comes while it works)."""
     handler, args, cleanup = None, None, None
     try:
         from topo.cli.commands import HANDLERS
@@ -182,6 +191,7 @@ def _command(argv: list[str]) -> int:
                      ", ".join(args.config_file.unused))
         with raised_on_signals(_STOPS), deterministic_algorithms(getattr(args, "deterministic", False)), \
                 warnings_as_lines():
+            _raise_noted(noted)
             return HANDLERS[command](args)
     except UserError as e:
         print(f"topo-build: error: {one_line(e)}{_flag_of(e, args)}", file=sys.stderr)

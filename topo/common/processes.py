@@ -19,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -108,7 +109,8 @@ def run_jobs(jobs: Sequence[Job], processes: int, *, desc: str = "jobs", progres
     log.info("%d jobs side by side in %d processes", len(jobs), processes)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
-                             initargs=(os.getpid(), threads, root.level, _picklable_formatter(root))) as pool:
+                             initargs=(os.getpid(), threads, root.level, _picklable_formatter(root),
+                                       _picklable_warning_display())) as pool:
         futures: list[Future] = []
         try:
             _submit(pool, jobs, futures)
@@ -174,8 +176,9 @@ def _result(job: Job, future) -> Any:
 
 
 def _picklable_formatter(root: logging.Logger) -> logging.Formatter | None:
-    """The format of the first handler's lines, where it can travel to a worker (the command line's can)."""
-    formatter = root.handlers[0].formatter if root.handlers else None
+    """The format of the last handler's lines (the command line adds its own last, after any a test runner or
+    notebook set up), where it can travel to a worker (the command line's can)."""
+    formatter = root.handlers[-1].formatter if root.handlers else None
     try:
         pickle.dumps(formatter)
     except Exception:
@@ -183,9 +186,28 @@ def _picklable_formatter(root: logging.Logger) -> logging.Formatter | None:
     return formatter
 
 
-def _start_worker(parent: int, threads: int, level: int, formatter: logging.Formatter | None) -> None:
-    """A worker's set-up: the parent's threads, log level and format, the platform's start method, a watch on the
-    parent, and its signals (Ctrl-C ignored, SIGTERM stops the job: `_stop_job`).
+#: Python's own display of warnings (before logging or a command line replaces it).
+_PYTHON_SHOWWARNING = warnings.showwarning
+
+
+def _picklable_warning_display() -> Callable[..., None] | None:
+    """How this process shows warnings, where it is not Python's own and can travel to a worker (the command
+    line's ``warning: MESSAGE`` can), so that a job's warnings look as the caller's do."""
+    shown = warnings.showwarning
+    if shown is _PYTHON_SHOWWARNING:
+        return None
+    try:
+        pickle.dumps(shown)
+    except Exception:
+        return None
+    return shown
+
+
+def _start_worker(parent: int, threads: int, level: int, formatter: logging.Formatter | None,
+                  show_warning: Callable[..., None] | None = None) -> None:
+    """A worker's set-up: the parent's threads, log level and format, its display of warnings (else they are
+    logged), the platform's start method, a watch on the parent, and its signals (Ctrl-C ignored, SIGTERM stops
+    the job: `_stop_job`).
 
     A spawned process starts its own processes by spawning (CPython sets it so); put back, a job's DataLoaders
     start their workers as the parent's do (forked on Linux: no import of torch each pass, a watch on their
@@ -199,6 +221,8 @@ def _start_worker(parent: int, threads: int, level: int, formatter: logging.Form
     root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
+    if show_warning is not None:
+        warnings.showwarning = show_warning
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True, name="watch-parent").start()
     _take_signals(_stop_job)
 

@@ -4,6 +4,7 @@ and training's), and what follows from them: the data, the reference network siz
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,9 @@ from topo.controls.control import ControlConfig
 from topo.data import DataBundle, load
 from topo.run.rundir import RunDir
 from topo.train.config import RESUMABLE_CHANGES, TrainConfig
+
+log = logging.getLogger(__name__)
+
 
 REFERENCES = ("auto", "googlenet-small", "googlenet-paper", "googlenet-torchvision")
 
@@ -82,14 +86,33 @@ class RunConfig:
 
     @classmethod
     def of_run(cls, run: RunDir) -> RunConfig:
-        """The configuration saved in a run directory (a one-line error naming a damaged config.json)."""
-        return read_config(run.config_path, parse=cls.from_dict)
+        """The configuration saved in a run directory (a one-line error naming a damaged config.json); a
+        relative ``data_dir`` (saved before paths were stored whole) is found by `located_data_dir`."""
+        def parse(data: dict[str, Any]) -> RunConfig:
+            return cls.from_dict({**data, "data_dir": located_data_dir(data.get("data_dir"), run.root)})
+        return read_config(run.config_path, parse=parse)
 
 
 def absolute_data_dir(data_dir: str | os.PathLike | None) -> str | None:
     """``data_dir`` as an absolute path (``~`` expanded; symbolic links kept, as given), None as None. A
     relative path is taken from the working directory now, the one the run is started in."""
     return None if data_dir is None else os.path.abspath(os.path.expanduser(os.fspath(data_dir)))
+
+
+def located_data_dir(saved: str | None, run_root: Path) -> str | None:
+    """The absolute ``data_dir`` of a run's saved setting. Runs made before paths were stored whole saved it as
+    typed, relative to the folder the run was started in, which is not recorded: it is looked for from the
+    working directory, then from each folder above the run's (runs usually sit below that folder), the first
+    that exists taken; where none does, from the working directory (the loader then names the missing path)."""
+    if not isinstance(saved, str) or os.path.isabs(os.path.expanduser(saved)):
+        return saved
+    starts = [Path.cwd(), *Path(os.path.abspath(run_root)).parents]
+    found = next((start / saved for start in starts if (start / saved).exists()), None)
+    if found is None:
+        log.warning("%s was made with the relative --data-dir %s, found neither from here nor from a folder above "
+                    "the run: run from the folder the run was started in, or give --data-dir with its full path",
+                    run_root, saved)
+    return absolute_data_dir(found or saved)
 
 
 def same_data_dir(saved: str | None, given: str | None) -> bool:
