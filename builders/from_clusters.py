@@ -5,10 +5,14 @@ the layer and, for the pooling branch, on its 3x3 max-pooled map); this module
 only turns what was found into widths. The rules (docs/clustering.md explains
 each one and why):
 
-* ``ch1x1``, ``ch3x3``, ``ch5x5``: the number of clusters whose footprint needs a
-  1x1, 3x3 or 5x5 kernel (`branch_of`): one output channel per candidate unit of
-  the next layer. Clusters of a wider window, 7x7 and up, are counted with the
-  5x5 branch, the widest the module has.
+* ``ch3x3``, ``ch5x5``: the number of clusters whose footprint needs a 3x3 or 5x5
+  kernel (`branch_of`): one output channel per candidate unit of the next layer.
+  Clusters of a wider window, 7x7 and up, are counted with the 5x5 branch, the
+  widest the module has.
+* ``ch1x1``: the 1x1 clusters, plus a **carry path** (``carry=True``): the
+  principal dimension (components explaining ``variance_share``) of the live
+  channels no cluster draws on. Arora et al.'s construction keeps what no
+  cluster covers; without it a layer's unclustered variance ends at the module.
 * ``ch3x3red``, ``ch5x5red``: the 1x1 reduction in front of a k x k branch only
   has to carry what that branch's clusters read. It is the number of principal
   components of the covariance of the channels those clusters draw on that
@@ -20,10 +24,14 @@ each one and why):
   the pooling already supplies the 3x3 spread). Without it, ``POOL_SHARE`` of
   the module's output (the paper's modules give the pool branch 12-15% of their
   output: 32 of 256 in 3a, 128 of 1024 in 5b).
-* A ``budget`` of multiply-adds at ``stats.spatial_shape`` is met by one scale
-  factor on all widths (reductions stay capped), found by bisection on
-  `builders.cost.inception_macs`; the result has at most ``budget`` multiply-adds
-  and is the largest such spec the bisection finds.
+* A ``budget`` of multiply-adds at ``stats.spatial_shape`` is met by the
+  **outputs** (one scale factor on the clusters' units and the pool projection,
+  found by bisection on `builders.cost.inception_macs`); the reductions and the
+  carry path keep the dimension the data gives them. Where even one unit per
+  branch does not fit beside them, the weakest clusters (the last, by evidence)
+  are dropped, as few as the budget needs (found by bisection); with none left
+  the module is the "data" fallback below. The result has at most ``budget``
+  multiply-adds.
 * Widths are rounded to multiples of ``round_to`` (a positive width never
   becomes 0, a capped reduction never exceeds its cap).
 * No clusters at all: with ``fallback="data"`` (`DATA_FALLBACK`), a 1x1-only
@@ -42,7 +50,7 @@ from typing import Iterable
 
 import numpy as np
 
-from builders.budget import ROUND_TO, fit_to_budget, round_width, scaled_widths
+from builders.budget import ROUND_TO, fit_to_budget, largest_scale, round_width, scaled_widths
 from builders.cost import inception_macs
 from builders.spec import InceptionSpec
 from topo.common.errors import StatsError
@@ -86,85 +94,124 @@ def reduction_width(cov: np.ndarray, channels, variance_share: float = VARIANCE_
     return int(min(max(needed, 1), len(channels)))
 
 
-def _raw_widths(clusters: list, stats, pool_units: float | None, variance_share: float,
-                pool_share: float, reduce_to_channels: bool) -> tuple[dict[str, float], dict[str, int]]:
-    """Unscaled widths the clusters call for, and the caps of the two reductions."""
+@dataclasses.dataclass(frozen=True)
+class Widths:
+    """What a set of clusters calls for: the outputs a budget scales, and the widths it keeps (the reductions
+    and the carry path: the data's dimension), with the caps of the reductions."""
+
+    outputs: dict[str, float]
+    kept: dict[str, int]
+    caps: dict[str, int]
+
+    def spec(self, scale: float, round_to: int | None, in_channels: int, name: str) -> InceptionSpec:
+        """The module at ``scale`` on the outputs, the kept widths as they are."""
+        out = {k: round_width(v * scale, round_to) for k, v in self.outputs.items()}
+        kept = {k: round_width(v, round_to, self.caps.get(k)) for k, v in self.kept.items()}
+        return InceptionSpec(in_channels=in_channels, name=name, ch1x1=out["ch1x1"] + kept["carry"],
+                             ch3x3red=kept["ch3x3red"], ch3x3=out["ch3x3"], ch5x5red=kept["ch5x5red"],
+                             ch5x5=out["ch5x5"], pool_proj=out["pool_proj"])
+
+
+def uncovered_channels(clusters: Iterable, stats) -> list[int]:
+    """The live channels no cluster draws on (dead ones carry nothing)."""
+    covered = {c for cluster in clusters for c in cluster.channels}
+    dead = {int(c) for c in np.asarray(getattr(stats, "dead_units", []), dtype=np.int64).reshape(-1)}
+    return [c for c in range(int(stats.num_channels)) if c not in covered and c not in dead]
+
+
+def cluster_widths(clusters: list, stats, pool_units: float | None, variance_share: float = VARIANCE_SHARE,
+                   pool_share: float = POOL_SHARE, reduce_to_channels: bool = False, carry: bool = True) -> Widths:
+    """The widths ``clusters`` call for (the rules of the module docstring), before any budget."""
     by_branch = clusters_by_branch(clusters)
     counts = {k: len(found) for k, found in by_branch.items()}
     cov = np.asarray(stats.cov(), dtype=np.float64)
     reductions, caps = {}, {}
     for k in (3, 5):
         channels = {c for cluster in by_branch[k] for c in cluster.channels}
-        caps[k] = len(channels)
+        caps[f"ch{k}x{k}red"] = len(channels)
         if not counts[k]:
             reductions[k] = 0
         else:
             reductions[k] = len(channels) if reduce_to_channels else reduction_width(cov, channels, variance_share)
+    carried = reduction_width(cov, uncovered_channels(clusters, stats), variance_share) if carry else 0
     pool = pool_units if pool_units is not None else pool_share / (1 - pool_share) * sum(counts.values())
-    raw = {"ch1x1": counts[1], "ch3x3red": reductions[3], "ch3x3": counts[3], "ch5x5red": reductions[5],
-           "ch5x5": counts[5], "pool_proj": pool}
-    return raw, {"ch3x3red": caps[3], "ch5x5red": caps[5]}
+    outputs = {"ch1x1": counts[1], "ch3x3": counts[3], "ch5x5": counts[5], "pool_proj": pool}
+    if not clusters:  # the "data" fallback: the layer's dimension as 1x1 units, scaled with the module
+        outputs["ch1x1"], carried = carried, 0
+    return Widths(outputs, {"carry": carried, "ch3x3red": reductions[3], "ch5x5red": reductions[5]}, caps)
 
 
 def from_clusters(clustering, stats, *, budget: float | None = None, round_to: int | None = ROUND_TO,
                   in_channels: int | None = None, pool_units: float | None = None,
                   variance_share: float = VARIANCE_SHARE, pool_share: float = POOL_SHARE, name: str = "",
                   fallback: InceptionSpec | str | None = None, reduce_to_channels: bool = False,
-                  kernel5x5: int = 5, max_scale: float | None = None) -> InceptionSpec:
+                  kernel5x5: int = 5, max_scale: float | None = None, carry: bool = True) -> InceptionSpec:
     """Map a fitted `topo.cluster.UnitClustering` (and its statistics) onto an `InceptionSpec`.
 
     ``pool_units``: clusters found on the pooled map (see the module docstring).
     ``fallback``: what a layer without clusters becomes: ``"data"`` (its principal
     dimension as 1x1 units) or a spec whose proportions are kept.
-    ``max_scale``: the budget is a ceiling, not a target: widths grow to at most
-    ``max_scale`` times what the clusters call for (one channel per cluster), so
-    a layer with one cluster does not become one huge branch; what is not spent
-    is left to the later modules.
+    ``max_scale``: the budget is a ceiling, not a target: the outputs grow to at
+    most ``max_scale`` times what the clusters call for (one channel per
+    cluster), so a layer with one cluster does not become one huge branch; what
+    is not spent is left to the later modules.
     ``kernel5x5``: the kernel of the 5x5 branch the budget is counted with
     (3 for torchvision's GoogLeNet, whose "5x5" branch is a 3x3 convolution).
     ``reduce_to_channels``: each reduction as wide as the channels its branch's
     clusters read (one reduced channel per input channel: the exact decoding a
     planted network's recovery needs) instead of their principal components.
+    ``carry``: a carry path in the 1x1 branch for the live channels no cluster draws on.
     """
     if not hasattr(clustering, "clusters_"):
         raise StatsError("from_clusters: the clustering is not fitted; call UnitClustering(...).fit(stats) first")
     c_in = int(in_channels if in_channels is not None else stats.num_channels)
     height, width = stats.spatial_shape if getattr(stats, "spatial_shape", None) else (1, 1)
-    if not clustering.clusters_:
+    clusters = list(clustering.clusters_)
+    if not clusters:
         if fallback is None:
             raise StatsError(
                 "from_clusters: the clustering found no clusters, so every branch would be empty; "
                 "record more observations or lower UnitClustering(min_lift=...)"
             )
-        if fallback == DATA_FALLBACK:
-            raw, cap = _principal_widths(stats, pool_units, variance_share), {}
-        else:
+        if fallback != DATA_FALLBACK:
             return _fallback_module(fallback, budget, c_in, name, height, width, kernel5x5)
-    else:
-        raw, cap = _raw_widths(clustering.clusters_, stats, pool_units, variance_share, pool_share,
-                               reduce_to_channels)
+        log.info("no clusters in the statistics: the layer's principal dimension at %.0f%% of its variance as "
+                 "1x1 units", 100 * variance_share)
 
-    def make(scale: float) -> InceptionSpec:
-        widths = {k: round_width(v * scale, round_to, cap.get(k)) for k, v in raw.items()}
-        return InceptionSpec(in_channels=c_in, name=name, **widths)
+    def widths_of(kept_clusters: list) -> Widths:  # without clusters the layer's whole dimension is carried
+        return cluster_widths(kept_clusters, stats, pool_units, variance_share, pool_share, reduce_to_channels,
+                              carry=carry or not kept_clusters)
 
+    def cost(widths: Widths, scale: float) -> int:
+        return inception_macs(widths.spec(scale, round_to, c_in, name), height, width, kernel5x5=kernel5x5)
+
+    widths = widths_of(clusters)
     if budget is None:
-        return make(1.0)
+        return widths.spec(1.0, round_to, c_in, name)
     if max_scale is not None:  # the budget is a ceiling: no cluster becomes more than max_scale units
-        budget = min(budget, inception_macs(make(max_scale), height, width, kernel5x5=kernel5x5))
-    try:
-        return fit_to_budget(make, budget, height, width, kernel5x5=kernel5x5)
-    except StatsError as e:
-        raise StatsError(f"from_clusters: {e}") from None
+        budget = min(budget, cost(widths, max_scale))
+    if cost(widths, SMALLEST) > budget:
+        widths = _weakest_dropped(clusters, widths_of, lambda w: cost(w, SMALLEST), budget, name)
+    if cost(widths, SMALLEST) > budget:
+        raise StatsError(f"from_clusters: budget {budget:.0f} multiply-adds is below the smallest module these "
+                         f"widths allow ({cost(widths, SMALLEST)}); raise the budget or lower round_to")
+    return widths.spec(largest_scale(lambda s: cost(widths, s), budget), round_to, c_in, name)
 
 
-def _principal_widths(stats, pool_units: float | None, variance_share: float) -> dict[str, float]:
-    """The data's rule for a layer without clusters: its principal dimension as 1x1 units, no k x k branch."""
-    cov = np.asarray(stats.cov(), dtype=np.float64)
-    units = reduction_width(cov, range(cov.shape[0]), variance_share)
-    log.info("no clusters in the statistics: %d 1x1 units, the layer's principal dimension at %.0f%% of its "
-             "variance", units, 100 * variance_share)
-    return {"ch1x1": units, "ch3x3red": 0, "ch3x3": 0, "ch5x5red": 0, "ch5x5": 0, "pool_proj": pool_units or 0}
+#: The scale at which every present branch keeps one unit (or ``round_to``): the smallest module.
+SMALLEST = 1e-9
+
+
+def _weakest_dropped(clusters: list, widths_of, smallest_cost, budget: float, name: str) -> Widths:
+    """The widths of the most clusters (the first, best evidenced; their number found by bisection) whose
+    smallest module fits ``budget``; with none, the layer's dimension alone."""
+    lo, hi = 0, len(clusters)  # lo: fits (or nothing is left), hi: does not fit
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if smallest_cost(widths_of(clusters[:mid])) <= budget else (lo, mid)
+    log.info("%s: %d of %d clusters fit the budget beside the reductions and the carry path (the weakest "
+             "dropped)", name or "module", lo, len(clusters))
+    return widths_of(clusters[:lo])
 
 
 def _fallback_module(shape: InceptionSpec, budget: float | None, in_channels: int, name: str, height: int,

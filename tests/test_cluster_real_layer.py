@@ -70,3 +70,32 @@ def test_the_estimator_uses_the_capped_graph(real_layer):
     assert model.n_edges_ == int(graph.edges.sum()) // 2  # each unordered pair at +offset and -offset once
     assert model.n_clusters_ > 0
     assert sum(model.kernel_counts_.values()) == model.n_clusters_
+
+
+def test_a_channel_and_its_own_translates_are_never_one_cluster(real_layer):
+    """docs/clustering.md: a channel paired with its own translate is never an edge (the map's smoothness). On
+    this layer most channels fire with their neighbouring translate far above chance, so the rule is needed."""
+    stats = real_layer
+    prob, _ = stats.coactivation(0, 1)
+    rate = np.asarray(stats.firing_rate, dtype=np.float64)
+    alive = rate > 0
+    self_lift = np.diag(np.asarray(prob, dtype=np.float64))[alive] / rate[alive] ** 2
+    assert np.median(self_lift) > DEFAULT_MIN_LIFT  # translates co-fire: the case the rule is for
+    graph = build_window_graph(stats, 2, min_lift=DEFAULT_MIN_LIFT, max_degree=10**6)
+    assert not graph.edges[:, np.arange(stats.num_channels), np.arange(stats.num_channels)].any()
+    model = UnitClustering(window=5, random_state=0, progress=False).fit(stats)
+    assert model.n_clusters_ > 0
+    for cluster in model.clusters_:
+        assert len(cluster.channels) == len(cluster.members), cluster.members
+
+
+def test_one_offset_per_channel_keeps_the_best_linked_translate():
+    from topo.cluster.estimator import one_offset_per_channel
+
+    chans = np.array([7, 3, 3, 5, 3])  # the anchor (7), then channel 3 at three offsets, and 5
+    weight = np.zeros((5, 5))
+    for a, b, w in [(0, 1, 1.0), (0, 2, 2.0), (2, 3, 1.0), (0, 3, 1.0), (0, 4, 2.0), (4, 3, 1.0)]:
+        weight[a, b] = weight[b, a] = w
+    kept = one_offset_per_channel(np.arange(5), chans, weight)
+    assert kept.tolist() == [0, 2, 3]  # node 2 and node 4 link equally (3.0): the first is kept
+    assert one_offset_per_channel(np.array([0, 1, 3]), chans, weight).tolist() == [0, 1, 3]

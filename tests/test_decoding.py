@@ -42,10 +42,10 @@ def decoded(one_thread_module):
     pooled_x = F.max_pool2d(x, 3, 1, padding=1)
     pooled = from_activations(pooled_x, threshold=0.0, max_offset=0)
     pool_clustering = UnitClustering(method="arora", window=1, random_state=0, progress=False).fit(pooled)
-    spec = from_clusters(clustering, stats, budget=None, round_to=None, reduce_to_channels=True,
+    spec = from_clusters(clustering, stats, budget=None, round_to=None, reduce_to_channels=True, carry=False,
                          pool_units=pool_clustering.n_clusters_)
     torch.manual_seed(0)
-    module = hebbian_init_(Inception(spec, kernel5x5=5), clustering, stats, pool_clustering)
+    module = hebbian_init_(Inception(spec, kernel5x5=5), clustering, stats, pool_clustering, carry=False)
     batches = list(x.split(16))
     info = threshold_decode_(module, module, clustering, stats, pool_clustering=pool_clustering, pooled=pooled,
                              calibrate=lambda: calibrate_batchnorm(module, batches, len(batches), "cpu"),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from builders.from_clusters import clusters_by_branch, from_clusters
+from builders.from_clusters import clusters_by_branch, from_clusters, reduction_width, uncovered_channels
 from builders.inception import Inception
 from topo.cluster import UnitClustering, aligned_jaccard
 from topo.construct.hebbian import hebbian_init_
@@ -61,11 +61,17 @@ def test_each_filter_is_non_zero_exactly_on_its_clusters_channels_and_offsets(pl
     inputs = module.input_weights()
     C = stats.num_channels
     one = inputs[1].detach().numpy()[:, :, 0, 0]
-    assert one.shape[0] == len(by_branch[1])
+    uncovered = uncovered_channels(clustering.clusters_, stats)
+    carry = reduction_width(np.asarray(stats.cov(), dtype=np.float64), uncovered)
+    assert uncovered and carry >= 1 and one.shape[0] == len(by_branch[1]) + carry
     for f, cluster in enumerate(by_branch[1]):
         expected = np.zeros(C, dtype=bool)
         expected[list(cluster.channels)] = True
         np.testing.assert_array_equal(one[f] != 0, expected)
+    carried = one[len(by_branch[1]):]  # the carry path: only the channels no cluster draws on
+    outside = np.setdiff1d(np.arange(C), uncovered)
+    assert not carried[:, outside].any() and (np.abs(carried[:, uncovered]).sum(axis=1) > 0).all()
+    assert np.linalg.matrix_rank(carried) == carry  # distinct principal directions, not copies
     for kernel in (3, 5):
         reduce = inputs[kernel].detach().numpy()[:, :, 0, 0]  # (reduced, C)
         spatial = module.spatial_weight(kernel).detach().numpy()  # (filters, reduced, k, k)

@@ -242,8 +242,7 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
         o_neg = (-dy + reach) * side + (-dx + reach)
         ok, lift, prob = _offset_edges(stats, null, int(dy), int(dx), rate, floor, log_alpha)
         ok &= mask
-        if o == o_neg:
-            np.fill_diagonal(ok, False)
+        np.fill_diagonal(ok, False)  # a channel and its own translate: the map's smoothness, never an edge
         edges[o], edge_lift[o] = ok, lift[ok].astype(np.float32)
         if need_strength:
             strength[o] = np.where(ok, excess(prob, lift), 0.0)

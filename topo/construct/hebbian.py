@@ -4,7 +4,10 @@
 the previous layer that fire together, and the filter that covers it starts
 with its weight on exactly those units.
 
-- A 1x1 filter of a 1x1 cluster: equal weight on the cluster's channels.
+- A 1x1 filter of a 1x1 cluster: equal weight on the cluster's channels. The
+  carry path (the 1x1 branch's last filters, `builders.from_clusters`): the
+  leading principal components of the correlation of the channels no cluster
+  draws on.
 - A branch's 1x1 reduction: the leading principal components of the correlation
   of the channels that the branch's clusters draw on (zero elsewhere), so the
   reduction keeps what those clusters share. Where the reduction is as wide as
@@ -27,15 +30,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from builders.from_clusters import clusters_by_branch
+from builders.from_clusters import clusters_by_branch, reduction_width, uncovered_channels
 from builders.inception import Inception
 from topo.cluster import Cluster, UnitClustering
 from topo.stats.layer_stats import LayerStats
 
 
 def hebbian_init_(module: Inception, clustering: UnitClustering, stats: LayerStats,
-                  pool_clustering: UnitClustering | None = None) -> Inception:
+                  pool_clustering: UnitClustering | None = None, *, carry: bool = True) -> Inception:
     """Initialise ``module``'s filters from ``clustering`` of ``stats`` in place; returns ``module``.
+
+    ``carry``: the module was built with a carry path (`builders.from_clusters`, ``carry=True``), whose
+    filters are the last of its 1x1 branch.
 
     With ``pool_clustering`` (the clusters of the 3x3 max-pooled map, 1x1 window), each filter of the
     pooling projection sums its cluster's channels as the 1x1 branch does; without, it stays random.
@@ -49,7 +55,10 @@ def hebbian_init_(module: Inception, clustering: UnitClustering, stats: LayerSta
     corr = stats.corr()
     with torch.no_grad():
         if inputs[1] is not None:
-            _set_filters(inputs[1], [_channel_vector(c, module.spec.in_channels) for c in by_branch[1]])
+            carried = _carry_basis(stats, clustering.clusters_, corr, module.spec.ch1x1 if carry else 0)
+            units = module.spec.ch1x1 - len(carried)
+            _set_filters(inputs[1][:units], [_channel_vector(c, module.spec.in_channels) for c in by_branch[1]])
+            _set_filters(inputs[1][units:], list(carried[:, :, None, None]))
         for kernel in (3, 5):
             reduce_w, spatial = inputs[kernel], module.spatial_weight(kernel)
             if reduce_w is None or spatial is None or not by_branch[kernel]:
@@ -58,6 +67,17 @@ def hebbian_init_(module: Inception, clustering: UnitClustering, stats: LayerSta
             _set_filters(reduce_w, list(basis))
             _set_filters(spatial, [_spatial_filter(c, basis, spatial.shape[-1]) for c in by_branch[kernel]])
     return module
+
+
+def _carry_basis(stats: LayerStats, clusters: list[Cluster], corr: np.ndarray, ch1x1: int) -> np.ndarray:
+    """The carry path's filters (`builders.from_clusters`, the last of the 1x1 branch): the leading principal
+    components of the correlation of the live channels no cluster draws on, as many as their principal
+    dimension (at most ``ch1x1``)."""
+    uncovered = uncovered_channels(clusters, stats)
+    if not clusters or not uncovered:
+        return np.zeros((0, corr.shape[0]))
+    width = min(reduction_width(np.asarray(stats.cov(), dtype=np.float64), uncovered), ch1x1)
+    return _principal_basis(corr, uncovered, width)
 
 
 def _channel_vector(cluster: Cluster, channels: int) -> np.ndarray:
@@ -70,10 +90,17 @@ def _channel_vector(cluster: Cluster, channels: int) -> np.ndarray:
 def _reduction_basis(corr: np.ndarray, clusters: list[Cluster], width: int) -> np.ndarray:
     """``width`` unit vectors over all channels: leading eigenvectors of the clusters' channels' correlation."""
     drawn = sorted({channel for c in clusters for channel, _, _ in c.members})
-    basis = np.zeros((width, corr.shape[0]))
     if width >= len(drawn):  # as wide as the channels read: select them (see the module docstring)
+        basis = np.zeros((width, corr.shape[0]))
         basis[np.arange(len(drawn)), drawn] = 1.0
         return basis
+    return _principal_basis(corr, drawn, width)
+
+
+def _principal_basis(corr: np.ndarray, drawn: list[int], width: int) -> np.ndarray:
+    """``width`` unit vectors over all channels: the leading eigenvectors of ``corr`` over the channels
+    ``drawn`` (zero elsewhere), each signed to sum to at least 0."""
+    basis = np.zeros((width, corr.shape[0]))
     eigenvalues, eigenvectors = np.linalg.eigh(corr[np.ix_(drawn, drawn)])
     order = np.argsort(eigenvalues)[::-1]
     for row, column in enumerate(order[:width]):

@@ -195,20 +195,20 @@ def build_module(config: ConstructConfig, found: LayerClusters, stats: LayerStat
     """The module the clusters call for (`builders.from_clusters`), within ``share`` where it is given."""
     fallback = DATA_FALLBACK if config.fallback == DATA_FALLBACK else (reference_module or FALLBACK_SHAPE)
     return from_clusters(found.clustering, stats, budget=share, round_to=config.round_to if config.budgeted else None,
-                         reduce_to_channels=not config.budgeted, in_channels=in_channels,
+                         reduce_to_channels=not config.budgeted, carry=config.budgeted, in_channels=in_channels,
                          pool_units=found.pool_clustering.n_clusters_ if found.pool_clustering is not None else 0,
                          name=name, fallback=fallback,
                          max_scale=config.max_units_per_cluster)
 
 
 def grow(spec: NetworkSpec, module: InceptionSpec, model: nn.Module, init: str, found: LayerClusters,
-         stats: LayerStats, seed: int) -> tuple[NetworkSpec, nn.Module]:
-    """Append ``module``, initialised from ``seed`` (or from its clusters); the earlier layers keep their (possibly
-    trained) weights. Returns (spec, network)."""
+         stats: LayerStats, seed: int, carry: bool = True) -> tuple[NetworkSpec, nn.Module]:
+    """Append ``module``, initialised from ``seed`` (or from its clusters; ``carry``: the module has a carry path,
+    `build_module`); the earlier layers keep their (possibly trained) weights. Returns (spec, network)."""
     spec = dataclasses.replace(spec, stages=spec.stages + (module,))
     grown = build_prefix(spec, model.state_dict(), seed, next(model.parameters()).device)
     if init == "hebbian":
-        hebbian_init_(getattr(grown, module.name), found.clustering, stats, found.pool_clustering)
+        hebbian_init_(getattr(grown, module.name), found.clustering, stats, found.pool_clustering, carry=carry)
     return spec, grown
 
 
@@ -236,7 +236,7 @@ def grow_step(spec: NetworkSpec, module: InceptionSpec, model: nn.Module, config
               seed: int) -> tuple[NetworkSpec, dict[str, torch.Tensor]]:
     """`grow` (from ``seed``), then the threshold decoder where ``config`` asks for it (its rates go into
     ``module_record``)."""
-    spec, grown = grow(spec, module, model, config.init, found, layer[0], seed)
+    spec, grown = grow(spec, module, model, config.init, found, layer[0], seed, carry=config.budgeted)
     if config.init == "hebbian" and not config.budgeted and config.decoder == "threshold":
         module_record.update(decode_thresholds(grown, module.name, found, *layer, batches_factory, config, device))
     return spec, {k: v.detach().cpu() for k, v in grown.state_dict().items()}
