@@ -11,6 +11,10 @@ The discovered arm is compared with every other arm:
   Monte Carlo past ``EXACT_LIMIT`` arrangements); the verdict uses the
   permutation test when either arm has fewer than ``SMALL_N`` seeds, Welch's
   test otherwise;
+* paired by seed (every arm's unit s trains with seed s, so seed s of two arms shares data order and
+  initialisation stream): the mean of the per-seed differences, a paired t-test
+  (`scipy.stats.ttest_rel`) and an exact sign-flip permutation test; a random arm's units of one seed
+  are averaged first, so that the seed stays the unit. Reported beside the verdict, not used by it;
 * two one-sided Welch tests (TOST) for equivalence within ``margin`` points;
 * against the random topologies, the percentile of the discovered mean among
   their accuracies (`scipy.stats.percentileofscore`, ``kind="mean"``);
@@ -27,7 +31,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence, TypedDict
 
@@ -268,6 +272,11 @@ class Comparison:
     tost_p: float
     margin: float
     percentile: float | None   # of the baseline's mean among this arm's values (random pool only)
+    paired_n: int = 0          # seeds both arms trained (`paired_by_seed`)
+    paired_difference: float = math.nan  # mean over those seeds of baseline - arm
+    paired_sd: float = math.nan          # SD of the per-seed differences
+    paired_t_p: float = math.nan         # paired t-test
+    paired_permutation_p: float = math.nan  # exact sign-flip test of the per-seed differences
 
     def differs(self, alpha: float = ALPHA) -> bool:
         return bool(self.p < alpha)
@@ -314,13 +323,53 @@ def compare(a: Sequence[float], b: Sequence[float], *, arm: str, baseline: str, 
 
 def compare_arms(rows: Sequence[Any], *, margin: float, baseline: str = "discovered",
                  confidence: float = CONFIDENCE) -> list[Comparison]:
-    """``baseline`` against every other arm of ``rows`` (none without the baseline)."""
+    """``baseline`` against every other arm of ``rows`` (none without the baseline), unpaired and paired by seed."""
     values = top1_by_arm(rows)
     if baseline not in values:
         return []
-    return [compare(values[baseline], v, arm=arm, baseline=baseline, margin=margin, confidence=confidence,
-                    percentile=arm == "random")
+    return [replace(compare(values[baseline], v, arm=arm, baseline=baseline, margin=margin, confidence=confidence,
+                            percentile=arm == "random"),
+                    **paired_test(*paired_by_seed(rows, baseline, arm)))
             for arm, v in values.items() if arm != baseline]
+
+
+def paired_by_seed(rows: Sequence[Any], baseline: str, arm: str) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 (points) of ``baseline`` and of ``arm`` on each seed both trained, in seed order; an arm's units of
+    one seed (random topologies k with k mod seeds = s) averaged, so that each seed counts once."""
+    by_seed: dict[str, dict[int, list[float]]] = {baseline: {}, arm: {}}
+    for row in _rows(rows):
+        if row["arm"] in by_seed:
+            value = 100.0 * accuracy_fraction(row["top1"], "top1", row.get("unit", row["arm"]))
+            by_seed[row["arm"]].setdefault(int(row["seed"]), []).append(value)
+    seeds = sorted(set(by_seed[baseline]) & set(by_seed[arm]))
+    a = np.array([np.mean(by_seed[baseline][s]) for s in seeds], dtype=np.float64)
+    b = np.array([np.mean(by_seed[arm][s]) for s in seeds], dtype=np.float64)
+    return np.round(a, DECIMALS), np.round(b, DECIMALS)
+
+
+def paired_test(a: np.ndarray, b: np.ndarray) -> dict[str, Any]:
+    """The `Comparison` fields of the per-seed differences ``a - b``: their number, mean and SD, the paired
+    t-test's p and the exact sign-flip test's (NaN with fewer than 2 seeds; the t-test also without spread)."""
+    n = int(a.size)
+    if n < 2:
+        return {"paired_n": n}
+    d = a - b
+    t_p = math.nan
+    if d.std() > 0:
+        t_p = float(stats.ttest_rel(a, b).pvalue)
+
+    def mean_difference(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
+        return np.mean(x - y, axis=axis)
+
+    flips = stats.permutation_test((a, b), mean_difference, permutation_type="samples", vectorized=True,
+                                   n_resamples=EXACT_LIMIT, alternative="two-sided", rng=0)
+    return {"paired_n": n, "paired_difference": round(float(d.mean()), DECIMALS),
+            "paired_sd": float(d.std(ddof=1)), "paired_t_p": t_p, "paired_permutation_p": float(flips.pvalue)}
+
+
+def smallest_sign_flip_pvalue(n: int) -> float:
+    """The smallest two-sided p the exact sign-flip test can give with ``n`` paired seeds."""
+    return min(1.0, 2.0 / 2 ** n)
 
 
 @dataclass(frozen=True)
@@ -489,6 +538,8 @@ def comparisons_frame(comparisons: Sequence[Comparison]) -> pd.DataFrame:
         "Welch p": c.welch_p, "Permutation p": c.permutation_p, "Test": c.test, "p": c.p,
         f"TOST p (±{c.margin:g})": c.tost_p,
         "Percentile": math.nan if c.percentile is None else c.percentile,
+        "Paired seeds": c.paired_n, "Paired difference (points)": c.paired_difference,
+        "Paired t p": c.paired_t_p, "Sign-flip p": c.paired_permutation_p,
     } for c in comparisons])
 
 
@@ -564,7 +615,17 @@ def comparison_sentence(c: Comparison, alpha: float = ALPHA) -> str:
     if c.percentile is not None:
         text += (f" The {c.baseline} mean lies at the {c.percentile:.0f}th percentile of the {c.n} random "
                  "topologies' accuracies.")
-    return text
+    return text + paired_sentence(c)
+
+
+def paired_sentence(c: Comparison) -> str:
+    """The comparison paired by seed, as a sentence after the unpaired verdict ("" with fewer than 2 seeds)."""
+    if c.paired_n < 2:
+        return ""
+    averaged = " (its units of one seed averaged)" if c.arm == "random" else ""
+    return (f" Paired by seed{averaged} over {c.paired_n} seeds: mean difference {c.paired_difference:+.2f} points "
+            f"(SD {c.paired_sd:.2f}), paired t-test p = {_p(c.paired_t_p)}, exact sign-flip p = "
+            f"{_p(c.paired_permutation_p)} (the smallest it can give: {smallest_sign_flip_pvalue(c.paired_n):.2g}).")
 
 
 def power_sentence(c: Comparison, alpha: float = ALPHA) -> str:

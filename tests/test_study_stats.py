@@ -20,12 +20,14 @@ from analysis.study_stats import (
     cost_deviations,
     detectable_difference,
     mean_ci,
+    paired_by_seed,
     permutation_pvalue,
     plan_seeds,
     plan_sentence,
     power_sentence,
     seeds_to_detect,
     smallest_permutation_pvalue,
+    smallest_sign_flip_pvalue,
     study_figure,
     study_findings,
     study_frame,
@@ -383,3 +385,39 @@ def test_findings_state_the_plan():
     assert plan_sentence(plan) in text
     pending = study_findings(rows, [], tolerance=0.02, plan="chosen once the pilot has finished")
     assert "chosen once the pilot has finished" in pending
+
+
+# --------------------------------------------------------------------------- paired by seed
+def test_pairing_by_seed_finds_an_offset_that_the_seeds_spread_hides():
+    """Built so that pairing matters: each seed moves both arms by the same large amount, the arms differ by
+    one point on every seed. Unpaired, the difference is lost in the seeds' spread; paired, it is exact."""
+    seed_effect = np.array([0.0, 6.0, -5.0, 3.0, -2.0, 8.0, -7.0, 1.0])
+    rows = _rows({"discovered": 60.0 + seed_effect - 1.0, "reference": 60.0 + seed_effect + 0.1 * np.sin(range(8))})
+    (c,) = compare_arms(rows, margin=0.5)
+    assert c.welch_p > 0.5 and c.permutation_p > 0.5  # unpaired: nothing seen
+    assert c.paired_n == 8 and c.paired_difference == pytest.approx(-1.0 - 0.1 * np.sin(range(8)).mean())
+    assert c.paired_t_p < 1e-6
+    # the sign-flip test by brute force over all 2^8 sign patterns of the per-seed differences
+    d = (60.0 + seed_effect - 1.0) - (60.0 + seed_effect + 0.1 * np.sin(range(8)))
+    flips = np.array(list(itertools.product((1, -1), repeat=8)))
+    brute = np.mean(np.abs((flips * d).mean(axis=1)) >= abs(d.mean()) - 1e-12)
+    assert c.paired_permutation_p == pytest.approx(brute) == pytest.approx(smallest_sign_flip_pvalue(8))
+    assert "Paired by seed over 8 seeds: mean difference" in comparison_sentence(c)
+    # and it can say no: no offset, the seeds' spread alone
+    (null,) = compare_arms(_rows({"discovered": 60.0 + seed_effect + 0.3 * np.cos(range(8)),
+                                  "reference": 60.0 + seed_effect}), margin=0.5)
+    assert null.paired_t_p > 0.05 and null.paired_permutation_p > 0.05
+
+
+def test_a_random_arms_units_of_one_seed_are_averaged_before_pairing():
+    rows = _rows({"discovered": [50.0, 60.0]})
+    for k, value in enumerate([40.0, 70.0, 44.0, 66.0]):  # topology k trains with seed k mod 2
+        rows.append({**rows[0], "arm": "random", "seed": k % 2, "unit": f"random-s{k % 2}-k{k}", "topology": k,
+                     "top1": value / 100})
+    a, b = paired_by_seed(rows, "discovered", "random")
+    np.testing.assert_allclose(a, [50.0, 60.0])
+    np.testing.assert_allclose(b, [42.0, 68.0])
+    (c,) = compare_arms(rows, margin=0.5)
+    assert c.n == 4 and c.paired_n == 2 and c.paired_difference == pytest.approx(0.0)
+    one = compare_arms(_rows({"discovered": [50.0], "reference": [60.0]}), margin=0.5)[0]
+    assert one.paired_n == 1 and math.isnan(one.paired_t_p) and comparison_sentence(one).count("Paired") == 0
