@@ -101,13 +101,17 @@ def _rows(rows: Sequence[Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _top1_points(row: Mapping[str, Any]) -> float:
+    """A study row's top-1 in percentage points."""
+    return 100.0 * accuracy_fraction(row["top1"], "top1", row.get("unit", row["arm"]))
+
+
 def top1_by_arm(rows: Sequence[Any]) -> dict[str, np.ndarray]:
     """Top-1 in percentage points per arm (float64), in `ordered_arms` order."""
     rows = _rows(rows)
     points: dict[str, list[float]] = {}
     for row in rows:
-        value = accuracy_fraction(row["top1"], "top1", row.get("unit", row["arm"]))
-        points.setdefault(str(row["arm"]), []).append(100.0 * value)
+        points.setdefault(str(row["arm"]), []).append(_top1_points(row))
     # rounded below any accuracy's resolution, so that equal accuracies compare equal after float arithmetic
     return {arm: np.round(np.asarray(points[arm], dtype=np.float64), DECIMALS) for arm in ordered_arms(list(points))}
 
@@ -339,8 +343,7 @@ def paired_by_seed(rows: Sequence[Any], baseline: str, arm: str) -> tuple[np.nda
     by_seed: dict[str, dict[int, list[float]]] = {baseline: {}, arm: {}}
     for row in _rows(rows):
         if row["arm"] in by_seed:
-            value = 100.0 * accuracy_fraction(row["top1"], "top1", row.get("unit", row["arm"]))
-            by_seed[row["arm"]].setdefault(int(row["seed"]), []).append(value)
+            by_seed[row["arm"]].setdefault(int(row["seed"]), []).append(_top1_points(row))
     seeds = sorted(set(by_seed[baseline]) & set(by_seed[arm]))
     a = np.array([np.mean(by_seed[baseline][s]) for s in seeds], dtype=np.float64)
     b = np.array([np.mean(by_seed[arm][s]) for s in seeds], dtype=np.float64)

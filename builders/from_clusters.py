@@ -120,11 +120,13 @@ def uncovered_channels(clusters: Iterable, stats) -> list[int]:
 
 
 def cluster_widths(clusters: list, stats, pool_units: float | None, variance_share: float = VARIANCE_SHARE,
-                   pool_share: float = POOL_SHARE, reduce_to_channels: bool = False, carry: bool = True) -> Widths:
-    """The widths ``clusters`` call for (the rules of the module docstring), before any budget."""
+                   pool_share: float = POOL_SHARE, reduce_to_channels: bool = False, carry: bool = True,
+                   cov: np.ndarray | None = None) -> Widths:
+    """The widths ``clusters`` call for (the rules of the module docstring), before any budget; ``cov``:
+    ``stats.cov()`` where the caller has it already."""
     by_branch = clusters_by_branch(clusters)
     counts = {k: len(found) for k, found in by_branch.items()}
-    cov = np.asarray(stats.cov(), dtype=np.float64)
+    cov = np.asarray(stats.cov() if cov is None else cov, dtype=np.float64)
     reductions, caps = {}, {}
     for k in (3, 5):
         channels = {c for cluster in by_branch[k] for c in cluster.channels}
@@ -178,9 +180,11 @@ def from_clusters(clustering, stats, *, budget: float | None = None, round_to: i
         log.info("no clusters in the statistics: the layer's principal dimension at %.0f%% of its variance as "
                  "1x1 units", 100 * variance_share)
 
+    cov = np.asarray(stats.cov(), dtype=np.float64)  # once: the bisection over dropped clusters asks often
+
     def widths_of(kept_clusters: list) -> Widths:  # without clusters the layer's whole dimension is carried
         return cluster_widths(kept_clusters, stats, pool_units, variance_share, pool_share, reduce_to_channels,
-                              carry=carry or not kept_clusters)
+                              carry=carry or not kept_clusters, cov=cov)
 
     def cost(widths: Widths, scale: float) -> int:
         return inception_macs(widths.spec(scale, round_to, c_in, name), height, width, kernel5x5=kernel5x5)

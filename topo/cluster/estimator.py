@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -277,8 +278,9 @@ class UnitClustering(BaseEstimator):
         all_chans = np.concatenate([[anchor], chans])
         all_offs = np.concatenate([np.zeros((1, 2), dtype=np.int64), offs])
         groups, strength = self._local_groups(graph, chans, offs, all_chans, all_offs, seed)
-        weight = strength if strength is not None else graph.local(graph.edges, all_chans, all_offs, False)
-        weight = np.asarray(weight, dtype=np.float64)
+        def weight() -> np.ndarray:  # the links among the neighbourhood, asked for only where a channel repeats
+            return strength if strength is not None else graph.local(graph.edges, all_chans, all_offs, False)
+
         out = []
         for group, whole in groups:
             group = one_offset_per_channel(group, all_chans, weight)
@@ -368,14 +370,17 @@ def _search_anchor(shared: tuple, anchor: int) -> list[tuple[tuple, float, bool,
     return estimator._anchor_candidates(graph, anchor, seed)
 
 
-def one_offset_per_channel(group: np.ndarray, chans: np.ndarray, weight: np.ndarray) -> np.ndarray:
+def one_offset_per_channel(group: np.ndarray, chans: np.ndarray,
+                           weight: np.ndarray | Callable[[], np.ndarray]) -> np.ndarray:
     """``group`` (indices into an anchored neighbourhood, the anchor first) with each channel at one offset: of a
-    channel's translates the one most strongly linked to the rest of the group (``weight``, the first of equals).
+    channel's translates the one most strongly linked to the rest of the group (``weight``, the neighbourhood's
+    link matrix or a function giving it, called only where a channel repeats; the first of equals).
     A channel's translate carries the map's smoothness, not a shared cause, and in the model a support holds each
     channel once; the density rule of a dense core lets one translate in beside another."""
     if len(np.unique(chans[group])) == len(group):
         return group
-    links = weight[np.ix_(group, group)].sum(axis=1)
+    weight = weight() if callable(weight) else weight
+    links = np.asarray(weight[np.ix_(group, group)], dtype=np.float64).sum(axis=1)
     order = np.lexsort((np.arange(len(group)), -links))
     _, first = np.unique(chans[group][order], return_index=True)
     return np.sort(group[order[first]])
