@@ -15,7 +15,7 @@ import torch
 
 from topo.common.errors import DataError, UserError
 from topo.common.processes import forked_map
-from topo.common.processes import Job, check_processes, default_processes, processes_within, run_jobs
+from topo.common.processes import Job, check_processes, default_processes, jobs_beside, processes_within, run_jobs
 
 
 def _fail(message: str) -> None:
@@ -50,6 +50,28 @@ def test_a_failing_job_raises_its_own_error_and_a_dead_worker_is_one_line():
     with pytest.raises(UserError, match="worker process died .* before the dying job was done") as info:
         list(run_jobs([Job("the dying job", _die), Job("fine", _square_with_settings, (3,))], 2, progress=False))
     assert "\n" not in str(info.value) and "--jobs 1" in str(info.value)
+
+
+def _numbered_after(k: int, seconds: float) -> tuple[int, int]:
+    time.sleep(seconds)
+    return k, os.getpid()
+
+
+def test_jobs_beside_run_while_this_process_works_and_it_takes_over_those_no_worker_started():
+    """One worker and four jobs beside this process's own work: the results come in order, and this process
+    computes the queued jobs no worker has started (without take-over the one worker computes them all)."""
+    jobs = [Job(f"job {k}", _numbered_after, (k, 0.5)) for k in range(4)]
+    with jobs_beside(jobs, 1, progress=False) as results:
+        time.sleep(0.1)  # this process's own work
+        shared = list(results)
+    assert [k for k, _ in shared] == [0, 1, 2, 3]
+    here = [pid == os.getpid() for _, pid in shared]
+    assert any(here) and not all(here)
+    with jobs_beside(jobs, 1, progress=False, take_over=False) as results:
+        alone = list(results)
+    assert [k for k, _ in alone] == [0, 1, 2, 3] and os.getpid() not in {pid for _, pid in alone}
+    with jobs_beside(jobs, 0, progress=False) as results:  # no workers: computed here, in order
+        assert list(results) == [(k, os.getpid()) for k in range(4)]
 
 
 def test_process_counts():

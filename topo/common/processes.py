@@ -1,5 +1,6 @@
-"""Work in other processes: independent jobs side by side in spawned workers (`run_jobs`), and one
-computation's many small tasks in forked workers that inherit what they share (`forked_map`).
+"""Work in other processes: independent jobs side by side in spawned workers (`run_jobs`; `jobs_beside` while this
+process does work of its own), and one computation's many small tasks in forked workers that inherit what they
+share (`forked_map`).
 
 Interruptions: workers start with Ctrl-C held (`signals_held`), so that they never take the terminal's Ctrl-C
 (sent to every process of its group), and this process never takes a signal in the middle of starting them (in
@@ -100,28 +101,58 @@ def run_jobs(jobs: Sequence[Job], processes: int, *, desc: str = "jobs", progres
     caller stops taking results, the running jobs are stopped at once (`_stop_workers`).
     Spawned workers import the caller's main module again: a script must call this under
     ``if __name__ == "__main__":``."""
-    if processes <= 1 or len(jobs) <= 1:
-        for job in progress_bar(jobs, desc=desc, disable=not progress):
-            yield job.function(*job.args)
+    workers = processes if processes > 1 and len(jobs) > 1 else 0
+    with jobs_beside(jobs, workers, desc=desc, progress=progress, take_over=False) as results:
+        yield from results
+
+
+@contextmanager
+def jobs_beside(jobs: Sequence[Job], workers: int, *, desc: str = "jobs", progress: bool = True,
+                take_over: bool = True) -> Iterator[Iterator[Any]]:
+    """``jobs`` started in ``workers`` spawned workers as the block begins, side by side with the work this process
+    does inside it; the block is given their results, in order (iterate it at the block's end). With
+    ``take_over``, this process computes the jobs no worker has started when it asks for their results, so that it
+    never waits idle while jobs queue. With no workers the jobs are computed here, in order, as their results are
+    asked for. An exception in the block (Ctrl-C included) stops the workers as `run_jobs` does."""
+    if workers < 1 or not jobs:
+        yield _shown((job.function(*job.args) for job in jobs), desc=desc, total=len(jobs), disable=not progress)
         return
     root = logging.getLogger()
     threads = torch.get_num_threads()
-    log.info("%d jobs side by side in %d processes", len(jobs), processes)
+    log.info("%d jobs side by side in %d worker process%s%s", len(jobs), workers, "es" if workers > 1 else "",
+             " and this one" if take_over else "")
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(processes, mp_context=context, initializer=_start_worker,
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                              initargs=(os.getpid(), threads, root.level, _picklable_formatter(root),
                                        _picklable_warning_display())) as pool:
         futures: list[Future] = []
         try:
             _submit(pool, jobs, futures)
-            for job, future in zip(jobs, progress_bar(futures, desc=desc, disable=not progress)):
-                yield _result(job, future)
-        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, SIGTERM, or a caller that stopped (on its own error)
+            yield _shown(_results(jobs, futures, take_over), desc=desc, total=len(jobs), disable=not progress)
+        except (KeyboardInterrupt, GeneratorExit, SystemExit):  # Ctrl-C, SIGTERM, or a caller that stopped
             _stop_workers(pool, futures)
             raise
         finally:  # on an error: start nothing new, let the running jobs end
             for future in futures:
                 future.cancel()
+
+
+def _shown(results: Iterator[Any], **bar: Any) -> Iterator[Any]:
+    """``results`` behind a progress bar that appears when the first is asked for, not before."""
+    yield from progress_bar(results, **bar)
+
+
+def _results(jobs: Sequence[Job], futures: Sequence[Future], take_over: bool) -> Iterator[Any]:
+    """The jobs' results in order; with ``take_over``, while a result is not ready this process computes the last
+    job that no worker has started (a pending future cancels)."""
+    here: dict[int, Any] = {}
+    for i, job in enumerate(jobs):
+        while take_over and i not in here and not futures[i].done():
+            waiting = next((k for k in reversed(range(i, len(jobs))) if k not in here and futures[k].cancel()), None)
+            if waiting is None:
+                break
+            here[waiting] = jobs[waiting].function(*jobs[waiting].args)
+        yield here.pop(i) if i in here else _result(job, futures[i])
 
 
 def _submit(pool: ProcessPoolExecutor, jobs: Sequence[Job], futures: list[Future]) -> None:

@@ -22,7 +22,7 @@ from builders.cost import network_costs
 from builders.spec import NetworkSpec, read_spec
 from topo.common import distributed as dist_info
 from topo.common.devices import resolve_device
-from topo.common.processes import Job, default_processes, processes_within, run_jobs
+from topo.common.processes import Job, default_processes, jobs_beside, processes_within
 from topo.common.reading import read_clusters, read_json, read_records
 from topo.common.writing import atomic_write_json, atomic_write_text
 from topo.construct.config import ConstructConfig
@@ -99,8 +99,8 @@ def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> Netwo
 def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
                         ) -> tuple[NetworkSpec, ControlSummary | None]:
     """The run's construction and, with ``config.controls``, the control's (`control_plan`), each resumable on its
-    own (what is done is read back), side by side in ``config.jobs`` processes (`topo.common.processes`): the topology,
-    and the control's outcome (`topo.controls`; None without controls)."""
+    own (what is done is read back), side by side in ``config.jobs`` processes (`topo.common.processes.jobs_beside`):
+    the topology, and the control's outcome (`topo.controls`; None without controls)."""
     done = run.completed()
     plan = control_plan(config) if config.controls and "controls" not in done else []
     if plan and config.construct.epochs_per_layer > 0:
@@ -110,17 +110,23 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
     quiet = config if processes == 1 else dataclasses.replace(config, train=dataclasses.replace(config.train,
                                                                                                   progress=False))
     each = processes_within(config.jobs, processes)
-    jobs = [Job("the construction", construction_job, (quiet, bundle, config.construct, run.construction.root,
-                                                       None, True, each))] if own else []
     other = second_source(bundle) if any(kind == "other" for _, kind, _ in plan) else None
-    jobs += [Job(f"the control's construction {name}", construction_job,
-                 (quiet, other if kind == "other" else bundle, dataclasses.replace(config.construct, seed=seed),
-                  run.control(name).root, None if kind in (None, "other") else kind, False, each))
-             for name, kind, seed in plan]
-    results = run_jobs(jobs, processes, desc="constructions", progress=config.train.progress and len(jobs) > 1)
-    spec = _keep_construction(run, *next(results)) if own else read_spec(run.topology)
+    controls = [Job(f"the control's construction {name}", construction_job,
+                    (quiet, other if kind == "other" else bundle, dataclasses.replace(config.construct, seed=seed),
+                     run.control(name).root, None if kind in (None, "other") else kind, False, each))
+                for name, kind, seed in plan]
+    # The run's own construction here; the control's beside it in the other processes (this one takes over
+    # those not started when it is done).
+    with jobs_beside(controls, processes - own, take_over=own, desc="the control's constructions",
+                     progress=config.train.progress and len(controls) > 1) as results:
+        if own:
+            spec = _keep_construction(run, *construction_job(config, bundle, config.construct,
+                                                             run.construction.root, None, True, each))
+        else:
+            spec = read_spec(run.topology)
+        outcomes = list(results)
     if plan:
-        summary = _control_summary(config, run, plan, [records for _, records in results])
+        summary = _control_summary(config, run, plan, [records for _, records in outcomes])
     else:
         summary = read_controls(run) if config.controls else None
     return spec, summary
