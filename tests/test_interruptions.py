@@ -27,7 +27,7 @@ import pandas as pd
 import pytest
 import torch
 from checks import one_line_error
-from test_kill import (
+from run_folders import (
     FAST,
     assert_every_file_reads_back,
     assert_same_results,

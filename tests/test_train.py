@@ -256,16 +256,17 @@ def test_every_compiled_training_compiles_past_the_recompile_limit(digits, monke
         return graph.forward
 
     monkeypatch.setattr(torch, "compile", lambda model: real_compile(model, backend=recording_backend))
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     x, y = digits.train.tensors
     data = TensorDataset(x[:128], y[:128])
     compiled_trainings = 0
-    for width in (4, 5, 6, 7):  # each width a new graph of the same forward function
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(width * 64, 10))
-        before = len(graphs)
-        train(model, data, digits.val, quiet(compile=True))
-        compiled_trainings += len(graphs) > before
+    with torch._dynamo.config.patch(recompile_limit=2):  # dynamo's own patch: monkeypatch's undo hides the setting
+        for width in (4, 5, 6, 7):  # each width a new graph of the same forward function
+            torch.manual_seed(0)
+            model = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                                  nn.Linear(width * 64, 10))
+            before = len(graphs)
+            train(model, data, digits.val, quiet(compile=True))
+            compiled_trainings += len(graphs) > before
     assert compiled_trainings == 4
 
 
