@@ -6,9 +6,11 @@ Kept apart from conftest.py so that the spawned processes import only torch and 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 
@@ -46,8 +48,11 @@ def torchrun(*args: str | os.PathLike) -> subprocess.Popen:
     """``python -m torch.distributed.run --standalone --nproc_per_node=2 ARGS`` (a script and its
     arguments, or ``-m module ...``), one thread per process, in a session of its own."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *map(str, args)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    scratch = tempfile.mkdtemp(prefix="torchrun-")  # the elastic agent's files, removed by `finish`
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": scratch}, start_new_session=True)
+    process.scratch = scratch
+    return process
 
 
 def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str, str]:
@@ -59,4 +64,6 @@ def finish(process: subprocess.Popen, timeout: float = 180) -> tuple[int, str, s
         os.killpg(process.pid, signal.SIGKILL)
         process.communicate()
         raise
+    finally:
+        shutil.rmtree(process.scratch, ignore_errors=True)
     return process.returncode, stdout, stderr
