@@ -225,6 +225,9 @@ def main() -> None:
     ap.add_argument("--overlap", action="store_true",
                     help="layer 1 from the observed maps: recovery of units that share half their support with "
                          "another unit, against the rest")
+    ap.add_argument("--direct-only", action="store_true",
+                    help="also the construction with direct_only=True (edges a translate explains dropped, "
+                         "topo.cluster.window.through_translates)")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -234,6 +237,8 @@ def main() -> None:
     rows = library_rows(seeds) + (cli_rows(seeds) if args.cli else [])
     if args.cli and args.decoders:
         rows += cli_rows(seeds, BEST_FLAGS)
+    if args.direct_only:
+        rows += library_rows(seeds, "construct(direct_only=True)", direct_only=True)
     if args.diagnose:
         rows += library_rows(seeds, "construct(fire_quantile=None)", fire_quantile=None)
     if args.decoders:

@@ -203,11 +203,13 @@ def test_flags_override_the_config_file(tmp_path):
     assert (config.train.lr, config.construct.window, config.width_mult) == (0.1, 3, 0.5)  # the rest: the file's
 
 
-def test_the_decoder_and_pool_branch_flags_reach_the_construction():
-    flags = ["--init", "hebbian", "--budget", "none", "--decoder", "threshold", "--no-pool-branch"]
+def test_the_decoder_pool_branch_and_direct_only_flags_reach_the_construction():
+    flags = ["--init", "hebbian", "--budget", "none", "--decoder", "threshold", "--no-pool-branch", "--direct-only"]
     config = run_config(parse("construct", flags)).construct
-    assert (config.decoder, config.pool_branch) == ("threshold", False)
-    assert (lambda c: (c.decoder, c.pool_branch))(run_config(parse("construct", [])).construct) == ("mean", True)
+    assert (config.decoder, config.pool_branch, config.direct_only) == ("threshold", False, True)
+    assert config.clustering(5).direct_only
+    default = run_config(parse("construct", [])).construct
+    assert (default.decoder, default.pool_branch, default.direct_only) == ("mean", True, False)
 
 
 def test_a_study_json_given_back_is_the_same_study(tmp_path):

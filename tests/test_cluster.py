@@ -8,6 +8,7 @@ from planted_configs import FLAT, SPATIAL
 
 from topo.cluster import Cluster, UnitClustering, adjusted_rand, aligned_jaccard, recovery_scores
 from topo.cluster.clusters import extent, kernel_for_extent
+from topo.cluster.window import through_translates
 from topo.common.errors import StatsError, UserError
 from topo.planted.generator import generate
 from topo.stats.layer_stats import from_activations
@@ -87,6 +88,55 @@ def test_recovers_planted_supports_and_kernel_classes(spatial, method):
             assert cluster.kernel_size == kernel_for_extent(extent(best))
             exact += 1
     assert exact >= 0.8 * model.n_clusters_
+
+
+def _one_pair(lifts: dict, own: dict, reach: int = 1):
+    """Edges and lifts of two channels (0, 1) at every offset within ``reach``: ``lifts[(dy, dx)]`` is the pair's
+    lift (an edge wherever given), ``own[(dy, dx)]`` both channels' lift with their own translate."""
+    offsets = np.array([(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1)])
+    lift = np.ones((len(offsets), 2, 2), dtype=np.float32)
+    edges = np.zeros((len(offsets), 2, 2), dtype=bool)
+    for o, (dy, dx) in enumerate(offsets):
+        for (ly, lx), value in lifts.items():
+            if (dy, dx) == (ly, lx):
+                lift[o, 0, 1] = value
+                edges[o, 0, 1] = True
+            if (dy, dx) == (-ly, -lx):  # (1 at p, 0 at p - d) is the same pair
+                lift[o, 1, 0] = value
+                edges[o, 1, 0] = True
+        lift[o, 0, 0] = lift[o, 1, 1] = own.get((abs(dy), abs(dx)), own.get((abs(dx), abs(dy)), 1.0))
+    index = {(int(dy), int(dx)): o for o, (dy, dx) in enumerate(offsets)}
+    return edges, lift, offsets, index
+
+
+def test_an_edge_a_translate_explains_is_dropped_and_a_spread_pair_is_kept():
+    """Two channels that fire together at one place, on smooth maps: the pair's weaker co-firing one position
+    over is the translate's doing (dropped); on rough maps, or where the far offset is the stronger, both stay.
+    The drop is symmetric under d -> -d, and a tie explains nothing."""
+    smooth = {(0, 0): 9.0, (0, 1): 5.0, (1, 0): 5.0, (1, 1): 4.0}
+    edges, lift, offsets, index = _one_pair({(0, 0): 6.0, (0, 1): 4.0}, smooth)
+    dropped = through_translates(edges, lift, offsets, reach=1)
+    assert dropped[index[(0, 1)], 0, 1] and dropped[index[(0, -1)], 1, 0]
+    assert not dropped[index[(0, 0)]].any() and dropped.sum() == 2
+    rough = {(0, 0): 9.0, (0, 1): 1.5, (1, 0): 1.5, (1, 1): 1.2}
+    edges, lift, offsets, index = _one_pair({(0, 0): 6.0, (0, 1): 4.0}, rough)
+    assert not through_translates(edges, lift, offsets, reach=1).any()
+    edges, lift, offsets, index = _one_pair({(0, 0): 2.0, (1, 1): 6.0}, rough)  # a spread pair: far is strongest
+    dropped = through_translates(edges, lift, offsets, reach=1)
+    assert not dropped[index[(1, 1)]].any()
+    edges, lift, offsets, index = _one_pair({(0, 0): 4.0, (0, 1): 4.0}, smooth)  # a tie
+    assert not through_translates(edges, lift, offsets, reach=1).any()
+
+
+def test_dropping_explained_edges_keeps_every_planted_kernel(spatial):
+    """On the planted layer (no smoothness of its own: units on independently at each position) nothing is
+    explained by a translate, so the clusters and their kernels stay the truth's (the rule tried before,
+    the smallest window holding half the evidence, demoted a true 5x5 here)."""
+    planted, stats = spatial
+    plain = UnitClustering(method="arora", window=5, random_state=0, progress=False).fit(stats)
+    direct = UnitClustering(method="arora", window=5, random_state=0, progress=False, direct_only=True).fit(stats)
+    assert direct.kernel_counts_ == plain.kernel_counts_ == planted.truth.kernel_counts
+    assert direct.clusters_ == plain.clusters_
 
 
 def test_translated_copies_count_once(spatial):

@@ -261,6 +261,10 @@ def _add_construct(p: argparse.ArgumentParser) -> dict[str, str]:
     flags.add("--pool-branch", "pool_branch", "each module's pooling branch, its units the clusters of the "
                                               "max-pooled input (--no-pool-branch: none, as in the theory's layers)",
               action=argparse.BooleanOptionalAction)
+    flags.add("--direct-only", "direct_only", "drop a pair's co-firing at an offset that its stronger co-firing at "
+                                              "another offset explains through the map's smoothness (a unit seen "
+                                              "beside a partner's translate); off by default until a study says",
+              action=argparse.BooleanOptionalAction)
     flags.add("--budget-split", "budget_split", "share of the budget per module: 'even' (an equal share of "
                                                "what is left), 'data' (each module as its clusters call for, one "
                                                "scale factor on the whole network) or 'reference' (GoogLeNet's "

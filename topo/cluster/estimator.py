@@ -50,6 +50,9 @@ class UnitClustering(BaseEstimator):
     merge_jaccard : aligned Jaccard at which two candidates are one unit.
     merge_containment : share of a cluster a larger one must hold to absorb it as a fragment.
     min_corr : agglomerative cut (groups whose average |corr| falls below it stay apart).
+    direct_only : drop the edges a stronger co-firing of the same pair at another offset explains through the
+        map's smoothness (`topo.cluster.window.through_translates`): a unit seen beside a partner's translate.
+        Off by default: a default that changes what is built waits for a study (docs/clustering.md).
     min_observations : fewer recorded observations than this is an error.
     n_jobs : arora only: worker processes for the per-anchor search and the union check (forked, so they
         share the statistics without copies; joblib's convention: None is 1, -1 every core), on graphs of at
@@ -84,7 +87,7 @@ class UnitClustering(BaseEstimator):
                  alpha: float = DEFAULT_ALPHA, max_degree: int = 64, density: float = 0.5,
                  tiers: bool = True, max_levels: int = MAX_LEVELS,
                  min_size: int = 3, min_votes: int = 2, merge_jaccard: float = 0.5, merge_containment: float = 0.8,
-                 min_corr: float = 0.1,
+                 min_corr: float = 0.1, direct_only: bool = False,
                  min_observations: int = 100, n_jobs: int | None = None, progress: bool = True):
         self.method = method
         self.window = window
@@ -102,6 +105,7 @@ class UnitClustering(BaseEstimator):
         self.merge_jaccard = merge_jaccard
         self.merge_containment = merge_containment
         self.min_corr = min_corr
+        self.direct_only = direct_only
         self.min_observations = min_observations
         self.n_jobs = n_jobs
         self.progress = progress
@@ -194,7 +198,8 @@ class UnitClustering(BaseEstimator):
         graph = build_window_graph(stats, reach, min_lift=self.min_lift, alpha=self.alpha,
                                    max_degree=self.max_degree,
                                    need_corr=self.method in ("spectral", "agglomerative"),
-                                   need_strength=self._tiered, dead=dead, null=null)
+                                   need_strength=self._tiered, dead=dead, null=null,
+                                   direct_only=self.direct_only)
         self.evidence_ = assess(stats, graph.alive, len(graph.offsets), min_lift=self.min_lift, alpha=self.alpha,
                                 null=null)
         warn_if_weak(self.evidence_, stacklevel=2)

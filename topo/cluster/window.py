@@ -133,8 +133,7 @@ def hebbian_edges(prob: np.ndarray, rate_i: np.ndarray, rate_j: np.ndarray, pair
     Returns (edges, lift).
     """
     e = np.outer(rate_i, rate_j)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        lift = np.where(e > 0, prob / np.where(e > 0, e, 1.0), 0.0)
+    lift = independence_lift(prob, rate_i, rate_j)
     edges = (lift >= min_lift) & (prob > 0)
     rows, cols = np.nonzero(edges)
     if len(rows):
@@ -208,7 +207,7 @@ def pairs_at(stats, dy: int, dx: int) -> float:
 
 def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alpha: float = DEFAULT_ALPHA,
                        max_degree: int = 64, need_corr: bool = False, need_strength: bool = False,
-                       dead: np.ndarray | None = None, null=None) -> WindowGraph:
+                       dead: np.ndarray | None = None, null=None, direct_only: bool = False) -> WindowGraph:
     """Query the statistics for every offset within ``reach`` and build the edge stack.
 
     Offsets d and -d come from one query (``M(-d) = M(d).T``). With
@@ -220,6 +219,7 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
     a null input) each pair is tested against the null (`null_edges`) instead of
     against independence, and the correlations are the excess over the null's.
     ``need_strength`` keeps every edge's excess co-firing probability (`WindowGraph.strength`).
+    ``direct_only`` drops the edges `through_translates` explains (before the degree cap).
     """
     C = stats.num_channels
     side = 2 * reach + 1
@@ -236,6 +236,7 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
     corr = np.zeros((len(offsets), C, C), dtype=np.float32) if need_corr else None
     strength = np.zeros((len(offsets), C, C), dtype=np.float32) if need_strength else None
     mask = np.outer(alive, alive)
+    raw_lift = np.zeros((len(offsets), C, C), dtype=np.float32) if direct_only else None
     for o, (dy, dx) in enumerate(offsets):
         if (dy, dx) < (0, 0):
             continue  # filled from the mirrored offset
@@ -244,6 +245,9 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
         ok &= mask
         np.fill_diagonal(ok, False)  # a channel and its own translate: the map's smoothness, never an edge
         edges[o], edge_lift[o] = ok, lift[ok].astype(np.float32)
+        if direct_only:
+            raw_lift[o] = independence_lift(prob, rate, rate)
+            raw_lift[o_neg] = raw_lift[o].T
         if need_strength:
             strength[o] = np.where(ok, excess(prob, lift), 0.0)
             strength[o_neg] = strength[o].T
@@ -253,6 +257,8 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
             edges[o_neg], edge_lift[o_neg] = ok.T, lift.T[ok.T].astype(np.float32)
             if need_corr:
                 corr[o_neg] = corr[o].T
+    if direct_only:
+        _drop_edges(edges, edge_lift, through_translates(edges, raw_lift, offsets, reach))
     threshold = DEFAULT_MIN_LIFT if min_lift == "auto" else float(min_lift)
     if min_lift == "auto":
         threshold = _cap_degree(edges, edge_lift, max_degree * max(int(alive.sum()), 1), threshold)
@@ -260,6 +266,52 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
         strength[~edges] = 0.0  # edges the degree cap removed
     return WindowGraph(reach=reach, offsets=offsets, edges=edges, corr=corr, alive=alive,
                        lift_threshold=threshold, strength=strength)
+
+
+def independence_lift(prob: np.ndarray, rate_i: np.ndarray, rate_j: np.ndarray) -> np.ndarray:
+    """``prob / (p_i p_j)``: how much more often two units fire together than if they were independent
+    (0 where a unit never fires)."""
+    expected = np.outer(rate_i, rate_j)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(expected > 0, prob / np.where(expected > 0, expected, 1.0), 0.0)
+
+
+def through_translates(edges: np.ndarray, lift: np.ndarray, offsets: np.ndarray, reach: int) -> np.ndarray:
+    """The edges a stronger co-firing of the same pair explains through the map's own smoothness: (i at p, j at
+    p + d) is explained where the pair co-fires more at another offset d' and one of its two channels co-fires
+    with itself across the gap d - d' at least as much as the pair does at d. In the triangle (i, j at d', j at
+    d), or (i, i at d - d', j at d), the edge is then the weakest side, and the data processing inequality
+    (ARACNE's rule, Margolin et al. 2006) calls it indirect: one unit seen beside a partner's translate. Only
+    triangles through a translate are tested, so a cluster of distinct channels keeps its edges. ``lift``:
+    (O, C, C) co-firing against independence, self-translates on the diagonals; gaps beyond ``reach`` are not
+    looked at. Returns the (O, C, C) mask of the explained edges (symmetric under d -> -d as ``edges`` is)."""
+    side = 2 * reach + 1
+    own = np.stack([np.diagonal(lift[o]) for o in range(len(offsets))])  # (O, C): each channel with its translate
+    explained = np.zeros_like(edges)
+    for o, (dy, dx) in enumerate(offsets):
+        rows, cols = np.nonzero(edges[o])
+        if not len(rows):
+            continue
+        here = lift[o, rows, cols]
+        weakest = np.zeros(len(rows), dtype=bool)
+        for other, (ey, ex) in enumerate(offsets):
+            gy, gx = int(dy - ey), int(dx - ex)
+            if other == o or abs(gy) > reach or abs(gx) > reach:
+                continue
+            gap = (gy + reach) * side + (gx + reach)
+            bridge = np.maximum(own[gap, rows], own[gap, cols])
+            weakest |= (lift[other, rows, cols] > here) & (bridge >= here)
+        explained[o, rows[weakest], cols[weakest]] = True
+    return explained
+
+
+def _drop_edges(edges: np.ndarray, edge_lift: list[np.ndarray], drop: np.ndarray) -> None:
+    """Remove the ``drop`` edges from ``edges`` and their lifts from ``edge_lift`` (kept in `np.nonzero` order)."""
+    for o in range(len(edges)):
+        rows, cols = np.nonzero(edges[o])
+        keep = ~drop[o, rows, cols]
+        edge_lift[o] = edge_lift[o][keep]
+        edges[o, rows[~keep], cols[~keep]] = False
 
 
 def excess(prob: np.ndarray, lift: np.ndarray) -> np.ndarray:

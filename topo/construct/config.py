@@ -100,6 +100,7 @@ class ConstructConfig:
     fire_quantile: float | None = DEFAULT_FIRE_QUANTILE
     decoder: str = "mean"
     pool_branch: bool = True
+    direct_only: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -153,8 +154,8 @@ class ConstructConfig:
         """The (unfitted) clustering estimator this configuration asks for, with ``window`` (``n_jobs``: its
         worker processes, which never change the clusters)."""
         return UnitClustering(method=self.method, window=window, n_clusters=self.n_clusters,
-                              max_clusters=self.max_clusters, random_state=self.seed, n_jobs=n_jobs,
-                              progress=progress)
+                              max_clusters=self.max_clusters, direct_only=self.direct_only,
+                              random_state=self.seed, n_jobs=n_jobs, progress=progress)
 
 
 def parse_skeleton(text: str) -> list[int | str]:
