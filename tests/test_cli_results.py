@@ -204,12 +204,13 @@ def test_flags_override_the_config_file(tmp_path):
 
 
 def test_the_decoder_pool_branch_and_direct_only_flags_reach_the_construction():
-    flags = ["--init", "hebbian", "--budget", "none", "--decoder", "threshold", "--no-pool-branch", "--direct-only"]
+    flags = ["--init", "hebbian", "--budget", "none", "--decoder", "threshold", "--no-pool-branch", "--no-direct-only"]
     config = run_config(parse("construct", flags)).construct
-    assert (config.decoder, config.pool_branch, config.direct_only) == ("threshold", False, True)
-    assert config.clustering(5).direct_only
+    assert (config.decoder, config.pool_branch, config.direct_only) == ("threshold", False, False)
+    assert not config.clustering(5).direct_only
     default = run_config(parse("construct", [])).construct
-    assert (default.decoder, default.pool_branch, default.direct_only) == ("mean", True, False)
+    assert (default.decoder, default.pool_branch, default.direct_only) == ("mean", True, True)
+    assert default.clustering(5).direct_only
 
 
 def test_a_study_json_given_back_is_the_same_study(tmp_path):

@@ -280,7 +280,8 @@ def test_every_construction_of_the_control_has_its_own_seed():
 def test_a_noise_control_finds_no_more_edges_than_the_false_positive_rate_allows(tmp_path, one_thread):
     """The Hebbian test's family-wise false-positive rate is alpha = 0.01 per layer (Bonferroni over every pair
     and offset). A noise construction tested against an independent noise null must then find edges in at most
-    one of its modules (P(two or more of 9) < 0.004); the real data, tested the same way, find many."""
+    one of its modules (P(two or more of 9) < 0.004); the real data, tested the same way, find edges in every
+    module, at least ten each (an order of magnitude past the one edge a false positive makes)."""
     from topo.construct.config import ConstructConfig
     from topo.run.config import RunConfig, load_data
     from topo.run.stages import run_construction
@@ -295,7 +296,7 @@ def test_a_noise_control_finds_no_more_edges_than_the_false_positive_rate_allows
     # the case built to fail: the photographs against the same kind of null
     short = ConstructConfig(skeleton="2", seed=3)
     real = run_construction(config, bundle, short, tmp_path / "real", trainer=False)
-    assert all(r["edges"] > 100 for r in real.records), [r["edges"] for r in real.records]
+    assert all(r["edges"] >= 10 for r in real.records), [r["edges"] for r in real.records]
 
 
 def test_the_control_on_planted_data_shows_what_its_design_allows(tmp_path, one_thread):

@@ -162,7 +162,10 @@ def _construction(**overrides):
 
 @pytest.fixture(scope="module")
 def constructions(one_thread_module):
-    return {decoder: _construction(decoder=decoder, pool_branch=False) for decoder in ("threshold", "mean")}
+    # direct_only=False: the decoders as docs/clustering.md compares them (measured before edges a translate
+    # explains were dropped by default; with them layer 2's mean gain is 0.147, recorded there)
+    return {decoder: _construction(decoder=decoder, pool_branch=False, direct_only=False)
+            for decoder in ("threshold", "mean")}
 
 
 @pytest.mark.slow
@@ -190,8 +193,8 @@ def test_the_threshold_decoder_recovers_the_second_layer_better_than_the_mean(co
     sample = generate_deep(PLANTED_DATA, seed=0)
     gains = []
     for seed in (0, 1, 2):
-        runs = constructions if seed == 0 else {d: _construction(decoder=d, pool_branch=False, seed=seed)
-                                                for d in ("threshold", "mean")}
+        runs = constructions if seed == 0 else {d: _construction(decoder=d, pool_branch=False, seed=seed,
+                                                             direct_only=False) for d in ("threshold", "mean")}
         scores = {d: [r["jaccard"] for r in layer_recovery(sample, [c.clusterings[m] for m in ("inception3a",
                                                                                                "inception3b")])]
                   for d, c in runs.items()}

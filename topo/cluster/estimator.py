@@ -52,7 +52,7 @@ class UnitClustering(BaseEstimator):
     min_corr : agglomerative cut (groups whose average |corr| falls below it stay apart).
     direct_only : drop the edges a stronger co-firing of the same pair at another offset explains through the
         map's smoothness (`topo.cluster.window.through_translates`): a unit seen beside a partner's translate.
-        Off by default: a default that changes what is built waits for a study (docs/clustering.md).
+        On by default since the study of 2026-12-07 (docs/clustering.md); False gives the graph before.
     min_observations : fewer recorded observations than this is an error.
     n_jobs : arora only: worker processes for the per-anchor search and the union check (forked, so they
         share the statistics without copies; joblib's convention: None is 1, -1 every core), on graphs of at
@@ -87,7 +87,7 @@ class UnitClustering(BaseEstimator):
                  alpha: float = DEFAULT_ALPHA, max_degree: int = 64, density: float = 0.5,
                  tiers: bool = True, max_levels: int = MAX_LEVELS,
                  min_size: int = 3, min_votes: int = 2, merge_jaccard: float = 0.5, merge_containment: float = 0.8,
-                 min_corr: float = 0.1, direct_only: bool = False,
+                 min_corr: float = 0.1, direct_only: bool = True,
                  min_observations: int = 100, n_jobs: int | None = None, progress: bool = True):
         self.method = method
         self.window = window

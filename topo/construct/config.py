@@ -100,7 +100,7 @@ class ConstructConfig:
     fire_quantile: float | None = DEFAULT_FIRE_QUANTILE
     decoder: str = "mean"
     pool_branch: bool = True
-    direct_only: bool = False
+    direct_only: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
