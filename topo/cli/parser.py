@@ -263,7 +263,8 @@ def _add_construct(p: argparse.ArgumentParser) -> dict[str, str]:
               action=argparse.BooleanOptionalAction)
     flags.add("--direct-only", "direct_only", "drop a pair's co-firing at an offset that its stronger co-firing at "
                                               "another offset explains through the map's smoothness (a unit seen "
-                                              "beside a partner's translate; --no-direct-only: the graph before 2026-12-07)",
+                                              "beside a partner's translate; --no-direct-only: the graph before "
+                                              "2026-12-07)",
               action=argparse.BooleanOptionalAction)
     flags.add("--budget-split", "budget_split", "share of the budget per module: 'even' (an equal share of "
                                                "what is left), 'data' (each module as its clusters call for, one "

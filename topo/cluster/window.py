@@ -236,7 +236,6 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
     corr = np.zeros((len(offsets), C, C), dtype=np.float32) if need_corr else None
     strength = np.zeros((len(offsets), C, C), dtype=np.float32) if need_strength else None
     mask = np.outer(alive, alive)
-    raw_lift = np.zeros((len(offsets), C, C), dtype=np.float32) if direct_only else None
     for o, (dy, dx) in enumerate(offsets):
         if (dy, dx) < (0, 0):
             continue  # filled from the mirrored offset
@@ -245,9 +244,6 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
         ok &= mask
         np.fill_diagonal(ok, False)  # a channel and its own translate: the map's smoothness, never an edge
         edges[o], edge_lift[o] = ok, lift[ok].astype(np.float32)
-        if direct_only:
-            raw_lift[o] = independence_lift(prob, rate, rate)
-            raw_lift[o_neg] = raw_lift[o].T
         if need_strength:
             strength[o] = np.where(ok, excess(prob, lift), 0.0)
             strength[o_neg] = strength[o].T
@@ -258,7 +254,7 @@ def build_window_graph(stats, reach: int, *, min_lift: float | str = "auto", alp
             if need_corr:
                 corr[o_neg] = corr[o].T
     if direct_only:
-        _drop_edges(edges, edge_lift, through_translates(edges, raw_lift, offsets, reach))
+        _drop_edges(edges, edge_lift, through_translates(edges, independence_lifts(stats, reach), offsets, reach))
     threshold = DEFAULT_MIN_LIFT if min_lift == "auto" else float(min_lift)
     if min_lift == "auto":
         threshold = _cap_degree(edges, edge_lift, max_degree * max(int(alive.sum()), 1), threshold)
@@ -274,6 +270,21 @@ def independence_lift(prob: np.ndarray, rate_i: np.ndarray, rate_j: np.ndarray) 
     expected = np.outer(rate_i, rate_j)
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(expected > 0, prob / np.where(expected > 0, expected, 1.0), 0.0)
+
+
+def independence_lifts(stats, reach: int) -> np.ndarray:
+    """(O, C, C) `independence_lift` at every offset within ``reach`` (in `build_window_graph`'s order), each
+    channel with its own translate on the diagonals."""
+    side = 2 * reach + 1
+    rate = np.asarray(stats.firing_rate, dtype=np.float64)
+    lifts = np.zeros((side * side, len(rate), len(rate)), dtype=np.float32)
+    for dy in range(-reach, reach + 1):
+        for dx in range(-reach, reach + 1):
+            if (dy, dx) >= (0, 0):
+                prob, _ = stats.coactivation(dy, dx)
+                lifts[(dy + reach) * side + dx + reach] = independence_lift(np.asarray(prob, np.float64), rate, rate)
+                lifts[(reach - dy) * side + reach - dx] = lifts[(dy + reach) * side + dx + reach].T
+    return lifts
 
 
 def through_translates(edges: np.ndarray, lift: np.ndarray, offsets: np.ndarray, reach: int) -> np.ndarray:
