@@ -282,8 +282,9 @@ def independence_lifts(stats, reach: int) -> np.ndarray:
         for dx in range(-reach, reach + 1):
             if (dy, dx) >= (0, 0):
                 prob, _ = stats.coactivation(dy, dx)
-                lifts[(dy + reach) * side + dx + reach] = independence_lift(np.asarray(prob, np.float64), rate, rate)
-                lifts[(reach - dy) * side + reach - dx] = lifts[(dy + reach) * side + dx + reach].T
+                o = (dy + reach) * side + dx + reach
+                lifts[o] = independence_lift(np.asarray(prob, np.float64), rate, rate)
+                lifts[side * side - 1 - o] = lifts[o].T  # the mirrored offset, (-dy, -dx)
     return lifts
 
 
