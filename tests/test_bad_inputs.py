@@ -169,6 +169,7 @@ def _cases() -> list[Case]:
         Case("budget-not-a-number", lambda i, o, t: (["--budget", "lots", *out(o)], "--budget")),
         Case("window-4", lambda i, o, t: (["construct", "--window", "4", *out(o)], "--window")),
         Case("positions-zero", lambda i, o, t: (["--positions", "0", *out(o)], "--positions")),
+        Case("stats-cost-zero", lambda i, o, t: (["--stats-cost", "0", *out(o)], "--stats-cost")),
         Case("unknown-flag", lambda i, o, t: (["--colour", "red", *out(o)], "unrecognized arguments: --colour")),
         Case("train-without-spec", lambda i, o, t: (["train", *out(o)], "spec")),
         Case("analyze-unknown-variant", lambda i, o, t: (["analyze", "--variant", "tiny", *out(o)], "--variant")),

@@ -87,6 +87,11 @@ def test_bench_stats_reports_the_overhead_ratio():
     assert float(forward) > 0 and float(recording) > 0
     assert_ratio_of_rounded(overhead, recording, forward)
     assert re.search(r"positions used per image: inception3a \d+", out), out  # the "auto" choices are printed
+    assert re.search(r"products [\d,]+ multiply-adds per image \(\d+\.\d+ forward passes\)", out), out
+    once = re.search(r"one record\(\) call incl\. allocating the statistics: forward (\d+\.\d+) s\s+record (\d+\.\d+) s"
+                     r"\s+ratio (\d+\.\d+)x", out)
+    assert once, out
+    assert_ratio_of_rounded(once[3], once[2], once[1])
     bound = re.search(r"exact update (\S+) s   fused-GEMM bound (\S+) s   ratio (\d+\.\d+)x", out)
     assert bound, out
     update_s, bound_s, printed = bound.groups()
@@ -153,3 +158,17 @@ def test_gpu_script_is_valid_bash_and_calls_existing_benchmarks():
     assert len(called) >= 3
     for path in called:
         assert (ROOT / path).is_file(), path
+
+
+@pytest.mark.slow
+def test_bench_imagenet_width_times_each_module_of_a_construction():
+    """The ImageNet-width benchmark at a smoke size: one module on 8 small crops; its row adds up."""
+    out = run_benchmark("bench_imagenet_width.py", "--per-class", "4", "--modules", "1", "--image-size", "32",
+                        "--batch-size", "4")
+    rows = re.findall(r"^\| (inception\w+) \| (\d+) \| (\d+)x(\d+) \| (\d+)(?: \(all\))? \| (\d+) \| (\d+\.\d) \| "
+                      r"(\d+\.\d) \| (-?\d+\.\d) \| (\d+\.\d) \| (\d+) \|$", out, flags=re.MULTILINE)
+    assert [r[0] for r in rows] == ["inception3a"], out
+    _, channels, _, _, _, _, stats_s, cluster_s, build_s, step_s, peak = rows[0]
+    assert int(channels) == 192 and float(step_s) > 0 and int(peak) > 0  # the stem's output, as in GoogLeNet
+    assert abs(float(stats_s) + float(cluster_s) + float(build_s) - float(step_s)) <= 0.2  # the parts add up
+    assert re.search(r"1 modules in \d+ s \(exit 0\)", out), out

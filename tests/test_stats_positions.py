@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,17 +16,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import topo
 from builders.cost import count_macs
+from topo.cluster import UnitClustering
 from topo.common.errors import StatsError
-from topo.stats.recording import forward_macs
+from topo.stats import positions
+from topo.stats.layer_stats import LayerStats
 from topo.stats.positions import (
-    EXACT_COST_MULTIPLE,
+    COST_MULTIPLE,
+    FREE_MACS,
     MIN_PAIRS,
     PositionBudget,
+    choice_macs,
     choose_positions,
     exact_macs,
     half_offsets,
+    recording_scale,
 )
-from topo.stats.layer_stats import LayerStats
+from topo.stats.recording import forward_macs
 
 
 def digits_cnn() -> nn.Sequential:
@@ -71,7 +77,7 @@ def test_record_keeps_every_position_when_the_exact_products_are_cheap(digits, c
     with caplog.at_level(logging.INFO, logger="topo.stats"):
         stats = topo.record(digits_cnn(), loader, ["1"], max_offset=1, progress=False)["1"]
     forward = forward_macs(digits_cnn().eval(), digits[:1])
-    assert exact_macs(8, (8, 8), half_offsets(1, (8, 8))) <= EXACT_COST_MULTIPLE * forward
+    assert exact_macs(8, (8, 8), half_offsets(1, (8, 8))) <= COST_MULTIPLE * forward
     assert stats.positions == "auto" and stats.exact and stats.positions_used == 64
     assert stats.count == 192 * 64 and stats.budget == PositionBudget(forward_macs=forward, num_images=192)
     decisions = [r.getMessage() for r in caplog.records if "layer '1'" in r.getMessage()]
@@ -143,3 +149,66 @@ def test_layers_recorded_together_at_smaller_reaches_share_the_farthest_layers_a
     assert own.budget.reach is None and own.positions_used == math.ceil(MIN_PAIRS / 400) == 25
     with pytest.raises(StatsError, match="one per recorded layer"):
         topo.record(model, loader, ["0", "1"], max_offset={"0": 4}, progress=False)
+
+
+def test_the_cost_bound_keeps_the_same_share_of_every_layers_positions(monkeypatch):
+    """Layers recorded together that would cost more than the bound keep the same share of the positions the
+    rule wants, at least one, so that all of them together fit; the shortfall in pairs is stated."""
+    wide, narrow = (64, (16, 16), half_offsets(4, (16, 16))), (16, (8, 8), half_offsets(2, (8, 8)))
+    layers = [(c, shape, offsets, offsets) for c, shape, offsets in (wide, narrow)]
+    plan = PositionBudget(forward_macs=1_000, num_images=300)
+    wanted = [choose_positions(c, shape, offsets, plan) for c, shape, offsets in (wide, narrow)]
+    assert recording_scale(layers, plan) == 1.0  # a small recording is never cut: under FREE_MACS in all
+    wanted_macs = sum(choice_macs(c, s, o, w) for (c, s, o), w in zip((wide, narrow), wanted))
+    assert wanted_macs * 300 <= FREE_MACS
+    monkeypatch.setattr(positions, "FREE_MACS", 0)
+    plan = PositionBudget(forward_macs=wanted_macs // 4, num_images=300)
+    wanted = [choose_positions(c, shape, offsets, plan) for c, shape, offsets in (wide, narrow)]
+    assert wanted[1].exact and not wanted[0].exact  # the narrow layer's exact products fit in the bound alone
+    scale = recording_scale(layers, plan)
+    wanted_macs = sum(choice_macs(c, s, o, w) for (c, s, o), w in zip((wide, narrow), wanted))
+    assert scale == plan.allowed_macs / wanted_macs
+    assert scale < 0.3
+    cut = [choose_positions(c, shape, offsets, replace(plan, scale=scale)) for c, shape, offsets in (wide, narrow)]
+    for before, after in zip(wanted, cut):
+        assert after.positions == max(1, math.floor(scale * before.positions)) < before.positions
+        assert not after.exact and "cost bound" in after.reason
+    assert sum(choice_macs(c, s, o, k) for (c, s, o), k in zip((wide, narrow), cut)) <= plan.allowed_macs
+    inside = (16 - 4) * (16 - 4) / 256
+    assert cut[0].short and cut[0].pairs == pytest.approx(300 * cut[0].positions * inside)
+    assert cut[0].pairs < MIN_PAIRS
+    generous = PositionBudget(forward_macs=wanted_macs, num_images=300)
+    assert recording_scale(layers, generous) == 1.0  # within the bound: the rule as before
+    with pytest.raises(StatsError, match="scale"):
+        PositionBudget(forward_macs=1, num_images=1, scale=0.0)
+
+
+def test_record_bounds_the_statistics_of_the_layers_recorded_together(monkeypatch, caplog):
+    """Two 6-channel layers of 16 x 16 maps want 45 positions each (MIN_PAIRS over 400 images), products of
+    265,680 multiply-adds per image, 29 times their 1x1 convolution's forward pass (9,216): at 10 forward passes
+    both keep 15, and the one-line warning, `pairs_short` and the clustering's evidence say what that leaves."""
+    monkeypatch.setattr(positions, "FREE_MACS", 0)  # the floor would let a recording this small be
+    maps = torch.from_numpy(correlated_maps(n=400, c=6, h=16, w=16, seed=42)).float()
+    loader = DataLoader(TensorDataset(maps), batch_size=50)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(6, 6, 1, bias=False), nn.ReLU())
+    with caplog.at_level(logging.INFO, logger="topo.stats"):
+        stats = topo.record(model, loader, ["0", "1"], progress=False, cost_multiple=10)
+    offsets = half_offsets(4, (16, 16))
+    for layer in stats.values():
+        assert layer.budget.forward_macs == 9_216 and layer.budget.scale == pytest.approx(92_160 / 265_680)
+        assert not layer.exact and layer.positions_used == math.floor(92_160 / 265_680 * 45) == 15
+        assert layer.count == 400 * 15
+        assert layer.pairs_short == pytest.approx(400 * 15 * 144 / 256)
+    assert sum(2 * 36 * len(offsets) * s.positions_used for s in stats.values()) <= 10 * 9_216
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 2 and all("cost bound (92,160 multiply-adds per image for the layers recorded together: 10 x "
+                                    "the forward pass) leaves 3,375 pairs" in w for w in warned)
+    with pytest.warns(UserWarning):  # whatever else it says, the evidence carries the shortfall
+        evidence = UnitClustering(n_clusters=2).fit(stats["1"]).evidence_
+    assert evidence.pairs_short == pytest.approx(3375)
+    # within a generous bound, or with positions given, nothing is cut
+    roomy = topo.record(model, loader, ["0", "1"], progress=False, cost_multiple=30)
+    assert all(s.positions_used == 45 and s.pairs_short is None for s in roomy.values())
+    given = topo.record(model, loader, ["0", "1"], progress=False, positions=45, cost_multiple=10)
+    assert all(s.positions_used == 45 and s.pairs_short is None for s in given.values())

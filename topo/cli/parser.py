@@ -297,6 +297,9 @@ def _add_clustering(p: argparse.ArgumentParser) -> dict[str, str]:
                                           "(exact) or 'auto' (exact where it costs no more than the forward pass, "
                                           "else enough positions for the documented observations per offset)",
               type=_positions)
+    flags.add("--stats-cost", "stats_cost", "with --positions auto: the statistics of a layer cost at most this many "
+                                            "forward passes of its prefix (fewer positions, and a warning where "
+                                            "that leaves fewer observations than planned)", type=_positive_float)
     flags.add("--null", "null", "test each pair of units against the same prefix recorded on a null input "
                                 "(shuffled pixels or matched-moment noise) instead of independence", choices=NULLS)
     flags.add("--fire-quantile", "fire_quantile", "a unit fires above its own q-quantile (estimated in a "

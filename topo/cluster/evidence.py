@@ -35,6 +35,8 @@ class Evidence:
     pair at the lift floor shows; ``powered`` is whether the second reaches the
     first. ``null_observations`` and ``null_silent`` (live units that never
     fire in the null) are set when the pairs were tested against a null.
+    ``pairs_short``: the pairs per offset expected at the farthest offset where the statistics' cost bound
+    left fewer than their positions rule wanted (`topo.stats.LayerStats.pairs_short`; None: it did not).
     """
 
     observations: int
@@ -48,6 +50,7 @@ class Evidence:
     dense: bool
     null_observations: int | None = None
     null_silent: int = 0
+    pairs_short: float | None = None
 
     def to_dict(self) -> dict:
         """The fields as JSON-able data (a count that no observation could reach, ``inf``, becomes None)."""
@@ -63,14 +66,14 @@ def assess(stats, alive: np.ndarray, n_offsets: int, *, min_lift: float | str, a
     log_alpha, tests = bonferroni_log_alpha(int(alive.sum()), n_offsets, alpha)
     pairs = pairs_at(stats, 0, 0)
     expected = min(floor * p * p, p) * pairs  # a pair cannot co-fire more often than either unit fires
-    extra = {}
+    extra = {"pairs_short": getattr(stats, "pairs_short", None)}
     if null is None:
         needed = needed_independent(pairs * p * p, log_alpha)
     else:
         null_rate = np.asarray(null.firing_rate, dtype=np.float64)[alive]
         p0 = float(np.median(null_rate)) if len(null_rate) else 0.0
         needed = needed_against_null(pairs, p, pairs_at(null, 0, 0), p0, log_alpha)
-        extra = dict(null_observations=int(null.count), null_silent=int((null_rate <= 0).sum()))
+        extra.update(null_observations=int(null.count), null_silent=int((null_rate <= 0).sum()))
     return Evidence(observations=int(stats.count), median_rate=p, lift_floor=floor, alpha=float(alpha),
                     tests=float(tests), needed=needed, expected_at_floor=float(expected),
                     powered=bool(expected >= needed), dense=bool(p > DENSE_RATE), **extra)
@@ -116,12 +119,14 @@ def warn_if_weak(evidence: Evidence, stacklevel: int = 2) -> None:
     e = evidence
     if not e.powered:
         against = f" against a null of {e.null_observations} observations" if e.null_observations is not None else ""
+        bound = ("; the statistics' cost bound cut their positions, so raise it (cost_multiple, --stats-cost) or "
+                 "record more images" if e.pairs_short is not None else
+                 "; record more images or more positions per map (positions=None for all)")
         warnings.warn(
             f"UnitClustering: {e.observations} observations at a median firing rate of {e.median_rate:.3g} give a "
             f"pair at the lift floor {e.lift_floor:.3g} about {e.expected_at_floor:.3g} co-firings, but the Hebbian "
             f"test{against} needs {e.needed:.0f} (alpha {e.alpha:g} over {e.tests:.3g} tests), so only far stronger "
-            "couplings can become edges; record more images or more positions per map (positions=None for all)",
-            UserWarning, stacklevel=stacklevel + 1)
+            f"couplings can become edges{bound}", UserWarning, stacklevel=stacklevel + 1)
     if e.dense:
         warnings.warn(
             f"UnitClustering: the units fire a median {e.median_rate:.0%} of the time, the dense regime (over "

@@ -13,7 +13,7 @@ from topo.cluster import METHODS, UnitClustering
 from topo.common.errors import SettingError, UserError
 from topo.construct.decoding import DECODERS
 from topo.controls.nulls import KINDS as NULL_KINDS
-from topo.stats.positions import DEFAULT_POSITIONS
+from topo.stats.positions import COST_MULTIPLE, DEFAULT_POSITIONS
 from topo.stats.sample import DEFAULT_FIRE_QUANTILE, check_fire_quantile
 
 DEFAULT_SKELETON = "2,pool,5,pool,2"
@@ -65,7 +65,8 @@ class ConstructConfig:
     window a candidate unit looks at (5: 1x1, 3x3 and 5x5 kernels; None: the largest of `WINDOWS` that fits
     each map); it shrinks to the map where a map is smaller. ``stats_batches``: batches of training data
     the statistics are recorded over; ``positions``: anchor positions per map
-    and image (``None``: all; ``"auto"``: the rule of docs/statistics.md);
+    and image (``None``: all; ``"auto"``: the rule of docs/statistics.md); ``stats_cost``: with ``"auto"``,
+    the statistics of a prefix cost at most this many of its forward passes (docs/statistics.md);
     ``fire_quantile``: a unit fires above its own q-quantile (``None``: when
     positive). ``null``: test each pair against the same prefix recorded on a null
     input (`topo.controls.nulls`) instead of against independence. ``budget_split``: see
@@ -97,6 +98,7 @@ class ConstructConfig:
     epochs_per_layer: int = 0
     stats_batches: int | None = 16
     positions: int | str | None = DEFAULT_POSITIONS
+    stats_cost: float = COST_MULTIPLE
     fire_quantile: float | None = DEFAULT_FIRE_QUANTILE
     decoder: str = "mean"
     pool_branch: bool = True
@@ -125,6 +127,9 @@ class ConstructConfig:
         if self.max_units_per_cluster is not None and not self.max_units_per_cluster >= 1:
             raise SettingError("max_units_per_cluster", f"max units per cluster {self.max_units_per_cluster} is "
                                                         "below 1: use 1 or more, or none")
+        if not self.stats_cost > 0:
+            raise SettingError("stats_cost", f"statistics cost {self.stats_cost} is not positive: use a number of "
+                                             "forward passes above 0")
         if self.epochs_per_layer < 0:
             raise SettingError("epochs_per_layer",
                                f"epochs per layer {self.epochs_per_layer} is negative: use 0 or more")

@@ -130,7 +130,8 @@ def record_layer(model: nn.Module, spec: NetworkSpec, batches: Any, config: Cons
     names = {f"{PROBE}:input": name, PROBE: f"{name}, 3x3 max-pooled"}
     stats = record(source, batches, list(reach), max_offset=reach, max_batches=config.stats_batches,
                    positions=config.positions, fire_quantile=config.fire_quantile, seed=config.seed,
-                   progress=progress, forward_cost=cost, names={layer: names[layer] for layer in reach})
+                   progress=progress, forward_cost=cost, names={layer: names[layer] for layer in reach},
+                   cost_multiple=config.stats_cost)
     return stats[f"{PROBE}:input"], stats.get(PROBE)
 
 

@@ -64,7 +64,7 @@ def analyze(
     layers = [f"{m.name}:input" for m in modules]
     stats = record(model, loader, layers, max_batches=construct_config.stats_batches,
                    positions=construct_config.positions, fire_quantile=construct_config.fire_quantile,
-                   seed=construct_config.seed, progress=progress)
+                   seed=construct_config.seed, progress=progress, cost_multiple=construct_config.stats_cost)
     files = AnalysisFiles(Path(out_dir))
     shapes = spec.input_shapes(tuple(bundle.image_size))
     records = [suggest_module(module, stats[layer], tuple(shapes[module.name][1:]), spec.kernel5x5,

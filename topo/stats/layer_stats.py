@@ -33,6 +33,7 @@ from topo.stats.positions import (
     PositionBudget,
     PositionChoice,
     choose_positions,
+    expected_pairs,
     half_offsets,
     parse_positions,
     sample_anchors,
@@ -193,9 +194,7 @@ class LayerStats:
         if shape is None:
             choice = PositionChoice(1, True, "one observation per image (a vector layer)")
         elif self.positions == "auto":
-            planned = (self._offsets if self.budget is None or self.budget.reach is None
-                       else half_offsets(max(self.budget.reach, self.max_offset), shape))
-            choice = choose_positions(self.num_channels, shape, planned, self.budget)
+            choice = choose_positions(self.num_channels, shape, self.planned_offsets(), self.budget)
         elif self.positions is None or self.positions >= shape[0] * shape[1]:
             choice = PositionChoice(shape[0] * shape[1], True, "every position (as requested)")
         else:
@@ -203,6 +202,31 @@ class LayerStats:
                                     f"{self.positions} random positions per image (as requested)")
         self.positions_used, self.exact = choice.positions, choice.exact
         log.info("%s: %s statistics, %s", self._label(), "exact" if choice.exact else "sampled", choice.reason)
+        short = self.pairs_short
+        if short is not None:
+            log.warning("%s: the statistics' cost bound (%s) leaves %s pairs per offset of the %s the Hebbian test "
+                        "is planned for; record more images, or raise the bound (cost_multiple, --stats-cost)",
+                        self._label(), self.budget.describe(), f"{short:,.0f}", f"{self.budget.min_pairs:,}")
+
+    def planned_offsets(self) -> list[tuple[int, int]]:
+        """The offsets ``positions="auto"`` plans for: the stored ones, or as far as ``budget.reach`` where that
+        is farther (layers recorded together at different reaches share anchors)."""
+        if self.budget is None or self.budget.reach is None or self.spatial_shape is None:
+            return list(self._offsets)
+        return half_offsets(max(self.budget.reach, self.max_offset), self.spatial_shape)
+
+    @property
+    def pairs_short(self) -> float | None:
+        """Pairs per offset expected at the farthest one where the statistics' cost bound (`PositionBudget.scale`)
+        left fewer than the rule's target (``budget.min_pairs``); None where it did not."""
+        budget = self.budget
+        if (self.positions != "auto" or budget is None or budget.scale >= 1 or self.exact is not False
+                or self.spatial_shape is None):
+            return None
+        if not choose_positions(self.num_channels, self.spatial_shape, self.planned_offsets(), budget).short:
+            return None  # the bound did not cut below the target at the offsets planned
+        pairs = expected_pairs(budget.num_images, self.positions_used, self.spatial_shape, self._offsets)
+        return pairs if pairs < budget.min_pairs else None
 
     def _threshold_on(self, device: torch.device) -> float | torch.Tensor:
         """The firing threshold in a form that broadcasts over channels-last activations."""

@@ -3,6 +3,7 @@ recorded (all of them, or a sample sized by the cost rule of docs/statistics.md)
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,8 +15,14 @@ from topo.common.errors import StatsError
 DEFAULT_POSITIONS = "auto"
 
 
-#: ``"auto"`` keeps every position while a layer's exact products cost at most this many forward passes.
-EXACT_COST_MULTIPLE = 1.0
+#: ``"auto"`` keeps every position while a layer's exact products cost at most this many forward passes, and the
+#: products of all the layers recorded together at most this many, sampled or exact (fewer positions otherwise).
+COST_MULTIPLE = 1.0
+
+
+#: A recording whose products cost at most this many multiply-adds in all (over every image) is never cut: about
+#: 5 s on a 2-core CPU (docs/statistics.md), small beside a command's own start; the bound is for large networks.
+FREE_MACS = 2**38
 
 
 #: Otherwise ``"auto"`` samples enough positions for this many position pairs at every stored offset.
@@ -55,29 +62,50 @@ class PositionBudget:
     (counted, see :func:`topo.stats.recording.forward_macs`); ``num_images``: the images the
     statistics will see (over all processes; a lower bound where unknown). ``reach``: plan the positions
     as for a layer storing offsets up to this reach where it stores fewer (None: its own), so that layers
-    recorded together at different reaches are sampled at the same anchors (`topo.record`).
+    recorded together at different reaches are sampled at the same anchors (`topo.record`). ``scale``: the
+    share of its positions each layer keeps so that the layers recorded together stay within the bound
+    (`recording_scale`; 1: all).
     """
 
     forward_macs: int
     num_images: int
-    cost_multiple: float = EXACT_COST_MULTIPLE
+    cost_multiple: float = COST_MULTIPLE
     min_pairs: int = MIN_PAIRS
     reach: int | None = None
+    scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if (self.forward_macs < 0 or self.num_images < 1 or self.cost_multiple < 0 or self.min_pairs < 1
-                or (self.reach is not None and self.reach < 0)):
+        if (self.forward_macs < 0 or self.num_images < 1 or not self.cost_multiple >= 0 or self.min_pairs < 1
+                or (self.reach is not None and self.reach < 0) or not 0 < self.scale <= 1):
             raise StatsError(f"{self} is invalid; need forward_macs >= 0, num_images >= 1, cost_multiple >= 0, "
-                             "min_pairs >= 1, reach None or >= 0")
+                             "min_pairs >= 1, reach None or >= 0, 0 < scale <= 1")
+
+    @property
+    def allowed_macs(self) -> float:
+        """Multiply-adds per image the products of a recording may cost: ``cost_multiple`` forward passes, or
+        `FREE_MACS` spread over the images where that is more."""
+        return max(self.cost_multiple * self.forward_macs, FREE_MACS / self.num_images)
+
+    def describe(self) -> str:
+        """The bound in words: what a recording's products may cost per image, and which term sets it."""
+        by_forward = self.cost_multiple * self.forward_macs >= FREE_MACS / self.num_images
+        which = (f"{self.cost_multiple:g} x the forward pass" if by_forward else
+                 f"2**{math.log2(FREE_MACS):g} in all over {self.num_images:,} images")
+        return f"{self.allowed_macs:,.0f} multiply-adds per image for the layers recorded together: {which}"
 
 
 @dataclass(frozen=True)
 class PositionChoice:
-    """The outcome of the positions rule: anchor ``positions`` per map and image, ``exact`` if all."""
+    """The outcome of the positions rule: anchor ``positions`` per map and image, ``exact`` if all;
+    ``short``: the cost bound left fewer pairs per offset than the rule's target (``pairs`` expected at the
+    farthest offset, ``wanted`` the target)."""
 
     positions: int
     exact: bool
     reason: str
+    short: bool = False
+    pairs: float | None = None
+    wanted: int | None = None
 
 
 def exact_macs(channels: int, spatial_shape: tuple[int, int], offsets: Sequence[tuple[int, int]]) -> int:
@@ -97,8 +125,60 @@ def choose_positions(
     when the exact products cost at most ``budget.cost_multiple`` forward passes;
     otherwise the fewest random positions per image that give ``budget.min_pairs``
     expected pairs at the farthest stored offset over ``budget.num_images`` images
-    (every position if that needs them all).
+    (every position if that needs them all). Then, where ``budget.scale < 1`` (the layers recorded
+    together would cost more than the bound: `recording_scale`), that share of the positions, at least one.
     """
+    wanted = _wanted_positions(channels, spatial_shape, offsets, budget)
+    if budget is None or budget.scale >= 1:
+        return wanted
+    every = spatial_shape[0] * spatial_shape[1]
+    kept = max(1, math.floor(budget.scale * wanted.positions))
+    if kept >= wanted.positions:
+        return wanted
+    pairs = expected_pairs(budget.num_images, kept, spatial_shape, offsets)
+    bound = (f"the statistics' cost bound ({budget.describe()}) keeps {kept} of the {wanted.positions} positions per "
+             f"image the rule wants, of {every}")
+    return PositionChoice(kept, False, f"{kept} of {every} random positions per image: {bound}",
+                          short=pairs < budget.min_pairs, pairs=pairs, wanted=budget.min_pairs)
+
+
+def expected_pairs(num_images: int, positions: int, spatial_shape: tuple[int, int],
+                   offsets: Sequence[tuple[int, int]]) -> float:
+    """Pairs expected at the farthest of ``offsets`` from ``positions`` random anchors per image."""
+    return num_images * positions * _inside_farthest(spatial_shape, offsets) / (spatial_shape[0] * spatial_shape[1])
+
+
+def _inside_farthest(spatial_shape: tuple[int, int], offsets: Sequence[tuple[int, int]]) -> int:
+    """Anchors whose target stays inside the map at the farthest stored offset."""
+    height, width = spatial_shape
+    return min((height - abs(dy)) * (width - abs(dx)) for dy, dx in offsets)
+
+
+def choice_macs(channels: int, spatial_shape: tuple[int, int], offsets: Sequence[tuple[int, int]],
+                choice: PositionChoice) -> int:
+    """Multiply-adds per image of the products ``choice`` makes over ``offsets`` (the layer's own)."""
+    if choice.exact:
+        return exact_macs(channels, spatial_shape, offsets)
+    return 2 * channels * channels * len(offsets) * choice.positions
+
+
+def recording_scale(layers: Sequence[tuple[int, tuple[int, int], Sequence[tuple[int, int]],
+                                           Sequence[tuple[int, int]]]], budget: PositionBudget) -> float:
+    """The share of its wanted positions each layer keeps so that the layers recorded together cost at most
+    ``budget.allowed_macs`` per image (1: all fit). ``layers``: (channels, map, offsets planned, offsets stored)
+    of each spatial layer, where the planned ones may reach farther (`PositionBudget.reach`)."""
+    wanted = sum(choice_macs(c, shape, stored, _wanted_positions(c, shape, planned, budget))
+                 for c, shape, planned, stored in layers)
+    return 1.0 if wanted <= budget.allowed_macs else budget.allowed_macs / wanted
+
+
+def _wanted_positions(
+    channels: int,
+    spatial_shape: tuple[int, int],
+    offsets: Sequence[tuple[int, int]],
+    budget: PositionBudget | None,
+) -> PositionChoice:
+    """The rule of `choose_positions` before the bound on the layers recorded together."""
     height, width = spatial_shape
     every = height * width
     if budget is None:
@@ -108,7 +188,7 @@ def choose_positions(
         return PositionChoice(every, True, f"every position: the exact products, {cost:,} multiply-adds per "
                                            f"image, fit in {budget.cost_multiple:g} x the forward pass "
                                            f"({budget.forward_macs:,})")
-    inside = min((height - abs(dy)) * (width - abs(dx)) for dy, dx in offsets)  # anchors kept at the farthest
+    inside = _inside_farthest(spatial_shape, offsets)
     needed = -(-budget.min_pairs * every // (budget.num_images * inside))  # ceil, in integers
     target = f"{budget.min_pairs:,} pairs per offset over {budget.num_images:,} images"
     if needed >= every:

@@ -15,6 +15,7 @@ chosen per layer from the model's counted forward multiply-adds
 """
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import itertools
 import logging
@@ -33,7 +34,7 @@ from topo.common.devices import ACTIVATION_BYTES
 from topo.common.errors import StatsError
 from topo.common.progress import progress_bar
 from topo.stats.layer_stats import LayerStats
-from topo.stats.positions import DEFAULT_POSITIONS, PositionBudget
+from topo.stats.positions import COST_MULTIPLE, DEFAULT_POSITIONS, PositionBudget, half_offsets, recording_scale
 from topo.stats.sample import DEFAULT_FIRE_QUANTILE, ActivationSample, check_fire_quantile
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class _HookState:
 
     batch_index: int = 0
     enabled: bool = True
+    shapes: dict[str, tuple[int, ...]] | None = None  # each layer's activation shape, while probing
 
 
 @dataclass
@@ -94,33 +96,33 @@ def record(
     replay_bytes: int = ACTIVATION_BYTES,
     forward_cost: int | None = None,
     names: Mapping[str, str] | None = None,
+    cost_multiple: float = COST_MULTIPLE,
 ) -> dict[str, LayerStats]:
     """Run ``data`` through ``model`` and return the statistics of each layer in ``layers`` (keyed by those strings).
 
-    ``data``: a DataLoader or any iterable of input tensors or (input, target, ...) tuples. The model runs in
-    eval mode under ``torch.no_grad()`` (modes restored, hooks removed afterwards, also on error); inputs go to
-    ``device`` (default: the model's), where the statistics accumulate.
-
-    Firing: an explicit scalar ``threshold`` wins (one pass; ``fire_quantile`` unused). Otherwise, with
-    ``fire_quantile=q`` (default 0.9), a calibration pass over the same batches first estimates each unit's
-    q-quantile from a bounded, seeded subsample; a unit fires above it (a ReLU unit whose quantile is 0 fires
-    when positive). The global CPU RNG and the loader's generators are put back before the second pass, so
-    both see the same batches (persistent loader workers keep their own random state: same images and order,
-    other augmentations). Where the calibration pass's activations fit in ``replay_bytes`` (2 GiB, on the
-    statistics' device) its copies of them are recorded instead: one pass, bitwise the same statistics (not with
-    0, nor under ``torch.distributed``). ``threshold=None, fire_quantile=None``: threshold 0, one pass.
+    ``data``: a DataLoader or any iterable of input tensors or (input, target, ...) tuples. The model runs in eval
+    mode under ``torch.no_grad()`` (modes restored, hooks removed afterwards, also on error); inputs go to
+    ``device`` (default: the model's), where the statistics accumulate. Firing: an explicit scalar ``threshold``
+    wins (one pass; ``fire_quantile`` unused). Otherwise, with ``fire_quantile=q`` (default 0.9), a calibration pass
+    over the same batches first estimates each unit's q-quantile from a bounded, seeded subsample; a unit fires
+    above it (a ReLU unit whose quantile is 0 fires when positive). The global CPU RNG and the loader's generators
+    are put back before the second pass, so both see the same batches (persistent loader workers keep their own
+    random state: same images and order, other augmentations). Where the calibration pass's activations fit in
+    ``replay_bytes`` (2 GiB, on the statistics' device) its copies of them are recorded instead: one pass, bitwise
+    the same statistics (not with 0, nor under ``torch.distributed``). ``threshold=None, fire_quantile=None``:
+    threshold 0, one pass.
 
     ``max_offset``: the farthest displacement stored, one for all or per layer (a mapping keyed like ``layers``);
     layers recorded at a smaller one are sampled as if they stored as far as the farthest (`PositionBudget.reach`).
     ``names``: some layers' statistics' ``name`` (in logs and errors), keyed like ``layers`` (default: the layer).
-
-    ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted
-    once, on one image; ``forward_cost`` instead, where ``data`` are activations a larger network computed) and
-    the number of images (:func:`topo.stats.positions.choose_positions`; logged, and kept in
-    ``positions_used`` / ``exact``); an int samples that many anchor positions per map and image; ``None``
-    uses all. Under ``torch.distributed`` with ``all_reduce=True`` the statistics are summed over ranks (each
-    with its own shard), thresholds come from every rank's samples, and when one rank fails (or saw nothing of a
-    layer) every rank raises. See docs/statistics.md."""
+    ``positions``: ``"auto"`` (default) decides per layer from the model's forward multiply-adds (counted once, on
+    one image; ``forward_cost`` instead, where ``data`` are activations a larger network computed) and the number of
+    images (`topo.stats.positions.choose_positions`; logged, kept in ``positions_used`` / ``exact``), all the
+    layers' products within ``cost_multiple`` forward passes (`recording_scale`; a one-line warning and
+    ``pairs_short`` where that leaves fewer pairs than planned); an int samples that many anchor positions per map
+    and image; ``None`` uses all. Under ``torch.distributed`` with ``all_reduce=True`` the statistics are summed
+    over ranks (each with its own shard), thresholds come from every rank's samples, and when one rank fails (or saw
+    nothing of a layer) every rank raises. See docs/statistics.md."""
     layer_names = [layers] if isinstance(layers, str) else list(layers)
     targets = _targets(model, layer_names)
     names = _names(names, layer_names)
@@ -128,7 +130,7 @@ def record(
     offsets = _offsets_by_layer(max_offset, layer_names, positions, seed)
     run = _Run(model, data, targets, max_batches, device or _model_device(model), progress,
                all_reduce and dist_info.is_distributed(), replay_bytes, reach=_shared_reach(offsets),
-               forward_macs=forward_cost)
+               forward_macs=forward_cost, cost_multiple=cost_multiple)
     auto = positions == "auto"
     with _evaluating(model):
         thresholds = run.calibrate(quantile, seed, probe=auto) if quantile is not None else {}
@@ -248,11 +250,13 @@ class _Run:
     """The passes of one :func:`record` call over the same data."""
 
     def __init__(self, model, data, targets, max_batches, device, progress, distributed, replay_bytes: int, *,
-                 reach: int | None, forward_macs: int | None) -> None:
+                 reach: int | None, forward_macs: int | None, cost_multiple: float = COST_MULTIPLE) -> None:
         self.model, self.data, self.targets, self.reach = model, data, targets, reach
         self.max_batches, self.device, self.progress, self.distributed = max_batches, device, progress, distributed
         self.images: int | None = None  # over all processes, once a pass has counted them
         self.forward_macs = forward_macs  # counted on the first batch where None
+        self.cost_multiple = cost_multiple
+        self.shapes: dict[str, tuple[int, ...]] | None = None  # each layer's activations, from the first batch
         self._generators = _generator_states(data)
         # under torch.distributed every rank runs the same forward passes (a model may synchronise in them)
         self._tape = _Tape(0 if distributed else replay_bytes)
@@ -274,7 +278,9 @@ class _Run:
         """The recording pass (after a calibration pass: its kept activations, or the same batches again)."""
         def budget(x: torch.Tensor | None) -> None:
             images = self.images or _images_lower_bound(self.data, self.max_batches, x.shape[0])
-            plan = PositionBudget(forward_macs=self.forward_macs, num_images=images, reach=self.reach)
+            plan = PositionBudget(forward_macs=self.forward_macs, num_images=images, cost_multiple=self.cost_multiple,
+                                  reach=self.reach)
+            plan = dataclasses.replace(plan, scale=recording_scale(_layer_plans(stats, self.shapes, self.reach), plan))
             for layer in stats.values():
                 layer.budget = plan
 
@@ -300,17 +306,19 @@ class _Run:
     def _pass(self, sinks: dict[str, Any], desc: str, *, probe: bool, on_first=None) -> _Pass:
         """One pass of the data through the model, each layer's activations sent to ``sinks[layer]``."""
         seen, state = _Pass(), _HookState()
-        handles = [_attach(module, where, sinks[layer], state) for layer, (module, where) in self.targets.items()]
+        handles = [_attach(module, where, sinks[layer], state, layer)
+                   for layer, (module, where) in self.targets.items()]
         batches = self.data if self.max_batches is None else itertools.islice(self.data, self.max_batches)
         total = _length(self.data, self.max_batches)
         try:
             for index, batch in enumerate(progress_bar(batches, total=total, desc=desc, unit="batch",
                                                        disable=not self.progress)):
                 x = _inputs(batch).to(self.device, non_blocking=True)
-                if index == 0 and probe and self.forward_macs is None:
-                    state.enabled = False
-                    self.forward_macs = forward_macs(self.model, x[:1])
-                    state.enabled = True
+                if index == 0 and probe and self.shapes is None:
+                    state.enabled, state.shapes = False, {}
+                    counted = forward_macs(self.model, x[:1])
+                    self.forward_macs = counted if self.forward_macs is None else self.forward_macs
+                    self.shapes, state.enabled, state.shapes = state.shapes, True, None
                 if index == 0 and on_first is not None:
                     on_first(x)
                 state.batch_index = index
@@ -381,21 +389,34 @@ def _check_outcome(counts: dict[str, int], seen: _Pass, distributed: bool) -> in
     return sum(images for _, images, _ in per_rank)
 
 
-def _attach(module: nn.Module, where: str, sink: Any, state: _HookState):
-    """A hook sending the module's input or output to ``sink.update`` while ``state.enabled``."""
-    if where == "input":
+def _attach(module: nn.Module, where: str, sink: Any, state: _HookState, layer: str):
+    """A hook sending the module's input or output to ``sink.update`` while ``state.enabled`` (and noting its
+    shape under ``layer`` while ``state.shapes`` is a dict)."""
 
-        def pre_hook(_module, args):
-            if state.enabled:
-                sink.update(_first_tensor(args, sink.name), batch_index=state.batch_index)
-
-        return module.register_forward_pre_hook(pre_hook)
-
-    def hook(_module, _args, output):
+    def send(value: Any) -> None:
+        if state.shapes is not None:
+            state.shapes[layer] = tuple(_first_tensor(value, sink.name).shape)
         if state.enabled:
-            sink.update(_first_tensor(output, sink.name), batch_index=state.batch_index)
+            sink.update(_first_tensor(value, sink.name), batch_index=state.batch_index)
 
-    return module.register_forward_hook(hook)
+    if where == "input":
+        return module.register_forward_pre_hook(lambda _module, args: send(args))
+    return module.register_forward_hook(lambda _module, _args, output: send(output))
+
+
+def _layer_plans(stats: dict[str, LayerStats], shapes: dict[str, tuple[int, ...]] | None, reach: int | None):
+    """(channels, map, offsets planned, offsets stored) of each spatial layer, for `recording_scale`, from the
+    shapes the probe saw."""
+    plans = []
+    for layer, layer_stats in stats.items():
+        shape = (shapes or {}).get(layer)
+        if shape is None or len(shape) != 4:
+            continue
+        spatial = (shape[2], shape[3])
+        stored = half_offsets(layer_stats.max_offset, spatial)
+        planned = stored if reach is None else half_offsets(max(reach, layer_stats.max_offset), spatial)
+        plans.append((shape[1], spatial, planned, stored))
+    return plans
 
 
 def _first_tensor(value: Any, name: str | None) -> torch.Tensor:
