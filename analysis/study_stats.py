@@ -680,6 +680,26 @@ def _search_sentence(summary: pd.DataFrame) -> str:
     return text + "."
 
 
+def _seed_cost_sentence(rows: Sequence[Any]) -> str:
+    """What one more seed costs: the mean time of a unit (its construction, then its training with evaluation) of
+    each arm with one unit per seed, summed, and what one more random topology costs."""
+    frame = study_frame(rows)
+    if frame.empty:
+        return ""
+    unit_s = (pd.to_numeric(frame["wall_time_s"], errors="coerce")
+              + pd.to_numeric(frame["construction_time_s"], errors="coerce").fillna(0.0))
+    means = unit_s.groupby(frame["arm"]).mean().dropna()
+    per_seed = means.drop("random", errors="ignore")
+    if per_seed.empty:
+        return ""
+    parts = ", ".join(f"{arm} {seconds:.0f} s" for arm, seconds in per_seed.items())
+    text = (f"Each added seed costs about {per_seed.sum() / 60:.1f} min of units run one after the other on this "
+            f"machine ({parts}: each unit's construction and training with evaluation, mean over its seeds)")
+    if "random" in means.index:
+        text += f"; each added random topology {means['random']:.0f} s"
+    return text + "."
+
+
 def study_findings(rows: Sequence[Any], comparisons: Sequence[Comparison], *, tolerance: float,
                    alpha: float = ALPHA, missing: Sequence[str] = (), plan: SeedPlan | str | None = None
                    ) -> list[str]:
@@ -694,6 +714,7 @@ def study_findings(rows: Sequence[Any], comparisons: Sequence[Comparison], *, to
         paragraphs.append(plan if isinstance(plan, str) else plan_sentence(plan))
     paragraphs.append(_cost_sentence(cost_deviations(rows), tolerance))
     paragraphs.append(_search_sentence(summary_frame(rows)))
+    paragraphs.append(_seed_cost_sentence(rows))
     if missing:
         paragraphs.append(f"{len(missing)} unit{'s are' if len(missing) != 1 else ' is'} not finished "
                           f"({', '.join(missing)}); the statistics cover the finished units only.")

@@ -15,7 +15,15 @@ import torch
 
 from topo.common.errors import DataError, UserError
 from topo.common.processes import forked_map
-from topo.common.processes import Job, check_processes, default_processes, jobs_beside, processes_within, run_jobs
+from topo.common.processes import (
+    Job,
+    check_processes,
+    default_processes,
+    jobs_beside,
+    processes_within,
+    run_jobs,
+    sharing_threads,
+)
 
 
 def _fail(message: str) -> None:
@@ -198,3 +206,47 @@ def test_constructions_side_by_side_equal_those_one_after_the_other(tmp_path, on
                           json.loads(run.controls.read_text()), summary.to_dict())
         assert constructions_stage(config, load_data(config), run)[1].to_dict() == summary.to_dict()  # read back
     assert outcomes[1] == outcomes[2] == outcomes["auto"]
+
+
+def test_threads_are_shared_among_side_by_side_processes_and_put_back():
+    torch.set_num_threads(4)
+    try:
+        with sharing_threads(2) as share:
+            assert share == 2 == torch.get_num_threads()
+            assert list(run_jobs([Job("threads", _square_with_settings, (2,))] * 2, 2, progress=False))[0][1] == 2
+        assert torch.get_num_threads() == 4
+        with sharing_threads(8) as share:
+            assert share == 1 == torch.get_num_threads()  # at least one each
+    finally:
+        torch.set_num_threads(1)
+
+
+@pytest.mark.slow
+def test_trainings_side_by_side_equal_those_one_after_the_other(tmp_path, one_thread):
+    """The run's two arms trained in two processes (one thread each) or one after the other on one thread: the
+    same comparison rows and checkpoints, bit for bit; the rows are recorded as done by this process."""
+    from builders.spec import ConvSpec, HeadSpec, NetworkSpec
+    from topo.run.config import RunConfig, load_data
+    from topo.run.rundir import RunDir
+    from topo.run.stages import trainings_stage
+    from topo.train.config import TrainConfig
+
+    outcomes = {}
+    for jobs in (1, 2):
+        config = RunConfig(data="digits", jobs=jobs, train=TrainConfig(progress=False, workers=0, batch_size=64,
+                                                                       epochs=2))
+        bundle = load_data(config)
+        arms = [(name, NetworkSpec(stem=(ConvSpec("conv1", width, 3),), head=HeadSpec(num_classes=10), in_channels=1,
+                                   input_size=8)) for name, width in (("discovered", 4), ("reference", 6))]
+        run = RunDir(tmp_path / f"jobs{jobs}")
+        run.write_config(config.to_dict())
+        trainings_stage(arms, config, bundle, run)
+        done = run.completed()
+        outcomes[jobs] = ([done[f"train:{name}"] for name, _ in arms],
+                          [(run.training.root / f"{name}_metrics.csv").read_text() for name, _ in arms])
+    rows1, rows2 = outcomes[1][0], outcomes[2][0]
+    strip = lambda rows: [{k: v for k, v in r.items() if "time" not in k.lower() and "throughput" not in k.lower()}
+                          for r in rows]
+    assert strip(rows1) == strip(rows2) and [r["network"] for r in rows1] == ["discovered", "reference"]
+    accuracy = lambda text: [line.split(",")[:7] for line in text.splitlines()]  # epochs, losses, accuracies
+    assert [accuracy(t) for t in outcomes[1][1]] == [accuracy(t) for t in outcomes[2][1]]

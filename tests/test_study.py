@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -18,15 +20,6 @@ from checks import one_line_error
 from scipy import stats
 
 import builders
-from builders.budget import OUTPUTS, fill_budget
-from builders.cost import inception_macs
-from topo.cli.main import main
-from topo.construct.config import ConstructConfig
-from topo.common.errors import SettingError, UserError
-from builders.spec import read_spec
-from topo.run.config import RunConfig, with_aux_policy
-from builders.cost import network_costs
-from topo.run.rundir import StudyFiles
 from builders.baselines import (
     PERMUTATIONS,
     REDUCTION,
@@ -36,6 +29,14 @@ from builders.baselines import (
     random_topology,
     refit,
 )
+from builders.budget import OUTPUTS, fill_budget
+from builders.cost import inception_macs, module_macs, network_costs
+from builders.spec import read_spec
+from topo.cli.main import main
+from topo.common.errors import SettingError, UserError
+from topo.construct.config import ConstructConfig
+from topo.run.config import RunConfig, with_aux_policy
+from topo.run.rundir import StudyFiles
 from topo.run.study import (
     RANDOM_STREAM,
     SHUFFLE_STREAM,
@@ -56,7 +57,6 @@ from topo.run.study import (
     summarize,
     topology_id,
 )
-from builders.cost import module_macs
 from topo.train.config import TrainConfig
 
 HW = (8, 8)
@@ -451,7 +451,7 @@ def test_a_study_folder_keeps_its_configuration(sharded):
 
 
 @pytest.mark.slow
-def test_a_study_adds_the_seeds_its_pilot_calls_for(sharded, tmp_path):
+def test_a_study_adds_the_seeds_its_pilot_calls_for(sharded, tmp_path, caplog):
     """The tiny study as the pilot of one with a difference to detect (the pilot's units do not depend on it):
     its SDs call for at least 5 seeds, the cap of 3 adds a seed and a random topology, the pilot is kept."""
     out = Path(shutil.copytree(sharded[0], tmp_path / "copy"))
@@ -461,7 +461,11 @@ def test_a_study_adds_the_seeds_its_pilot_calls_for(sharded, tmp_path):
     pilot = {p: t for p, t in _files(out).items() if "units" in p.parts}
     plan = seed_plan(config, pilot_rows(config, StudyFiles(out)))
     assert plan.seeds == 3 and plan.random == 3 and plan.capped  # 5 asked for (Welch's test decides), 3 allowed
-    result = run_study(config, out, progress=False)
+    with caplog.at_level(logging.INFO, logger="topo.run.study"):
+        result = run_study(config, out, progress=False)
+    started = [r.getMessage() for r in caplog.records if "to run" in r.getMessage()]
+    assert len(started) == 2 and started[0].endswith("0 to run"), started  # the pilot: all finished
+    assert re.search(r"2 to run, about .+ by the finished units' times$", started[1]), started
     assert all(_files(out)[p] == t for p, t in pilot.items())  # the pilot's units were not touched
     assert result is not None and result.plan == plan and result.missing == []
     assert sorted(result.rows["unit"]) == ["discovered-s0", "discovered-s1", "discovered-s2", "random-s0-k0",

@@ -214,9 +214,10 @@ def _add_reference(p: argparse.ArgumentParser) -> dict[str, str]:
                                         "which properties of the topology (units, kernel mix, widths) depend on "
                                         "the data (--no-controls: skip)", action=argparse.BooleanOptionalAction)
     flags.add("--jobs", "jobs", "run, construct: the run's construction and the control's side by side in this "
-                                "many worker processes (the same results; 1: one after the other here); auto: one "
-                                "per core on the CPU, 1 on a GPU, and each construction's clustering in worker "
-                                "processes on the cores the constructions leave")
+                                "many worker processes (the same results; 1: one after the other here), and the "
+                                "run's two trainings, each with its share of the threads; auto: one per core on the "
+                                "CPU, 1 on a GPU, and each construction's clustering in worker processes on the "
+                                "cores the constructions leave")
     flags.add("--fresh-init", "fresh_init", "train the discovered network from random weights even where the "
                                             "construction initialised it (the ablation of --init hebbian)",
               action="store_true")

@@ -94,6 +94,19 @@ def processes_within(requested: int | str, processes: int) -> int:
     return max(1, available_cpus() // processes)
 
 
+@contextmanager
+def sharing_threads(processes: int) -> Iterator[int]:
+    """torch's threads in this process divided among ``processes`` side-by-side processes (at least one each; the
+    workers `jobs_beside` starts inside take this process's count), restored afterwards; yields the share."""
+    threads = torch.get_num_threads()
+    share = max(1, threads // max(1, processes))
+    torch.set_num_threads(share)
+    try:
+        yield share
+    finally:
+        torch.set_num_threads(threads)
+
+
 def run_jobs(jobs: Sequence[Job], processes: int, *, desc: str = "jobs", progress: bool = True) -> Iterator[Any]:
     """The results of ``jobs``, in order, each as soon as it and those before it are done; with ``processes`` > 1
     computed side by side in that many spawned workers (see the module docstring), else here, one after the other.

@@ -483,7 +483,7 @@ def run_study(config: StudyConfig, out: str | Path, *, shard: tuple[int, int] = 
         known = {u.name for u in pilot}
         added = [u for u in units if u.name not in known]
         _run_units(shard_units(added, *shard), config, bundle, files, shard=shard, progress=progress,
-                   poll_s=poll_s, wait_s=wait_s, what="added for the difference to detect")
+                   poll_s=poll_s, wait_s=wait_s, what="added for the difference to detect", before=pilot)
     if shard[1] > 1:
         log.info("shard %d/%d done; once every shard is, gather them: topo-build study --out %s --summarize",
                  *shard, files.root)
@@ -492,13 +492,18 @@ def run_study(config: StudyConfig, out: str | Path, *, shard: tuple[int, int] = 
 
 
 def _run_units(units: Sequence[Unit], config: StudyConfig, bundle: DataBundle, files: StudyFiles, *,
-               shard: tuple[int, int], progress: bool, poll_s: float, wait_s: float | None, what: str) -> None:
-    """Run the unfinished ``units``, as they become ready, with a progress bar and a line per finished unit."""
+               shard: tuple[int, int], progress: bool, poll_s: float, wait_s: float | None, what: str,
+               before: Sequence[Unit] = ()) -> None:
+    """Run the unfinished ``units``, as they become ready, with a progress bar and a line per finished unit; the
+    time left is estimated from the finished units, of these and of those run ``before``."""
     pending = [u for u in units if not files.result(u.name).is_file()]
-    log.info("study %s: %d units%s in %s, %d to run%s", files.root, len(units), f" ({what})" if what else "",
+    time_left, finished = _times_so_far([*before, *units], files), set()
+    estimate = ("" if not pending else
+                f", about {duration_text(time_left.estimate([u.arm for u in pending]))} by the finished units' times"
+                if time_left.durations else ", the time left known once a unit has finished")
+    log.info("study %s: %d units%s in %s, %d to run%s%s", files.root, len(units), f" ({what})" if what else "",
              "this shard" if shard[1] > 1 else "all", len(pending),
-             f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "")
-    time_left, finished = TimeLeft(), set()
+             f" (shard {shard[0]}/{shard[1]})" if shard[1] > 1 else "", estimate)
     bar = progress_bar(schedule(pending, files, poll_s=poll_s, wait_s=wait_s), total=len(pending), desc="study",
                        unit="unit", bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
                        disable=not (progress and dist_info.rank() == 0))
@@ -510,6 +515,16 @@ def _run_units(units: Sequence[Unit], config: StudyConfig, bundle: DataBundle, f
         left = time_left.estimate([u.arm for u in pending if u.name not in finished])
         bar.set_postfix_str(f"about {duration_text(left)} left")
         _finished(unit, row, done, len(pending), left, config.tolerance)
+
+
+def _times_so_far(units: Sequence[Unit], files: StudyFiles) -> TimeLeft:
+    """The finished units' times (construction, then training with evaluation), to estimate the rest from."""
+    times = TimeLeft()
+    for unit in units:
+        if files.result(unit.name).is_file():
+            row = _read_result(files, unit)
+            times.add(unit.arm, float(row["wall_time_s"]) + float(row["construction_time_s"] or 0.0))
+    return times
 
 
 def wait_for(units: Sequence[Unit], files: StudyFiles, *, poll_s: float = 5.0, wait_s: float | None = None) -> None:
