@@ -21,7 +21,7 @@ COST_MULTIPLE = 1.0
 
 
 #: A recording whose products cost at most this many multiply-adds in all (over every image) is never cut: about
-#: 5 s on a 2-core CPU (docs/statistics.md), small beside a command's own start; the bound is for large networks.
+#: 7 s on a 2-core CPU (docs/statistics.md), about a command's own start; the bound is for large networks.
 FREE_MACS = 2**38
 
 
