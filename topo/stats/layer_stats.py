@@ -36,6 +36,7 @@ from topo.stats.positions import (
     expected_pairs,
     half_offsets,
     parse_positions,
+    planned_offsets,
     sample_anchors,
 )
 from topo.stats.sample import (
@@ -211,9 +212,9 @@ class LayerStats:
     def planned_offsets(self) -> list[tuple[int, int]]:
         """The offsets ``positions="auto"`` plans for: the stored ones, or as far as ``budget.reach`` where that
         is farther (layers recorded together at different reaches share anchors)."""
-        if self.budget is None or self.budget.reach is None or self.spatial_shape is None:
+        if self.budget is None or self.spatial_shape is None:
             return list(self._offsets)
-        return half_offsets(max(self.budget.reach, self.max_offset), self.spatial_shape)
+        return planned_offsets(self.max_offset, self.budget.reach, self.spatial_shape)
 
     @property
     def pairs_short(self) -> float | None:

@@ -98,14 +98,13 @@ class PositionBudget:
 class PositionChoice:
     """The outcome of the positions rule: anchor ``positions`` per map and image, ``exact`` if all;
     ``short``: the cost bound left fewer pairs per offset than the rule's target (``pairs`` expected at the
-    farthest offset, ``wanted`` the target)."""
+    farthest offset)."""
 
     positions: int
     exact: bool
     reason: str
     short: bool = False
     pairs: float | None = None
-    wanted: int | None = None
 
 
 def exact_macs(channels: int, spatial_shape: tuple[int, int], offsets: Sequence[tuple[int, int]]) -> int:
@@ -139,7 +138,7 @@ def choose_positions(
     bound = (f"the statistics' cost bound ({budget.describe()}) keeps {kept} of the {wanted.positions} positions per "
              f"image the rule wants, of {every}")
     return PositionChoice(kept, False, f"{kept} of {every} random positions per image: {bound}",
-                          short=pairs < budget.min_pairs, pairs=pairs, wanted=budget.min_pairs)
+                          short=pairs < budget.min_pairs, pairs=pairs)
 
 
 def expected_pairs(num_images: int, positions: int, spatial_shape: tuple[int, int],
@@ -196,6 +195,12 @@ def _wanted_positions(
     return PositionChoice(needed, False, f"{needed} of {every} random positions per image for {target}: the exact "
                                          f"products, {cost:,} multiply-adds per image, exceed "
                                          f"{budget.cost_multiple:g} x the forward pass ({budget.forward_macs:,})")
+
+
+def planned_offsets(max_offset: int, reach: int | None, spatial_shape: tuple[int, int]) -> list[tuple[int, int]]:
+    """The offsets ``positions="auto"`` plans a layer storing ``max_offset`` for: its own, or as far as ``reach``
+    where that is farther (layers recorded together at different reaches share anchors)."""
+    return half_offsets(max_offset if reach is None else max(reach, max_offset), spatial_shape)
 
 
 def inside_share(offsets: list[tuple[int, int]], spatial_shape: tuple[int, int]) -> float:

@@ -34,7 +34,14 @@ from topo.common.devices import ACTIVATION_BYTES
 from topo.common.errors import StatsError
 from topo.common.progress import progress_bar
 from topo.stats.layer_stats import LayerStats
-from topo.stats.positions import COST_MULTIPLE, DEFAULT_POSITIONS, PositionBudget, half_offsets, recording_scale
+from topo.stats.positions import (
+    COST_MULTIPLE,
+    DEFAULT_POSITIONS,
+    PositionBudget,
+    half_offsets,
+    planned_offsets,
+    recording_scale,
+)
 from topo.stats.sample import DEFAULT_FIRE_QUANTILE, ActivationSample, check_fire_quantile
 
 log = logging.getLogger(__name__)
@@ -316,8 +323,10 @@ class _Run:
                 x = _inputs(batch).to(self.device, non_blocking=True)
                 if index == 0 and probe and self.shapes is None:
                     state.enabled, state.shapes = False, {}
-                    counted = forward_macs(self.model, x[:1])
-                    self.forward_macs = counted if self.forward_macs is None else self.forward_macs
+                    if self.forward_macs is None:
+                        self.forward_macs = forward_macs(self.model, x[:1])  # the shapes noted on the way
+                    else:
+                        self.model(x[:1])  # the shapes alone: the cost is given
                     self.shapes, state.enabled, state.shapes = state.shapes, True, None
                 if index == 0 and on_first is not None:
                     on_first(x)
@@ -413,9 +422,8 @@ def _layer_plans(stats: dict[str, LayerStats], shapes: dict[str, tuple[int, ...]
         if shape is None or len(shape) != 4:
             continue
         spatial = (shape[2], shape[3])
-        stored = half_offsets(layer_stats.max_offset, spatial)
-        planned = stored if reach is None else half_offsets(max(reach, layer_stats.max_offset), spatial)
-        plans.append((shape[1], spatial, planned, stored))
+        plans.append((shape[1], spatial, planned_offsets(layer_stats.max_offset, reach, spatial),
+                      half_offsets(layer_stats.max_offset, spatial)))
     return plans
 
 
