@@ -91,8 +91,15 @@ def rows_for(sample, clusterings, source: str, seed: int) -> list[dict]:
                      "precision": r["precision_jaccard"], "true 1/3/5": "/".join(str(t[k]) for k in (1, 3, 5)),
                      "found 1/3/5": "/".join(str(f[k]) for k in (1, 3, 5)),
                      "count error": r["max_count_error"], "true 3+5 share": share_big(t),
-                     "found 3+5 share": share_big(f), "units decoded": r["units_decoded"]})
+                     "found 3+5 share": share_big(f), **unmatched_columns(r), "units decoded": r["units_decoded"]})
     return rows
+
+
+def unmatched_columns(scores: dict) -> dict:
+    """The found clusters equal to no true support (`topo.cluster.metrics.unmatched_clusters`): how many, their
+    3+5 share and mean size. A cluster equal to a support has the support's kernel, so these carry the excess."""
+    return {"unmatched": scores["n_unmatched"], "unmatched 3+5 share": share_big(scores["unmatched_counts"]),
+            "unmatched size": scores["unmatched_mean_size"]}
 
 
 def library_rows(seeds, label: str = "construct()", **overrides) -> list[dict]:
@@ -166,7 +173,7 @@ def oracle_rows(cfg: DeepPlantedConfig, seeds, layers=None) -> list[dict]:
                          "true 1/3/5": "/".join(str(t[k]) for k in (1, 3, 5)),
                          "found 1/3/5": "/".join(str(f[k]) for k in (1, 3, 5)),
                          "count error": s["max_count_error"], "jaccard (tiers=False)": flat["jaccard"],
-                         "true 3+5 share": share_big(t), "found 3+5 share": share_big(f)})
+                         "true 3+5 share": share_big(t), "found 3+5 share": share_big(f), **unmatched_columns(s)})
     return rows
 
 
@@ -250,7 +257,8 @@ def main() -> None:
             rows += library_rows(seeds, f'construct(decoder="{decoder}", fire_quantile=None, null="none", '
                                         'pool_branch=False)', decoder=decoder, pool_branch=False, **sparse)
     df = pd.DataFrame(rows)
-    cols = ["jaccard", "precision", "count error", "true 3+5 share", "found 3+5 share", "units decoded", "time_s"]
+    cols = ["jaccard", "precision", "count error", "true 3+5 share", "found 3+5 share", "unmatched",
+            "unmatched 3+5 share", "unmatched size", "units decoded", "time_s"]
     print("## Per layer (mean, min-max over seeds)\n")
     print(summary(df, ["source", "layer"], cols).to_markdown(index=False), "\n")
     print("## Per seed\n")
@@ -258,7 +266,8 @@ def main() -> None:
     print("## Each layer from the true maps of the layer below (exact statistics, firing when positive)\n")
     oracle = pd.DataFrame(oracle_rows(PLANTED_DATA, seeds))
     print(summary(oracle, ["layer"], ["jaccard", "precision", "count error", "jaccard (tiers=False)",
-                                      "true 3+5 share", "found 3+5 share"]).to_markdown(index=False), "\n")
+                                      "true 3+5 share", "found 3+5 share", "unmatched", "unmatched 3+5 share",
+                                      "unmatched size"]).to_markdown(index=False), "\n")
     print(oracle.to_markdown(index=False, floatfmt=".2f"), "\n")
     if args.overlap:
         overlap = pd.DataFrame(overlap_rows(PLANTED_DATA, seeds))

@@ -28,6 +28,7 @@ from topo.controls.control import (
 )
 from topo.controls.nulls import (
     NullBatches,
+    NullDataset,
     PixelMoments,
     null_batches,
     phase_randomised,
@@ -290,12 +291,12 @@ def test_a_noise_control_finds_no_more_edges_than_the_false_positive_rate_allows
     config = RunConfig(data="patches", construct=ConstructConfig(skeleton="2,pool,5,pool,2", seed=3),
                        train=TrainConfig(progress=False, workers=0))
     bundle = load_data(config)
-    noise = run_construction(config, bundle, config.construct, tmp_path / "noise", null="noise", trainer=False)
+    noise = run_construction(config, bundle, config.construct, tmp_path / "noise", null="noise")
     with_edges = [r["name"] for r in noise.records if r["edges"] > 0]
     assert len(with_edges) <= 1, [(r["name"], r["edges"]) for r in noise.records]
     # the case built to fail: the photographs against the same kind of null
     short = ConstructConfig(skeleton="2", seed=3)
-    real = run_construction(config, bundle, short, tmp_path / "real", trainer=False)
+    real = run_construction(config, bundle, short, tmp_path / "real")
     assert all(r["edges"] >= 10 for r in real.records), [r["edges"] for r in real.records]
 
 
@@ -349,3 +350,88 @@ def test_construct_states_the_control_once(tmp_path, capsys, one_thread):
     captured = capsys.readouterr()
     assert status == 0
     assert (captured.out + captured.err).count("Control: 2 constructions on the data") == 1
+
+
+# ------------------------------------------------------------ a control's brief training (--epochs-per-layer)
+
+
+def _digits_images():
+    from sklearn.datasets import load_digits
+    from torch.utils.data import TensorDataset
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32)[:, None] / 16.0
+    return TensorDataset(x, torch.tensor(digits.target)), digits.target
+
+
+def test_a_null_dataset_gives_each_image_its_null_and_a_label_drawn_at_random():
+    """Shuffled: every image keeps its own pixel values under one permutation; the labels are drawn in range,
+    fixed by the seed, and agree with the real ones about as often as chance (1 in 10), where the real labels
+    (the case built to fail) agree always."""
+    data, target = _digits_images()
+    null = NullDataset(data, "shuffled", seed=3, num_classes=10)
+    assert len(null) == len(data)
+    images, labels = zip(*(null[i] for i in range(len(null))))
+    first = data[0][0].flatten()
+    assert torch.equal(images[0].flatten().sort().values, first.sort().values) and not torch.equal(images[0].flatten(), first)
+    two = torch.stack([data[i][0] for i in range(2)])  # one permutation for every image
+    assert torch.equal(torch.stack(images[:2]), null.null.draw(two, 0))
+    labels = np.array(labels)
+    assert labels.min() >= 0 and labels.max() <= 9 and len(set(labels.tolist())) == 10
+    assert (labels == target).mean() < 0.15  # chance is 0.10
+    assert (np.array([int(data[i][1]) for i in range(len(data))]) == target).mean() == 1.0
+    again = NullDataset(data, "shuffled", seed=3, num_classes=10)
+    assert [again[i][1] for i in range(50)] == labels[:50].tolist()
+    other = NullDataset(data, "shuffled", seed=4, num_classes=10)
+    assert [other[i][1] for i in range(50)] != labels[:50].tolist()
+
+
+def test_a_null_datasets_parts_and_the_statistics_null_draw_from_their_own_streams():
+    """Noise: image i of the training part, of the validation part and batch i of the statistics' null (role
+    "control") are different draws of the same moments."""
+    data, _ = _digits_images()
+    moments = PixelMoments.of([(torch.stack([data[i][0] for i in range(64)]),)])
+    train = NullDataset(data, "noise", seed=1, num_classes=10, moments=moments)
+    val = NullDataset(data, "noise", seed=1, num_classes=10, part="val", moments=moments)
+    control = NullBatches((), "noise", seed=1, role="control", moments=moments).draw(data[0][0][None], 0)[0]
+    assert not torch.equal(train[0][0], val[0][0]) and not torch.equal(train[0][0], control)
+    draws = torch.stack([train[i][0] for i in range(400)]).double()
+    assert torch.allclose(draws.mean(0), moments.mean, atol=4 * float(moments.std.max()) / 20 + 1e-6)
+
+
+def test_a_controls_construction_trains_its_prefixes_on_its_null_with_random_labels(tmp_path, one_thread, monkeypatch):
+    """With --epochs-per-layer, the run's construction trains each prefix on the data and a control's on its null
+    (`NullDataset`, its own seed); before, the controls skipped the training (and warned)."""
+    import dataclasses
+
+    from topo.construct.config import ConstructConfig
+    from topo.run import stages
+    from topo.run.config import RunConfig, load_data
+    from topo.train.config import TrainConfig
+
+    seen = []
+
+    class Trained(Exception):  # the first prefix's training is all this test needs to see
+        pass
+
+    def fake_train(model, train_data, val_data, config, **kw):
+        seen.append((train_data, val_data, config.seed, config.epochs))
+        raise Trained
+
+    monkeypatch.setattr(stages, "train", fake_train)
+    config = RunConfig(data="patches", construct=ConstructConfig(skeleton="2", seed=5, epochs_per_layer=1,
+                                                                 stats_batches=2),
+                       train=TrainConfig(progress=False, workers=0, seed=5))
+    bundle = load_data(config)
+    with pytest.raises(Trained):
+        stages.run_construction(config, bundle, config.construct, tmp_path / "real")
+    assert seen and all(t is bundle.train and v is bundle.val and s == 5 and e == 1 for t, v, s, e in seen)
+    seen.clear()
+    control = dataclasses.replace(config.construct, seed=9)
+    with pytest.raises(Trained):
+        stages.run_construction(config, bundle, control, tmp_path / "shuffled", null="shuffled")
+    assert seen
+    for train_data, val_data, seed, epochs in seen:
+        assert isinstance(train_data, NullDataset) and isinstance(val_data, NullDataset)
+        assert train_data.null.kind == "shuffled" and train_data.dataset is bundle.train and seed == 9
+        assert train_data.num_classes == bundle.num_classes

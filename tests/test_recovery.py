@@ -165,6 +165,25 @@ def test_layer_recovery_of_perfect_clusterings_is_perfect_at_every_layer():
     assert layer_recovery(sample, partial)[1]["jaccard"] < 1.0
 
 
+def test_the_unmatched_clusters_are_those_equal_to_no_support_and_carry_their_own_kernels():
+    """A cluster equal to a true support up to translation is matched (its kernel is the support's); one member more
+    or less, or a member at another offset, is not, and the scores count those per kernel."""
+    one = [(0, 0, 0), (1, 0, 0), (2, 0, 0)]
+    three = [(3, 0, 0), (4, 1, 1), (5, -1, 0)]
+    truth = _truth([one, three], (1, 3))
+    found = [[(c, y + 1, x + 1) for c, y, x in one],  # the 1x1 support, moved: matched
+             three + [(6, 2, 2)],  # a member more, reaching 5x5: unmatched
+             [(0, 0, 0), (1, 0, 0), (2, 0, 1)],  # one member at another offset: unmatched, 3x3
+             [(3, 0, 0), (4, 1, 1)]]  # a member less: unmatched
+    scores = recovery_scores(truth, _clustering(found))
+    assert scores["n_unmatched"] == 3
+    assert scores["unmatched_counts"] == {1: 0, 3: 2, 5: 1}
+    assert scores["unmatched_mean_size"] == pytest.approx((4 + 3 + 2) / 3)
+    exact = recovery_scores(truth, _clustering([one, three]))
+    assert exact["n_unmatched"] == 0 and exact["unmatched_counts"] == {1: 0, 3: 0, 5: 0}
+    assert exact["found_counts"] == exact["true_counts"]  # matched clusters carry the truth's kernels
+
+
 # ---------------------------------------------------------------- strength tiers
 
 

@@ -199,9 +199,11 @@ def recovery_scores(truth, clustering) -> dict:
 
     ``jaccard`` (mean best match of each true support, recall-like),
     ``precision_jaccard`` (mean best match of each found cluster among the truth),
-    per-kernel counts and their relative errors.
+    per-kernel counts and their relative errors; the clusters equal to no true support (`unmatched_clusters`):
+    how many, per kernel, and their mean size.
     """
     found = [c.members for c in clustering.clusters_]
+    unmatched = unmatched_clusters(truth.supports, clustering.clusters_)
     recall = best_match_jaccard(truth.supports, found)
     precision = best_match_jaccard(found, truth.supports)
     true_counts = truth.kernel_counts
@@ -216,7 +218,18 @@ def recovery_scores(truth, clustering) -> dict:
         "found_counts": {k: got.get(k, 0) for k in true_counts},
         "count_error": rel,
         "max_count_error": max(rel.values()) if rel else 0.0,
+        "n_unmatched": len(unmatched),
+        "unmatched_counts": {k: sum(1 for c in unmatched if c.kernel_size == k) for k in true_counts},
+        "unmatched_mean_size": float(np.mean([len(c) for c in unmatched])) if unmatched else float("nan"),
     }
+
+
+def unmatched_clusters(supports: Sequence[Iterable[Member]], clusters: Sequence) -> list:
+    """The found clusters (`Cluster`) equal to no true support up to translation. One that equals a support has
+    its kernel by construction (both are the bounding box of the same footprint), so what these carry is the
+    part of the found kernel mix that is not the truth's."""
+    codes = [member_codes(s) for s in supports]
+    return [c for c in clusters if not any(codes_jaccard(t, member_codes(c.members)) == 1.0 for t in codes)]
 
 
 def adjusted_rand(truth_labels: np.ndarray, labels: np.ndarray) -> float:

@@ -35,14 +35,16 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
 import torch
+from torch.utils.data import Dataset
 
 from topo.common.batches import split_batch
 from topo.common.errors import UserError
 from topo.common.seeding import derived_seed
 
 KINDS = ("shuffled", "noise", "phase")
-#: The roles a null draw can play; each has its own stream.
-ROLES = ("control", "reference")
+#: The roles a null draw can play; each has its own stream ("training": the images and labels a control's
+#: construction trains its prefixes on, `NullDataset`).
+ROLES = ("control", "reference", "training")
 
 
 def stream_seed(seed: int, role: str, kind: str, index: int = 0) -> int:
@@ -108,11 +110,14 @@ class NullBatches:
         return getattr(self.batches, "sampler", None)
 
     def __iter__(self) -> Iterator[Any]:
-        draw = {"shuffled": self._shuffle, "noise": self._noise, "phase": self._phase}[self.kind]
         for index, batch in enumerate(self.batches):
             x, rest = split_batch(batch)
-            null = draw(x, index)
+            null = self.draw(x, index)
             yield (null, *rest) if rest else null
+
+    def draw(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        """The null of the images ``x`` (N, C, H, W) as batch ``index`` of the stream."""
+        return {"shuffled": self._shuffle, "noise": self._noise, "phase": self._phase}[self.kind](x, index)
 
     def _generator(self, index: int) -> torch.Generator:
         return torch.Generator().manual_seed(stream_seed(self.seed, self.role, self.kind, index))
@@ -147,3 +152,25 @@ def null_batches(batches_factory, kind: str, *, seed: int, role: str, max_batche
     """``NullBatches`` over ``batches_factory()``; for noise the moments come from a first pass over it."""
     moments = PixelMoments.of(batches_factory(), max_batches) if kind == "noise" else None
     return NullBatches(batches_factory(), kind, seed=seed, role=role, moments=moments)
+
+
+class NullDataset(Dataset):
+    """``dataset`` image by image as its ``kind`` null, each image with a label drawn at random among
+    ``num_classes``: what a control's construction trains its prefixes on (``--epochs-per-layer``), so that the
+    control runs the same brief training as the real construction and nothing of the real labels or images enters
+    it. Image ``i``'s draw and label come from the ``"training"`` stream of ``seed`` at ``i`` (`stream_seed`), the
+    same on every epoch and device, and ``part`` ("train", "val") names its own stream; the shuffled null keeps
+    one permutation per part."""
+
+    def __init__(self, dataset: Dataset, kind: str, *, seed: int, num_classes: int, part: str = "train",
+                 moments: PixelMoments | None = None) -> None:
+        self.dataset, self.num_classes = dataset, int(num_classes)
+        self.null = NullBatches((), kind, seed=derived_seed(seed, part), role="training", moments=moments)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        x = split_batch(self.dataset[index])[0]
+        labels = torch.Generator().manual_seed(derived_seed(self.null.seed, "training", "label", index))
+        return self.null.draw(x[None], index)[0], int(torch.randint(self.num_classes, (1,), generator=labels))

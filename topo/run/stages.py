@@ -30,7 +30,7 @@ from topo.construct.files import read_prefix, read_progress
 from topo.construct.loop import Construction, construct
 from topo.construct.prefix import load_prefix, shared_weights
 from topo.controls.control import ControlSummary, summarise, verdict
-from topo.controls.nulls import null_batches
+from topo.controls.nulls import NullDataset, PixelMoments, null_batches
 from topo.data import DataBundle, make_loader, second_source
 from topo.run.config import RunConfig, load_data, reference_spec, with_aux_policy
 from topo.run.preflight import preflight
@@ -66,9 +66,11 @@ def comparison_row(name: str, spec: NetworkSpec, result: TrainResult, image_hw: 
 
 
 def run_construction(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
-                     *, null: str | None = None, trainer: bool = True, cluster_jobs: int = 1) -> Construction:
+                     *, null: str | None = None, cluster_jobs: int = 1) -> Construction:
     """One construction on the run's data (or, with ``null``, on its null version: `topo.controls.nulls`), its
-    clustering in ``cluster_jobs`` processes."""
+    clustering in ``cluster_jobs`` processes. With ``epochs_per_layer`` each prefix first trains briefly: on the
+    data, or on its null with labels drawn at random (`null_datasets`), so that a control runs the same procedure
+    without the real labels."""
     reference = reference_spec(config, bundle)
     device = resolve_device(config.train.device)
 
@@ -83,12 +85,25 @@ def run_construction(config: RunConfig, bundle: DataBundle, construct_config: Co
                             max_batches=construct_config.stats_batches)
 
     def brief_training(model, index):
-        brief = dataclasses.replace(config.train, epochs=construct_config.epochs_per_layer, ema_decay=None)
-        return train(model, bundle.train, bundle.val, brief).model
+        brief = dataclasses.replace(config.train, epochs=construct_config.epochs_per_layer, ema_decay=None,
+                                    seed=construct_config.seed)  # a control's own seed (the run's: the same)
+        data = (bundle.train, bundle.val) if null is None else null_datasets(bundle, null, construct_config,
+                                                                              stats_loader)
+        return train(model, *data, brief).model
 
     return construct(reference, bundle.train, construct_config, input_hw=tuple(bundle.image_size), loader=loader,
-                     trainer=brief_training if trainer else None, out_dir=out_dir, device=device,
+                     trainer=brief_training, out_dir=out_dir, device=device,
                      progress=config.train.progress, cluster_jobs=cluster_jobs)
+
+
+def null_datasets(bundle: DataBundle, kind: str, construct_config: ConstructConfig,
+                  loader) -> tuple[NullDataset, NullDataset]:
+    """The training and validation images a ``kind`` control's construction trains its prefixes on: the data's
+    null, labels drawn at random (`topo.controls.nulls.NullDataset`; for noise, the moments of the batches its
+    statistics see)."""
+    moments = PixelMoments.of(loader(bundle.train), construct_config.stats_batches) if kind == "noise" else None
+    return tuple(NullDataset(data, kind, seed=construct_config.seed, num_classes=bundle.num_classes, part=part,
+                             moments=moments) for data, part in ((bundle.train, "train"), (bundle.val, "val")))
 
 
 def construct_stage(config: RunConfig, bundle: DataBundle, run: RunDir) -> NetworkSpec:
@@ -103,8 +118,6 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
     the topology, and the control's outcome (`topo.controls`; None without controls)."""
     done = run.completed()
     plan = control_plan(config) if config.controls and "controls" not in done else []
-    if plan and config.construct.epochs_per_layer > 0:
-        log.warning("the controls construct without the brief prefix training (it would train on the real labels)")
     own = "construct" not in done
     processes = default_processes(config.jobs, own + len(plan), resolve_device(config.train.device))
     quiet = config if processes == 1 else dataclasses.replace(config, train=dataclasses.replace(config.train,
@@ -113,7 +126,7 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
     other = second_source(bundle) if any(kind == "other" for _, kind, _ in plan) else None
     controls = [Job(f"the control's construction {name}", construction_job,
                     (quiet, other if kind == "other" else bundle, dataclasses.replace(config.construct, seed=seed),
-                     run.control(name).root, None if kind in (None, "other") else kind, False, each))
+                     run.control(name).root, None if kind in (None, "other") else kind, each))
                 for name, kind, seed in plan]
     # The run's own construction here; the control's beside it in the other processes (this one takes over
     # those not started when it is done).
@@ -121,7 +134,7 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
                      progress=config.train.progress and len(controls) > 1) as results:
         if own:
             spec = _keep_construction(run, *construction_job(config, bundle, config.construct,
-                                                             run.construction.root, None, True, each))
+                                                             run.construction.root, None, each))
         else:
             spec = read_spec(run.topology)
         outcomes = list(results)
@@ -133,12 +146,11 @@ def constructions_stage(config: RunConfig, bundle: DataBundle, run: RunDir
 
 
 def construction_job(config: RunConfig, bundle: DataBundle, construct_config: ConstructConfig, out_dir: Path,
-                     null: str | None, trainer: bool, cluster_jobs: int = 1) -> tuple[NetworkSpec, list[dict[str, Any]]]:
+                     null: str | None, cluster_jobs: int = 1) -> tuple[NetworkSpec, list[dict[str, Any]]]:
     """`run_construction` as a job for `topo.common.processes` (picklable in and out): the spec and the records."""
     log.info("constructing on %s, seed %d (%s)", f"the {null} null" if null else f"the {bundle.name} data",
              construct_config.seed, out_dir)
-    result = run_construction(config, bundle, construct_config, out_dir, null=null, trainer=trainer,
-                              cluster_jobs=cluster_jobs)
+    result = run_construction(config, bundle, construct_config, out_dir, null=null, cluster_jobs=cluster_jobs)
     return result.spec, result.records
 
 
