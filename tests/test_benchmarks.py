@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 
 import pytest
 from benchmark_runs import ROOT, run_benchmark, table_rows
@@ -172,3 +173,27 @@ def test_bench_imagenet_width_times_each_module_of_a_construction():
     assert int(channels) == 192 and float(step_s) > 0 and int(peak) > 0  # the stem's output, as in GoogLeNet
     assert abs(float(stats_s) + float(cluster_s) + float(build_s) - float(step_s)) <= 0.2  # the parts add up
     assert re.search(r"1 modules in \d+ s \(exit 0\)", out), out
+
+
+def test_compare_options_pairs_one_arm_of_two_studies_by_seed(tmp_path):
+    """Two studies' study.csv (the columns `topo-build study` writes): the discovered arm of the second against the
+    first's, seed by seed, with scipy's paired t-test; other arms and an unknown arm stay out."""
+    import pandas as pd
+    from scipy import stats
+
+    base = [0.60, 0.61, 0.58, 0.66, 0.62]
+    option = [0.63, 0.60, 0.62, 0.69, 0.66]
+    for name, top1 in (("a", base), ("b", option)):
+        rows = [{"arm": "discovered", "seed": s, "unit": f"discovered-s{s}", "top1": t, "macs": 12.8e6}
+                for s, t in enumerate(top1)]
+        rows.append({"arm": "reference", "seed": 0, "unit": "reference-s0", "top1": 0.99, "macs": 12.8e6})
+        (tmp_path / name).mkdir()
+        pd.DataFrame(rows[::-1]).to_csv(tmp_path / name / "study.csv", index=False)  # seed order is not file order
+    out = run_benchmark("compare_options.py", f"even={tmp_path / 'a'}", f"other={tmp_path / 'b'}")
+    even, other = table_rows(out, "even")[0], table_rows(out, "other")[0]
+    assert even[1] == "5" and float(even[2]) == pytest.approx(61.4, abs=0.05)
+    assert other[5] == "5" and float(other[6]) == pytest.approx(2.6, abs=0.005)
+    assert float(other[8]) == pytest.approx(stats.ttest_rel(option, base).pvalue, abs=5e-4)
+    bad = subprocess.run([sys.executable, "benchmarks/compare_options.py", f"x={tmp_path / 'a'}",
+                          f"y={tmp_path / 'b'}", "--arm", "uniform"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "no unit of the arm 'uniform'" in bad.stderr and "Traceback" not in bad.stderr

@@ -279,6 +279,15 @@ def _add_construct(p: argparse.ArgumentParser) -> dict[str, str]:
               choices=FALLBACKS)
     flags.add("--epochs-per-layer", "epochs_per_layer", "train each partial network this many epochs before "
                                                         "measuring", type=_non_negative_int)
+    flags.add("--slim-epochs", "slim_epochs", "choose the widths by training signal: train the discovered network "
+                                              "--slim-over times as wide this many epochs with a cost-weighted L1 "
+                                              "penalty on its BatchNorm scales, keep the strongest channels within "
+                                              "the budget (network slimming; 0: the clusters' widths)",
+              type=_non_negative_int)
+    flags.add("--slim-over", "slim_over", "width factor of the over-complete network slimming starts from",
+              type=_positive_float)
+    flags.add("--slim-penalty", "slim_penalty", "strength of slimming's L1 penalty on the BatchNorm scales",
+              type=_positive_float)
     return flags.fields
 
 

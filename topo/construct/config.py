@@ -76,7 +76,8 @@ class ConstructConfig:
     where the ceilings leave more than 2% of the budget unspent (`SPENT`), the
     network is scaled as a whole to the budget at the end (`fit_to_total`).
     ``epochs_per_layer``: brief training of each prefix before its statistics are recorded (0: statistics of the random
-    network). ``decoder``: with ``init="hebbian"`` and ``budget_macs="none"``, how a decoded unit fires:
+    network). ``slim_epochs``, ``slim_over``, ``slim_penalty``: widths by training signal after the construction
+    (`topo.construct.slimming`; 0 epochs: the clusters' widths). ``decoder``: with ``init="hebbian"`` and ``budget_macs="none"``, how a decoded unit fires:
     ``"mean"``, above its sum's mean (BatchNorm bias 0); ``"threshold"``, as often as its cluster's members
     fire together (`topo.construct.decoding`). ``pool_branch``: each module's pooling branch, one unit per cluster
     of its 3x3 max-pooled input (False: no pooling branch, as in the theory's layers).
@@ -96,6 +97,9 @@ class ConstructConfig:
     null: str = "noise"
     init: str = "random"
     epochs_per_layer: int = 0
+    slim_epochs: int = 0
+    slim_over: float = 2.0
+    slim_penalty: float = 1e-4
     stats_batches: int | None = 16
     positions: int | str | None = DEFAULT_POSITIONS
     stats_cost: float = COST_MULTIPLE
@@ -130,6 +134,12 @@ class ConstructConfig:
         if not self.stats_cost > 0:
             raise SettingError("stats_cost", f"statistics cost {self.stats_cost} is not positive: use a number of "
                                              "forward passes above 0")
+        if self.slim_epochs < 0 or not self.slim_over >= 1 or not self.slim_penalty > 0:
+            raise SettingError("slim_epochs", f"slimming needs epochs >= 0 ({self.slim_epochs}), a width factor >= 1 "
+                                              f"({self.slim_over}) and a positive penalty ({self.slim_penalty})")
+        if self.slim_epochs and self.budget_macs == "none":
+            raise SettingError("slim_epochs", "slimming keeps the strongest channels within the budget: give a "
+                                              "budget (a number or 'reference'), not 'none'")
         if self.epochs_per_layer < 0:
             raise SettingError("epochs_per_layer",
                                f"epochs per layer {self.epochs_per_layer} is negative: use 0 or more")

@@ -22,13 +22,21 @@ from builders.cost import network_costs
 from builders.spec import NetworkSpec, read_spec
 from topo.common import distributed as dist_info
 from topo.common.devices import resolve_device
-from topo.common.processes import Job, default_processes, jobs_beside, processes_within, sharing_threads
+from topo.common.processes import (
+    Job,
+    default_processes,
+    jobs_beside,
+    processes_within,
+    sharing_threads,
+)
 from topo.common.reading import read_clusters, read_json, read_records
 from topo.common.writing import atomic_write_json, atomic_write_text
+from topo.construct.budget import total_budget
 from topo.construct.config import ConstructConfig
 from topo.construct.files import read_prefix, read_progress
 from topo.construct.loop import Construction, construct
 from topo.construct.prefix import load_prefix, shared_weights
+from topo.construct.slimming import SlimConfig, slim
 from topo.controls.control import ControlSummary, summarise, verdict
 from topo.controls.nulls import NullDataset, PixelMoments, null_batches
 from topo.data import DataBundle, make_loader, second_source
@@ -70,7 +78,7 @@ def run_construction(config: RunConfig, bundle: DataBundle, construct_config: Co
     """One construction on the run's data (or, with ``null``, on its null version: `topo.controls.nulls`), its
     clustering in ``cluster_jobs`` processes. With ``epochs_per_layer`` each prefix first trains briefly: on the
     data, or on its null with labels drawn at random (`null_datasets`), so that a control runs the same procedure
-    without the real labels."""
+    without the real labels; so does slimming (``slim_epochs``, `topo.construct.slimming`), after the construction."""
     reference = reference_spec(config, bundle)
     device = resolve_device(config.train.device)
 
@@ -84,16 +92,33 @@ def run_construction(config: RunConfig, bundle: DataBundle, construct_config: Co
         return null_batches(lambda: stats_loader(dataset), null, seed=construct_config.seed, role="control",
                             max_batches=construct_config.stats_batches)
 
-    def brief_training(model, index):
-        brief = dataclasses.replace(config.train, epochs=construct_config.epochs_per_layer, ema_decay=None,
+    def brief_training(model, epochs: int, after_backward=None):
+        brief = dataclasses.replace(config.train, epochs=epochs, ema_decay=None,
                                     seed=construct_config.seed)  # a control's own seed (the run's: the same)
         data = (bundle.train, bundle.val) if null is None else null_datasets(bundle, null, construct_config,
                                                                               stats_loader)
-        return train(model, *data, brief).model
+        return train(model, *data, brief, after_backward=after_backward).model
 
-    return construct(reference, bundle.train, construct_config, input_hw=tuple(bundle.image_size), loader=loader,
-                     trainer=brief_training, out_dir=out_dir, device=device,
-                     progress=config.train.progress, cluster_jobs=cluster_jobs)
+    found = construct(reference, bundle.train, construct_config, input_hw=tuple(bundle.image_size), loader=loader,
+                      trainer=lambda model, index: brief_training(model, construct_config.epochs_per_layer),
+                      out_dir=out_dir, device=device, progress=config.train.progress, cluster_jobs=cluster_jobs)
+    if construct_config.slim_epochs:
+        found = slimmed_construction(found, construct_config, reference, tuple(bundle.image_size), brief_training)
+    return found
+
+
+def slimmed_construction(found: Construction, construct_config: ConstructConfig, reference: NetworkSpec,
+                         hw: tuple[int, int], training) -> Construction:
+    """``found`` with its widths chosen by training signal within the construction's budget
+    (`topo.construct.slimming`); ``training(model, epochs, after_backward)`` trains on the data, or on a control's
+    null."""
+    slim_config = SlimConfig(construct_config.slim_epochs, construct_config.slim_over, construct_config.slim_penalty)
+    budget = total_budget(construct_config, dataclasses.replace(reference, input_size=min(hw)), hw)
+    spec = slim(found.spec, budget, hw, slim_config, lambda model, step: training(model, slim_config.epochs, step),
+                seed=construct_config.seed)
+    log.info("slimmed by training signal (%d epochs at %.3g x the width): %s", slim_config.epochs, slim_config.over,
+             ", ".join(f"{m.name} {m.widths}" for m in spec.inception_modules()))
+    return dataclasses.replace(found, spec=spec)
 
 
 def null_datasets(bundle: DataBundle, kind: str, construct_config: ConstructConfig,

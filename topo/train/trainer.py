@@ -19,7 +19,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import pandas as pd
 import torch
@@ -38,7 +38,13 @@ from topo.common.seeding import capture_rng_state, restore_rng_state, seed_every
 from topo.common.writing import atomic_path, atomic_torch_save
 from topo.data import take_skipped
 from topo.data.loader import EpochLoader, SeededSampler, ShardSampler, make_loader
-from topo.train.config import RESUMABLE_CHANGES, DivergenceError, TrainConfig, TrainResult, check_sync_bn
+from topo.train.config import (
+    RESUMABLE_CHANGES,
+    DivergenceError,
+    TrainConfig,
+    TrainResult,
+    check_sync_bn,
+)
 from topo.train.files import TrainingFiles, read_checkpoint
 
 log = logging.getLogger(__name__)
@@ -206,9 +212,12 @@ class _TrainingState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
+    #: called on the model after each backward pass, with unscaled gradients, before the step (`train`'s ``after_backward``)
+    after_backward: Callable[[nn.Module], None] | None = None
 
     @classmethod
-    def create(cls, model: nn.Module, config: TrainConfig, device: torch.device, steps_per_epoch: int) -> _TrainingState:
+    def create(cls, model: nn.Module, config: TrainConfig, device: torch.device, steps_per_epoch: int,
+               after_backward: Callable[[nn.Module], None] | None = None) -> _TrainingState:
         decay, no_decay = [], []  # no weight decay on biases and normalisation parameters
         for param in model.parameters():
             if param.requires_grad:
@@ -225,7 +234,7 @@ class _TrainingState:
         ema = None
         if config.ema_decay is not None:
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-        return cls(model, optimizer, scheduler, scaler, ema)
+        return cls(model, optimizer, scheduler, scaler, ema, after_backward)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -264,8 +273,11 @@ def _train_epoch(
                 loss = loss + config.aux_weight * criterion(aux_logits, y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
-        if config.grad_clip is not None:
+        if config.grad_clip is not None or training.after_backward is not None:
             scaler.unscale_(optimizer)
+        if training.after_backward is not None:
+            training.after_backward(training.model)
+        if config.grad_clip is not None:
             nn.utils.clip_grad_norm_(training.model.parameters(), config.grad_clip)
         scaler.step(optimizer)
         scaler.update()
@@ -494,16 +506,9 @@ def _loaders(train_data: Dataset, val_data: Dataset, config: TrainConfig, device
     return loaders
 
 
-def train(
-    model: nn.Module,
-    train_data: Dataset,
-    val_data: Dataset,
-    config: TrainConfig,
-    *,
-    run_dir: str | Path | None = None,
-    name: str = "model",
-    resume: bool = True,
-) -> TrainResult:
+def train(model: nn.Module, train_data: Dataset, val_data: Dataset, config: TrainConfig, *,
+          run_dir: str | Path | None = None, name: str = "model", resume: bool = True,
+          after_backward: Callable[[nn.Module], None] | None = None) -> TrainResult:
     """Train ``model`` on ``train_data``, evaluating on ``val_data`` after every epoch.
 
     With ``run_dir``, rank 0 writes ``{name}.ckpt`` (model, optimiser, scheduler,
@@ -514,6 +519,7 @@ def train(
     epoch whose training or validation loss is NaN or infinite stops training
     with a :class:`DivergenceError` before it is saved (the last good checkpoint stays). With
     ``config.channels_last`` the model trains in that layout and comes back in the default one.
+    ``after_backward(model)`` runs on the unscaled gradients before each step (`topo.construct.slimming`).
     """
     device = resolve_device(config.device)
     if device.type == "cuda":
@@ -527,7 +533,7 @@ def train(
     seed_everything(config.seed + rank)
     loaders = _loaders(train_data, val_data, config, device, world)
 
-    training = _TrainingState.create(model, config, device, len(loaders[0]))
+    training = _TrainingState.create(model, config, device, len(loaders[0]), after_backward)
     start_epoch, history = 0, []
     if files is not None and resume and files.checkpoint(name).exists():
         start_epoch, history = _resume(training, files.checkpoint(name), config, name)
