@@ -5,6 +5,9 @@ Each option is a `topo-build study` run with that option (for example ``--budget
 and compares the chosen arm (default ``discovered``) of every option with the first one's, seed by seed:
 
     python benchmarks/compare_options.py even=/tmp/even reference=/tmp/reference [--arm discovered]
+    python benchmarks/compare_options.py GoogLeNet=/tmp/even:reference even=/tmp/even slim=/tmp/slim
+
+``NAME=DIR:ARM`` takes that study's ``ARM`` (one of `ARMS`) instead of ``--arm``: the reference arm as the baseline.
 
 Prints a markdown table: per option its top-1 mean, SD and 95% interval, and against the first option the mean
 per-seed difference, its SD, the paired t-test's p and the exact sign-flip test's (`analysis.study_stats`).
@@ -19,6 +22,7 @@ import pandas as pd
 
 from analysis.study_stats import mean_ci, paired_by_seed, paired_test
 from topo.common.errors import UserError
+from topo.run.study import ARMS
 
 
 def option_rows(name: str, study_dir: Path, arm: str) -> list[dict]:
@@ -31,6 +35,12 @@ def option_rows(name: str, study_dir: Path, arm: str) -> list[dict]:
     if rows.empty:
         raise UserError(f"{table} has no unit of the arm {arm!r}: run the study with --arms {arm}")
     return rows.assign(arm=name).to_dict("records")
+
+
+def study_and_arm(text: str, arm: str) -> tuple[Path, str]:
+    """``DIR`` or ``DIR:ARM`` (an arm of `ARMS` after the last colon) as (study folder, arm)."""
+    head, _, tail = text.rpartition(":")
+    return (Path(head), tail) if head and tail in ARMS else (Path(text), arm)
 
 
 def compare(options: dict[str, list[dict]]) -> pd.DataFrame:
@@ -54,14 +64,14 @@ def compare(options: dict[str, list[dict]]) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("options", nargs="+", help="NAME=STUDY_DIR, the first the baseline")
+    ap.add_argument("options", nargs="+", help="NAME=STUDY_DIR or NAME=STUDY_DIR:ARM, the first the baseline")
     ap.add_argument("--arm", default="discovered", help="the arm compared (default discovered)")
     args = ap.parse_args(argv)
     try:
         pairs = [o.split("=", 1) for o in args.options]
         if any(len(p) != 2 for p in pairs) or len(pairs) < 2:
             raise UserError("give at least two options as NAME=STUDY_DIR, the first the baseline")
-        table = compare({name: option_rows(name, Path(d), args.arm) for name, d in pairs})
+        table = compare({name: option_rows(name, *study_and_arm(d, args.arm)) for name, d in pairs})
     except UserError as err:
         print(f"compare_options: {err}", file=sys.stderr)
         return 2

@@ -194,6 +194,9 @@ def test_compare_options_pairs_one_arm_of_two_studies_by_seed(tmp_path):
     assert even[1] == "5" and float(even[2]) == pytest.approx(61.4, abs=0.05)
     assert other[5] == "5" and float(other[6]) == pytest.approx(2.6, abs=0.005)
     assert float(other[8]) == pytest.approx(stats.ttest_rel(option, base).pvalue, abs=5e-4)
+    arm = run_benchmark("compare_options.py", f"googlenet={tmp_path / 'a'}:reference", f"other={tmp_path / 'b'}")
+    row = table_rows(arm, "googlenet")[0]
+    assert row[1] == "1" and float(row[2]) == 99.0  # DIR:ARM takes that arm of the study
     bad = subprocess.run([sys.executable, "benchmarks/compare_options.py", f"x={tmp_path / 'a'}",
                           f"y={tmp_path / 'b'}", "--arm", "uniform"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "no unit of the arm 'uniform'" in bad.stderr and "Traceback" not in bad.stderr
