@@ -54,7 +54,8 @@ def compare(options: dict[str, list[dict]]) -> pd.DataFrame:
                "95% CI": f"{low:.1f} - {high:.1f}"}
         if name != names[0]:
             test = paired_test(*reversed(paired_by_seed(rows, names[0], name)))
-            row |= {"paired seeds": test["paired_n"], f"minus {names[0]}": round(test.get("paired_difference", float("nan")), 2),
+            row |= {"paired seeds": test["paired_n"],
+                    f"minus {names[0]}": round(test.get("paired_difference", float("nan")), 2),
                     "SD of the differences": round(test.get("paired_sd", float("nan")), 2),
                     "paired t p": round(test.get("paired_t_p", float("nan")), 3),
                     "sign-flip p": round(test.get("paired_permutation_p", float("nan")), 3)}

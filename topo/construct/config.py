@@ -77,7 +77,8 @@ class ConstructConfig:
     network is scaled as a whole to the budget at the end (`fit_to_total`).
     ``epochs_per_layer``: brief training of each prefix before its statistics are recorded (0: statistics of the random
     network). ``slim_epochs``, ``slim_over``, ``slim_penalty``: widths by training signal after the construction
-    (`topo.construct.slimming`; 0 epochs: the clusters' widths). ``decoder``: with ``init="hebbian"`` and ``budget_macs="none"``, how a decoded unit fires:
+    (`topo.construct.slimming`; 0 epochs: the clusters' widths).
+    ``decoder``: with ``init="hebbian"`` and ``budget_macs="none"``, how a decoded unit fires:
     ``"mean"``, above its sum's mean (BatchNorm bias 0); ``"threshold"``, as often as its cluster's members
     fire together (`topo.construct.decoding`). ``pool_branch``: each module's pooling branch, one unit per cluster
     of its 3x3 max-pooled input (False: no pooling branch, as in the theory's layers).

@@ -212,7 +212,7 @@ class _TrainingState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     ema: AveragedModel | None
-    #: called on the model after each backward pass, with unscaled gradients, before the step (`train`'s ``after_backward``)
+    #: called on the model after each backward pass, on unscaled gradients, before the step (`train`'s argument)
     after_backward: Callable[[nn.Module], None] | None = None
 
     @classmethod
