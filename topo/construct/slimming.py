@@ -23,7 +23,7 @@ from topo.common.errors import UserError
 from topo.construct.budget import scale_network
 
 #: Each width's BatchNorm in an Inception module: (width field, the module's block holding it); the 1x1 blocks
-#: that read the input are one fused block when ``Inception.fused`` (`branch_scales` splits it).
+#: that read the input are one fused block when ``Inception.fused`` (`branch_norms` splits it).
 BLOCKS = (("ch3x3", "branch2.1"), ("ch5x5", "branch3.1"), ("pool_proj", "branch4.1"))
 INPUT_1X1 = ("ch1x1", "ch3x3red", "ch5x5red")
 INPUT_BLOCKS = ("branch1", "branch2.0", "branch3.0")
@@ -40,15 +40,11 @@ class SlimConfig:
 
 
 def _bn(module: nn.Module, path: str) -> nn.BatchNorm2d | None:
-    block = module.get_submodule(path) if _has(module, path) else None
-    return getattr(block, "bn", None)
-
-
-def _has(module: nn.Module, path: str) -> bool:
+    """The BatchNorm of the block at ``path`` (None where the branch, its block or its norm is absent)."""
     try:
-        return module.get_submodule(path) is not None
+        return getattr(module.get_submodule(path), "bn", None)
     except AttributeError:
-        return False
+        return None
 
 
 def branch_norms(module: Inception) -> dict[str, torch.Tensor]:
@@ -99,14 +95,10 @@ def penalty_step(spec: NetworkSpec, input_hw: tuple[int, int], strength: float) 
 
 
 def _grad_slice(module: Inception, field: str, scale: torch.Tensor) -> torch.Tensor | None:
-    """The gradient of ``scale`` (a piece of the fused block's scale for the input 1x1 widths)."""
+    """The gradient of ``scale``: for the input 1x1 widths of a fused module, its piece of the fused block's."""
     if field in INPUT_1X1 and module.fused1x1 is not None:
         grad = module.fused1x1.bn.weight.grad
-        if grad is None:
-            return None
-        index = INPUT_1X1.index(field)
-        start = sum(module._split_sizes[:index])
-        return grad[start:start + module._split_sizes[index]]
+        return None if grad is None else torch.split(grad, module._split_sizes)[INPUT_1X1.index(field)]
     return scale.grad
 
 

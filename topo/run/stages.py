@@ -7,6 +7,7 @@ epoch checkpoint. Only rank 0 writes files under ``torchrun``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 from pathlib import Path
@@ -92,12 +93,15 @@ def run_construction(config: RunConfig, bundle: DataBundle, construct_config: Co
         return null_batches(lambda: stats_loader(dataset), null, seed=construct_config.seed, role="control",
                             max_batches=construct_config.stats_batches)
 
+    @functools.cache
+    def training_data():  # a null's images (and, for noise, its moments) made once, for every brief training
+        return (bundle.train, bundle.val) if null is None else null_datasets(bundle, null, construct_config,
+                                                                              stats_loader)
+
     def brief_training(model, epochs: int, after_backward=None):
         brief = dataclasses.replace(config.train, epochs=epochs, ema_decay=None,
                                     seed=construct_config.seed)  # a control's own seed (the run's: the same)
-        data = (bundle.train, bundle.val) if null is None else null_datasets(bundle, null, construct_config,
-                                                                              stats_loader)
-        return train(model, *data, brief, after_backward=after_backward).model
+        return train(model, *training_data(), brief, after_backward=after_backward).model
 
     found = construct(reference, bundle.train, construct_config, input_hw=tuple(bundle.image_size), loader=loader,
                       trainer=lambda model, index: brief_training(model, construct_config.epochs_per_layer),
