@@ -100,7 +100,7 @@ class ConstructConfig:
     epochs_per_layer: int = 0
     slim_epochs: int = 0
     slim_over: float = 2.0
-    slim_penalty: float = 1e-4
+    slim_penalty: float = 1e-4  # Liu et al.'s strength for their sparsity term
     stats_batches: int | None = 16
     positions: int | str | None = DEFAULT_POSITIONS
     stats_cost: float = COST_MULTIPLE

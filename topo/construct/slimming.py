@@ -31,12 +31,12 @@ INPUT_BLOCKS = ("branch1", "branch2.0", "branch3.0")
 
 @dataclasses.dataclass(frozen=True)
 class SlimConfig:
-    """``epochs`` of training of the network ``over`` times as wide as the clusters' at penalty ``penalty``
-    (Liu et al.'s 1e-4 for their sparsity term, on scales weighted to a mean of 1)."""
+    """``epochs`` of training of the network ``over`` times as wide as the clusters' at penalty ``penalty`` (on
+    scales weighted to a mean of 1). The defaults live in `topo.construct.config.ConstructConfig` (``slim_*``)."""
 
-    epochs: int = 3
-    over: float = 2.0
-    penalty: float = 1e-4
+    epochs: int
+    over: float
+    penalty: float
 
 
 def _bn(module: nn.Module, path: str) -> nn.BatchNorm2d | None:
