@@ -7,7 +7,7 @@
     shifted copies for each offset) for one layer at growing numbers of images:
     time of the statistics and peak memory (each measurement in a fresh process);
 (c) one exact ``LayerStats.update`` against its bound: the same products done as
-    one fused matrix multiply each (float64 sums, float32 co-firing counts) on a
+    one fused matrix multiply each (float64 sums, int8 co-firing counts on the CPU) on a
     shifted stack built beforehand, interleaved in one process;
 (d) the exact update's two ways to multiply, side by side on the same batch: one stacked product
     for all offsets against offset by offset on crops of the map, over map sizes (the default takes
@@ -133,25 +133,28 @@ def _layer_plans(model: torch.nn.Module, example: torch.Tensor) -> list[tuple]:
 def _products_bound(stats: dict, args) -> float:
     """Seconds the products of ``stats`` take as fused matrix products on stacks built beforehand, over
     ``--batches`` batches: per layer and batch, anchor rows (rows, C) against the stack (rows, D C) once in
-    float64 (values) and once in float32 (co-firing); rows = batch x positions used, or `MIN_ROWS` where that is
-    more (small batches of rows are pooled to that many before their product, as `LayerStats` does); median of 3."""
-    from topo.stats.kernels import MIN_ROWS
+    float64 (values) and once in `firing_dtype` (0/1 co-firing: int8 on the CPU); rows = batch x positions used,
+    or `MIN_ROWS` where that is more (small batches of rows are pooled to that many before their product, as
+    `LayerStats` does); median of 3."""
+    from topo.stats.kernels import MIN_ROWS, add_product, firing_dtype
 
     total = 0.0
     for s in stats.values():
         per_batch = args.batch_size * s.positions_used
         rows, cols = max(per_batch, MIN_ROWS), len(s._offsets) * s.num_channels
         gen = torch.Generator().manual_seed(0)
-        dtypes = (torch.float64, torch.float32)  # values, then co-firing counts
-        parts = [torch.randn(rows, width, generator=gen, dtype=dtype).to(args.device)
-                 for dtype in dtypes for width in (s.num_channels, cols)]
-        outs = [torch.zeros(s.num_channels, cols, dtype=dtype, device=args.device) for dtype in dtypes]
+        values = [torch.randn(rows, width, generator=gen, dtype=torch.float64).to(args.device)
+                  for width in (s.num_channels, cols)]
+        flags = [(torch.rand(rows, width, generator=gen) < 0.1).to(args.device, firing_dtype(args.device))
+                 for width in (s.num_channels, cols)]
+        outs = [torch.zeros(s.num_channels, cols, dtype=dtype, device=args.device)
+                for dtype in (torch.float64, torch.float32)]
         times = []
         for _ in range(3):
             _sync(args.device)
             start = time.perf_counter()
-            outs[0].addmm_(parts[0].T, parts[1])
-            outs[1].addmm_(parts[2].T, parts[3])
+            add_product(outs[0], *values)
+            add_product(outs[1], *flags)
             _sync(args.device)
             times.append(time.perf_counter() - start)
         total += sorted(times)[1] * args.batches * per_batch / rows
@@ -330,7 +333,8 @@ def shifted_stack(x: torch.Tensor, offsets, shift: torch.Tensor, dtype: torch.dt
 
 def exact_vs_bound(args) -> dict:
     """One exact ``LayerStats.update`` vs the same products as one fused matrix multiply each
-    (float64 moments and float32 co-firing counts, on shifted stacks built beforehand), interleaved."""
+    (float64 moments and 0/1 co-firing counts in `firing_dtype`, on shifted stacks built beforehand), interleaved."""
+    from topo.stats.kernels import add_product, firing_dtype
     from topo.stats.layer_stats import LayerStats
 
     c, size, batch = args.bound_channels, args.bound_size, args.bound_batch
@@ -338,7 +342,9 @@ def exact_vs_bound(args) -> dict:
     offsets = half_offsets(4, (size, size))
     stats = LayerStats(max_offset=4, positions=None, threshold=0.0).update(x)  # allocates the sums
     a, b = shifted_stack(x, offsets, stats._state["shift"], torch.float64)
-    fa, fb = shifted_stack((x > 0).float(), offsets, torch.zeros(c, device=x.device), torch.float32)
+    flag_dtype = firing_dtype(x.device)
+    fa, fb = shifted_stack((x > 0).to(flag_dtype), offsets, torch.zeros(c, device=x.device, dtype=flag_dtype),
+                           flag_dtype)
     out64 = torch.zeros(c, b.shape[1], dtype=torch.float64, device=x.device)
     out32 = torch.zeros(c, b.shape[1], device=x.device)
 
@@ -350,8 +356,8 @@ def exact_vs_bound(args) -> dict:
         return time.perf_counter() - start
 
     def bound():
-        out64.addmm_(a.T, b)
-        out32.addmm_(fa.T, fb)
+        add_product(out64, a, b)
+        add_product(out32, fa, fb)
 
     timed(bound), timed(lambda: stats.update(x))  # warm-up
     update_s, bound_s = [], []

@@ -191,3 +191,42 @@ def test_column_sums_match_numpy(monkeypatch, elements):
     sums, squares = stats_module._column_sums(torch.from_numpy(x), stats_module.Scratch())
     np.testing.assert_allclose(sums.numpy(), x.sum(0), rtol=1e-14)
     np.testing.assert_allclose(squares.numpy(), (x * x).sum(0), rtol=1e-14)
+
+
+@pytest.mark.parametrize("elements", [5, 2**20], ids=["a-few-columns-at-a-time", "all-columns-at-once"])
+def test_int8_counts_match_numpy_in_ragged_chunks(monkeypatch, elements):
+    """The CPU's 0/1 counts are int8 products, made a few columns at a time (the last chunk shorter)."""
+    monkeypatch.setattr(stats_module, "_COUNT_ELEMENTS", elements)
+    rng = np.random.default_rng(31)
+    a, b = rng.random((40, 3)) < 0.3, rng.random((40, 11)) < 0.3
+    out = torch.full((3, 11), 7.0)
+    flags = [torch.from_numpy(t).to(stats_module.firing_dtype(torch.device("cpu"))) for t in (a, b)]
+    stats_module.add_product(out, *flags, stats_module.Scratch())
+    assert flags[0].dtype == torch.int8
+    np.testing.assert_array_equal(out.numpy(), 7.0 + a.T.astype(np.float64) @ b)
+
+
+def test_exact_counts_in_chunks_of_columns_match_numpy(monkeypatch):
+    monkeypatch.setattr(stats_module, "_COUNT_ELEMENTS", 13)
+    x = correlated_maps(n=4, c=5, h=7, w=6, seed=32)
+    stats = from_activations(list(torch.from_numpy(x).split(3)), positions=None, threshold=0.2)
+    assert_matches_numpy(stats, x, 0.2)
+
+
+@pytest.mark.parametrize("positions", [None, 3], ids=["exact", "sampled"])
+def test_a_layer_of_one_unit_counts_exactly(positions):
+    """One unit makes one row of counts, where torch._int_mm errs (torch 2.14): the counts still match NumPy."""
+    x = correlated_maps(n=6, c=1, h=7, w=7, seed=33)
+    stats = from_activations(list(torch.from_numpy(x).split(2)), positions=positions, threshold=0.1)
+    if positions is None:
+        assert_matches_numpy(stats, x, 0.1)
+    fired = stats._numpy(stats._state["joint"][0, 0, 0])
+    assert fired == stats._numpy(stats._state["fire_a"][0, 0]) > 0  # co-firing with itself: its own firing count
+
+
+def test_column_counts_match_numpy_for_int8_and_float_flags():
+    flags = np.random.default_rng(34).random((300, 7)) < 0.2
+    for dtype in (torch.int8, torch.float32):
+        counts = stats_module.column_counts(torch.from_numpy(flags).to(dtype))
+        assert counts.dtype == torch.float64
+        np.testing.assert_array_equal(counts.numpy(), flags.sum(0))

@@ -14,7 +14,7 @@ MIN_ROWS = 256
 
 
 # Elements of the shifted stack (rows x D x C) built at a time by the exact path, in buffers reused
-# from batch to batch: at most 12 bytes each (float64 values, float32 firing), 384 MiB. A batch of
+# from batch to batch: at most 12 bytes each (float64 values, 0/1 firing in int8 or float32), 384 MiB. A batch of
 # 16 maps of 16 x 16 x 128 at 41 offsets (21.5 M elements) is one block: one product per batch.
 _STACK_ELEMENTS = 2**25
 
@@ -27,6 +27,10 @@ _MIN_BLOCK_ROWS = 1024
 # (position, offset) pairs stays inside the map (small maps: 0.32 for 5 x 5 at max_offset 4, 0.61 for
 # 10 x 10, 0.79 for 20 x 20); docs/statistics.md has the measurements.
 _CROPS_BELOW = 0.7
+
+
+# int32 co-firing counts made at a time by `_add_int8_product` (4 MiB: a buffer that stays in cache).
+_COUNT_ELEMENTS = 2**20
 
 
 # Elements squared at a time by `_column_sums` (2 MiB of float64: a buffer that stays in cache).
@@ -53,32 +57,67 @@ def empty_state(x: torch.Tensor, offsets: list[tuple[int, int]]) -> dict[str, to
     return state
 
 
-def _addmm_into(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``out += a.T @ b``: in place when the dtypes agree, else a product in ``a``'s dtype, then added.
+def firing_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of 0/1 firing flags: int8 on the CPU, whose int8 products sum in int32 (exact, and 4-8x
+    faster than float32 products there: docs/statistics.md); float32 elsewhere (not measured there)."""
+    return torch.int8 if torch.device(device).type == "cpu" else torch.float32
 
-    The 0/1 co-firing counts are float32 products, exact for fewer than 2**24 rows,
-    so they stay exact when added into float64 counts.
+
+def add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: Scratch | None = None) -> None:
+    """``out += a.T @ b``: in place when the dtypes agree; int8 flags by `_add_int8_product`; else a product
+    in ``a``'s dtype, then added.
+
+    0/1 co-firing counts are exact either way: int32 sums below 2**31 rows, float32 below 2**24,
+    so they stay exact when added into float32 counts below 2**24 and into float64 counts after.
     """
-    if out.dtype == a.dtype:
+    if a.dtype == torch.int8 and a.shape[1] > 1:
+        _add_int8_product(out, a, b, scratch or Scratch())
+    elif a.dtype == torch.int8:  # torch._int_mm returns wrong sums for a single row of output (torch 2.14)
+        out.add_(a.T.float() @ b.float())
+    elif out.dtype == a.dtype:
         out.addmm_(a.T, b)
     else:
         out.add_(a.T @ b)
 
 
-def _add_counts(state: dict[str, torch.Tensor], fired_a: torch.Tensor, fired_b: torch.Tensor) -> None:
+def _add_int8_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: Scratch) -> None:
+    """``out += a.T @ b`` for int8 ``a``, ``b``: int32 products of a few columns of ``b`` at a time, into a
+    reused buffer of `_COUNT_ELEMENTS` that stays in cache, each added into ``out`` at once (one product
+    into a fresh C x D C matrix cost 3-5x as much, in the page faults and the add; docs/statistics.md)."""
+    rows_out, cols = out.shape
+    step = max(1, _COUNT_ELEMENTS // max(1, rows_out))
+    buffer = scratch.get("counts", rows_out * min(step, cols), torch.int32, out.device)[0]
+    for c0 in range(0, cols, step):
+        c1 = min(cols, c0 + step)
+        part = buffer[: rows_out * (c1 - c0)].view(rows_out, c1 - c0)
+        out[:, c0:c1].add_(torch._int_mm(a.T, b[:, c0:c1], out=part))
+
+
+def column_counts(flags: torch.Tensor) -> torch.Tensor:
+    """Column sums of 0/1 ``flags`` (rows, cols), float64. int8 flags: a product with two rows of ones (int32
+    sums, exact; one row hits the torch._int_mm error above), where a float64 or int32 reduction over the rows
+    cost 30x as much (1,792 x 5,412: 18 ms against 0.6 ms); float flags: summed in float64."""
+    if flags.dtype != torch.int8:
+        return flags.sum(0, dtype=torch.float64)
+    ones = torch.ones(2, flags.shape[0], dtype=torch.int8, device=flags.device)
+    return torch._int_mm(ones, flags)[0].to(torch.float64)
+
+
+def _add_counts(state: dict[str, torch.Tensor], fired_a: torch.Tensor, fired_b: torch.Tensor,
+                scratch: Scratch | None = None) -> None:
     """Add co-firing counts, ``fired_a`` (rows, C) against ``fired_b`` (rows, D*C), to ``joint``."""
-    _addmm_into(state["joint"].view(fired_a.shape[1], -1), fired_a, fired_b)
+    add_product(state["joint"].view(fired_a.shape[1], -1), fired_a, fired_b, scratch)
 
 
 def add_dense(state: dict[str, torch.Tensor], x: torch.Tensor, threshold: float | torch.Tensor) -> None:
     """Add a batch of vectors (N, C): the single offset (0, 0)."""
     shifted = x.to(torch.float64) - state["shift"]
-    fired = (x > threshold).to(torch.float32)
+    fired = (x > threshold).to(firing_dtype(x.device))
     state["n"][0] += x.shape[0]
     for side in "ab":
         state[f"sum_{side}"][0] += shifted.sum(0)
         state[f"sq_{side}"][0] += (shifted * shifted).sum(0)
-        state[f"fire_{side}"][0] += fired.sum(0, dtype=torch.float64)
+        state[f"fire_{side}"][0] += column_counts(fired)
     state["prod"][:, 0].addmm_(shifted.T, shifted)
     _add_counts(state, fired, fired)
 
@@ -104,11 +143,11 @@ def _padded(shape: tuple[int, ...], offsets: list[tuple[int, int]], dtype: torch
 def _padded_maps(state: dict[str, torch.Tensor], x: torch.Tensor, offsets: list[tuple[int, int]],
                  threshold: float | torch.Tensor, scratch: Scratch) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch's zero-padded channels-last maps (see `_padded`): shifted values (float64) and 0/1 firing
-    (float32)."""
+    (`firing_dtype`)."""
     maps = x.permute(0, 2, 3, 1)
     values, shifted = _padded(maps.shape, offsets, torch.float64, x.device, scratch)
     torch.sub(maps, state["shift"], out=shifted)
-    flags, fired = _padded(maps.shape, offsets, torch.float32, x.device, scratch)
+    flags, fired = _padded(maps.shape, offsets, firing_dtype(x.device), x.device, scratch)
     torch.gt(maps, threshold, out=fired)
     return values, flags
 
@@ -148,7 +187,7 @@ def _add_marginals(state, values: torch.Tensor, flags: torch.Tensor, offsets: li
     images (contiguous reductions), then the masks of the valid pairs on the map's own positions."""
     n_img, channels = values.shape[0], values.shape[3]
     (height, width), rx = spatial_shape, _reach(offsets)[1]
-    sums = [*_column_sums(values.view(n_img, -1), scratch), flags.view(n_img, -1).sum(0, dtype=torch.float64)]
+    sums = [*_column_sums(values.view(n_img, -1), scratch), column_counts(flags.view(n_img, -1))]
     per_position = torch.stack([t.view(values.shape[1:]) for t in sums], dim=2)  # (H + ry, W + 2 rx, 3, C)
     inside = per_position[:height, rx : rx + width].reshape(height * width, 3 * channels)
     masks = _valid_masks(offsets, spatial_shape, values.device)
@@ -231,8 +270,8 @@ def _add_stacked_products(prod: torch.Tensor, joint: torch.Tensor, values: torch
                 if block_off < n_off:  # the buffers are about to be overwritten
                     a, fa = a.clone(), fa.clone()
             cols = slice(d0 * channels, d0 * channels + b.shape[1])
-            _addmm_into(prod[:, cols], a, b)
-            _addmm_into(joint[:, cols], fa, fb)
+            add_product(prod[:, cols], a, b)
+            add_product(joint[:, cols], fa, fb, scratch)
 
 
 def add_exact(state: dict[str, torch.Tensor], x: torch.Tensor, offsets: list[tuple[int, int]],
@@ -260,7 +299,7 @@ def _add_cropped_products(prod: torch.Tensor, joint: torch.Tensor, values: torch
     """``prod``, ``joint`` (C, D, C) += the products of every offset ``d``, one at a time, over the positions
     whose target stays in the map: the map cropped to the anchors against the map cropped to their targets.
 
-    ``values`` (float64) and ``flags`` (float32) are the maps, channels-last (N, H, W, C). No pair that
+    ``values`` (float64) and ``flags`` (0/1, `firing_dtype`) are the maps, channels-last (N, H, W, C). No pair that
     leaves the map is multiplied, where the stacked product multiplies their padding zeros. The crops are
     copied into reused buffers (see `Scratch`).
     """
@@ -271,7 +310,7 @@ def _add_cropped_products(prod: torch.Tensor, joint: torch.Tensor, values: torch
         targets = (slice(None), slice(dy, height), slice(x0 + dx, x1 + dx))
         for out, maps in ((prod, values), (joint, flags)):
             a, b = (_copied(maps[crop], name, scratch) for crop, name in ((anchors, "anchors"), (targets, "targets")))
-            _addmm_into(out[:, k], a, b)
+            add_product(out[:, k], a, b, scratch)
 
 
 def _copied(crop: torch.Tensor, name: str, scratch: Scratch) -> torch.Tensor:
@@ -319,13 +358,13 @@ def _gather_from_maps(state: dict[str, torch.Tensor], x: torch.Tensor, targets: 
     raw = x.flatten(2)[image, :, targets.to(x.device).reshape(n_img, -1)]  # (N, K D, C)
     inside = valid.to(x.device).reshape(n_img, -1, 1)
     stack = torch.sub(raw, state["shift"]).mul_(inside)
-    fired = torch.gt(raw, threshold).logical_and_(inside).to(torch.float32)
+    fired = torch.gt(raw, threshold).logical_and_(inside).to(firing_dtype(x.device))
     return stack.view(n_img * k, -1), fired.view(n_img * k, -1), inside.view(n_img * k, n_off).to(torch.float64)
 
 
 def add_gathered(state: dict[str, torch.Tensor], stack: torch.Tensor, fired: torch.Tensor, valid: torch.Tensor,
                   scratch: Scratch):
-    """Add anchor rows and their targets at every offset: ``stack`` (rows, D*C) float64 and ``fired`` float32
+    """Add anchor rows and their targets at every offset: ``stack`` (rows, D*C) float64 and ``fired`` 0/1
     (offset (0, 0) first: the anchors; 0 where a target leaves the map) and ``valid`` (rows, D)."""
     n_off = valid.shape[1]
     channels = stack.shape[1] // n_off
@@ -338,9 +377,9 @@ def add_gathered(state: dict[str, torch.Tensor], stack: torch.Tensor, fired: tor
     sums, squares = _column_sums(stack, scratch)
     state["sum_b"] += sums.view(n_off, channels)
     state["sq_b"] += squares.view(n_off, channels)
-    state["fire_b"] += fired.sum(0).view(n_off, channels)  # float32 sums of 0/1, exact below 2**24 rows
+    state["fire_b"] += column_counts(fired).view(n_off, channels)
     state["prod"].view(channels, -1).addmm_(a.T, stack)
-    _add_counts(state, fa, fired)
+    _add_counts(state, fa, fired, scratch)
 
 
 def move_shift_(state: dict[str, torch.Tensor], shift: torch.Tensor) -> None:

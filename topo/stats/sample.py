@@ -104,8 +104,7 @@ class ActivationSample:
         elif x.shape[1] != self.num_channels:
             raise StatsError(f"{self._label()}: {where_text(batch_index)} has {x.shape[1]} units but earlier batches "
                              f"had {self.num_channels}; record one layer per sample")
-        keys = torch.rand(rows, generator=self._generator, dtype=torch.float64)
-        keys, index = keys.topk(min(self.size, rows), largest=False)
+        keys, index = self._entering(torch.rand(rows, generator=self._generator, dtype=torch.float64))
         index = index.to(x.device)
         flat = x.flatten(2) if x.dim() == 4 else x[:, :, None]  # (N, C, positions)
         positions = flat.shape[2]
@@ -115,6 +114,16 @@ class ActivationSample:
             keys, values = torch.cat([self._keys, keys]), torch.cat([self._values, values.to(self._values)])
         self._keep(keys, values)
         return self
+
+    def _entering(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new rows' keys and indices that can enter the sample: their ``size`` smallest, and once the
+        sample is full only those below its largest key (the rest could not enter: same sample, fewer gathers)."""
+        index = None
+        if len(self._keys) >= self.size:
+            index = torch.nonzero(keys < self._keys.max()).squeeze(1)
+            keys = keys[index]
+        keys, order = keys.topk(min(self.size, len(keys)), largest=False)
+        return keys, order if index is None else index[order]
 
     def _keep(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Keep the ``size`` rows of ``values`` with the smallest ``keys``."""
