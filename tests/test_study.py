@@ -53,6 +53,7 @@ from topo.run.study import (
     run_study,
     seed_plan,
     shard_units,
+    study_processes,
     study_units,
     summarize,
     topology_id,
@@ -493,6 +494,9 @@ FLAGS = ["--skeleton", "1,pool,1", "--stats-batches", "2", "--epochs", "1", "--w
 
 @pytest.mark.parametrize("argv, expected", [
     (["--shard", "2/2"], "shard '2/2'"),
+    (["--side-by-side", "0"], "--side-by-side 0 is neither"),
+    (["--side-by-side", "two"], "--side-by-side 'two' is neither"),
+    (["--shard", "0/2", "--side-by-side", "2"], "--shard 0/2 runs one shard"),
     (["--arms", "reference,random"], "lack 'discovered'"),
     (["--summarize"], "need --out STUDY"),
     (["--detect", "2", "--max-seeds", "1"], "cannot be fewer than the pilot's 2 seeds (--max-seeds)"),
@@ -589,3 +593,34 @@ def test_a_resumed_study_takes_the_jobs_it_is_given_and_nothing_else(tmp_path):
     assert resumed == dataclasses.replace(saved, run=dataclasses.replace(saved.run, jobs=2))
     with pytest.raises(UserError, match="--resume continues"):
         study_config(parse("study", ["--resume", "--out", str(tmp_path), "--epochs", "9"]), tmp_path)
+
+
+@pytest.mark.slow
+def test_a_study_side_by_side_runs_each_unit_once_in_worker_processes(sharded, tmp_path, caplog):
+    """--side-by-side 2: the shards of `sharded`, run side by side in two spawned workers, then summarised;
+    the same units and topologies as the shards run one after the other here."""
+    out = tmp_path / "tiny"
+    with caplog.at_level("INFO", logger="topo.run.study"):
+        result = run_study(tiny(), out, progress=False, side_by_side=2)
+    assert "2 shards side by side" in caplog.text
+    assert result.missing == [] and (out / "report.md").is_file()
+    rows = pd.read_csv(out / "study.csv").set_index("unit")
+    one_by_one = {unit: json.loads((sharded[0] / "units" / unit / "result.json").read_text())["topology_id"]
+                  for unit in rows.index}
+    assert rows["topology_id"].to_dict() == one_by_one and len(one_by_one) == 4
+
+
+def test_side_by_side_shards_follow_the_cores_and_the_device(monkeypatch):
+    import torch
+
+    from topo.common import processes
+
+    monkeypatch.setattr(processes, "available_cpus", lambda: 2)
+    monkeypatch.setattr(processes.torch, "get_num_threads", lambda: 2)
+    assert study_processes("auto", tiny()) == 2  # one per core
+    assert study_processes(3, tiny()) == 3 and study_processes(9, tiny()) == 4  # at most one per unit
+    assert study_processes("auto", tiny(seeds=1, random=1, arms=("discovered",))) == 1  # one unit
+    gpu = tiny(run=dataclasses.replace(FAST_RUN, train=dataclasses.replace(FAST_RUN.train, device="cuda")))
+    monkeypatch.setattr("topo.run.study.resolve_device", lambda device: torch.device(device))
+    assert study_processes("auto", gpu) == 1  # one process on an accelerator
+

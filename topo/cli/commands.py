@@ -25,6 +25,7 @@ from topo.cli.settings import out_dir, run_config
 from topo.common import distributed as dist_info
 from topo.common.devices import check_device
 from topo.common.errors import UserError
+from topo.common.processes import check_processes
 from topo.common.reading import read_weights
 from topo.common.writing import atomic_write_json, atomic_write_text
 from topo.construct.budget import check_window
@@ -43,7 +44,13 @@ from topo.run.stages import (
     report_stage,
     run_all,
 )
-from topo.run.study import parse_shard, run_study, summarize, summary_markdown
+from topo.run.study import (
+    parse_shard,
+    run_study,
+    study_processes,
+    summarize,
+    summary_markdown,
+)
 from topo.train.config import TrainConfig
 from topo.train.trainer import train
 
@@ -197,10 +204,15 @@ def cmd_study(args: argparse.Namespace) -> int:
     else:
         RunDir(out).check_writable()
         shard = parse_shard(args.shard) if args.shard else (0, 1)
+        side_by_side = check_processes(args.side_by_side, "--side-by-side")
+        if args.shard and side_by_side not in ("auto", 1):
+            raise UserError(f"--shard {args.shard} runs one shard: drop --side-by-side {side_by_side}, or drop "
+                            "--shard to run every shard side by side")
         with _owned_study(args, out, shard):
             config = study_config(args, out)
             check_device(config.run.train.device)
-            result = run_study(config, out, shard=shard, progress=args.progress)
+            result = run_study(config, out, shard=shard, progress=args.progress,
+                               side_by_side=study_processes(side_by_side, config) if shard == (0, 1) else 1)
     if result is not None and dist_info.rank() == 0:
         print("\n" + summary_markdown(result) + f"\n\nreport: {result.report}", flush=True)
     return 0

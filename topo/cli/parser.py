@@ -397,6 +397,10 @@ def _add_study(p: argparse.ArgumentParser) -> dict[str, str]:
     flags.add("--max-seeds", "max_seeds", "with --detect, the most seeds per arm", type=_positive_int)
     flags.group.add_argument("--shard", metavar="I/N", help="run every N-th unit from unit I (0 <= I < N) into "
                                                             "the same --out; gather with --summarize")
+    flags.group.add_argument("--side-by-side", default="auto", metavar="N",
+                             help="run the study as N shards side by side in worker processes, each with its share "
+                                  "of the threads (auto: one per core on the CPU, 1 on a GPU; 1: one unit after the "
+                                  "other here); default: auto")
     flags.group.add_argument("--summarize", action="store_true", help="gather the finished units of --out into "
                                                                       "the tables, figure and report.md")
     flags.group.add_argument("--resume", action="store_true", help="continue the study in --out with its saved "

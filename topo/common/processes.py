@@ -61,13 +61,13 @@ class Job:
     args: tuple = ()
 
 
-def check_processes(requested: int | str) -> int | str:
+def check_processes(requested: int | str, flag: str = "--jobs") -> int | str:
     """``requested`` as a number of processes (1 or more; digits are read as one) or ``"auto"``, else a one-line
-    error."""
+    error naming ``flag``."""
     if isinstance(requested, str) and requested.isdigit():
         requested = int(requested)
     if isinstance(requested, bool) or not (requested == "auto" or (isinstance(requested, int) and requested >= 1)):
-        raise UserError(f"--jobs {requested!r} is neither a number of processes (1 or more) nor 'auto'")
+        raise UserError(f"{flag} {requested!r} is neither a number of processes (1 or more) nor 'auto'")
     return requested
 
 
