@@ -72,6 +72,7 @@ def test_bench_stats_reports_the_overhead_ratio():
         "bench_stats.py", "--size", "32", "--batch-size", "4", "--batches", "2", "--repeats", "1", "--skip-naive",
         "--bound-channels", "16", "--bound-size", "8", "--bound-batch", "2", "--bound-repeats", "2",
         "--paths-sizes", "5", "16", "--paths-channels", "8", "--paths-batch", "4", "--paths-repeats", "2",
+        "--record-repeats", "2",
     )
     # (d): both product paths per map size, their ratio, and the default's choice by the share of pairs inside
     paths = re.findall(r"(\d+) x +(\d+) \| +(\d\.\d+) \| +(\S+) \| +(\S+) \| +(\S+)x \| (\w+)", out)
@@ -93,6 +94,10 @@ def test_bench_stats_reports_the_overhead_ratio():
                      r"\s+ratio (\d+\.\d+)x", out)
     assert once, out
     assert_ratio_of_rounded(once[3], once[2], once[1])
+    ratios = [float(r) for r in re.findall(r"one record\(\) call incl\. .*ratio (\d+\.\d+)x", out)]
+    median = re.search(r"one record\(\) call over a forward pass, median of 2: (\d+\.\d+)x", out)
+    assert len(ratios) == 2 and median, out
+    assert abs(float(median[1]) - sum(ratios) / 2) <= 0.011  # the median of two is their mean (each rounded)
     bound = re.search(r"exact update (\S+) s   fused-GEMM bound (\S+) s   ratio (\d+\.\d+)x", out)
     assert bound, out
     update_s, bound_s, printed = bound.groups()

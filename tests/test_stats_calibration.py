@@ -35,6 +35,17 @@ def test_a_sample_holding_every_observation_gives_numpy_quantiles():
         np.testing.assert_allclose(sample.quantile(q), np.quantile(columns, q, axis=0), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 7, 1000])
+def test_sample_quantiles_are_numpys_to_the_last_bit(dtype, rows):
+    """The quantiles come from torch.kthvalue and numpy's interpolation formula: equal to numpy.quantile of the
+    float64 sample, bit for bit, at every q (below and above the midpoint between two order statistics)."""
+    x = torch.from_numpy(np.random.default_rng(rows).standard_normal((rows, 5))).to(dtype).relu()
+    sample = ActivationSample(size=4096).update(x)
+    for q in (0.001, 0.1, 0.3333, 0.5, 0.9, 0.95, 0.999):
+        np.testing.assert_array_equal(sample.quantile(q), np.quantile(sample.values, q, axis=0))
+
+
 def test_a_bounded_sample_is_seeded_uniform_and_close_to_the_whole_data():
     rng = np.random.default_rng(31)
     x = rng.gamma(2.0, size=(200, 5, 10, 10)) * rng.uniform(0.5, 3.0, size=(1, 5, 1, 1))  # 20,000 observations
