@@ -304,6 +304,29 @@ def test_a_full_disk_inside_torch_save_is_one_line_and_keeps_the_previous_file(r
     assert path.read_bytes() == before and not temporaries(tmp_path)
 
 
+def test_an_interrupt_inside_torch_save_stays_an_interrupt_and_keeps_the_previous_file(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    """Ctrl-C (or SIGTERM, raised as a KeyboardInterrupt) inside ``torch.save``, whose zip writer then reports
+    ``RuntimeError: [enforce fail at inline_container.cc]`` on its way out (seen in a Ctrl-C test): the
+    interrupt, not the RuntimeError; the previous file as it was, no temporary file."""
+    path = tmp_path / "layer_stats.pt"
+    atomic_torch_save({"weight": torch.arange(10.0)}, path)
+    before = path.read_bytes()
+    real_save = torch.save
+
+    def interrupted_save(obj, f):
+        try:
+            real_save(obj, f)
+            raise KeyboardInterrupt  # as the signal handler raises it, in the middle of the writer
+        finally:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 103744 vs 103632")
+
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(KeyboardInterrupt):
+        atomic_torch_save({"weight": torch.zeros(50_000)}, path)
+    assert path.read_bytes() == before and not temporaries(tmp_path)
+
+
 def test_a_full_disk_during_training_is_one_line_and_the_same_command_goes_on(tmp_path: Path, capsys,
                                                                               monkeypatch, one_thread) -> None:
     """``train`` whose second checkpoint meets a full disk inside ``torch.save``: exit status 1, the documented

@@ -142,18 +142,19 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         try:
             torch.save(obj, f)  # through a Python file, whose failed write torch reports as a RuntimeError
         except RuntimeError as e:
-            failed = _os_error_behind(e)
+            failed = _error_behind(e)
             if failed is None:
                 raise
-            raise failed from None  # atomic_path makes it a WriteError
+            raise failed from None  # atomic_path makes an OSError a WriteError
 
 
-def _os_error_behind(error: BaseException) -> OSError | None:
-    """The OSError that ``error`` was raised while handling, if any: torch's zip writer turns a file write that
-    failed (``[Errno 28] No space left on device``) into ``RuntimeError: [enforce fail at inline_container.cc]``."""
+def _error_behind(error: BaseException) -> OSError | KeyboardInterrupt | None:
+    """The OSError or interrupt that ``error`` was raised while handling, if any: torch's zip writer turns a file
+    write that failed (``[Errno 28] No space left on device``), and a Ctrl-C or SIGTERM raised inside it (the
+    command line raises both as KeyboardInterrupt), into ``RuntimeError: [enforce fail at inline_container.cc]``."""
     cause: BaseException | None = error
     while cause is not None:
-        if isinstance(cause, OSError):
+        if isinstance(cause, (OSError, KeyboardInterrupt)):
             return cause
         cause = cause.__cause__ or cause.__context__
     return None
