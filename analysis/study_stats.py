@@ -693,8 +693,10 @@ def _seed_cost_sentence(rows: Sequence[Any]) -> str:
     if per_seed.empty:
         return ""
     parts = ", ".join(f"{arm} {seconds:.0f} s" for arm, seconds in per_seed.items())
-    text = (f"Each added seed costs about {per_seed.sum() / 60:.1f} min of units run one after the other on this "
-            f"machine ({parts}: each unit's construction and training with evaluation, mean over its seeds)")
+    text = (f"Each added seed costs about {per_seed.sum() / 60:.1f} min of unit time on this machine ({parts}: each "
+            "unit's construction and training with evaluation, mean over its seeds; units run side by side "
+            "(--side-by-side) each take longer than alone, and the study's wall time per seed is about this sum "
+            "divided by the units side by side)")
     if "random" in means.index:
         text += f"; each added random topology {means['random']:.0f} s"
     return text + "."

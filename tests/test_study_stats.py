@@ -205,7 +205,7 @@ def test_findings_name_missing_units_and_cost_misses():
     assert "1 unit is not finished (random-s0-k0)" in text
     assert "constructing the discovered network took 5.0 s per seed" in text
     # one more seed: a discovered unit (5 s of construction, 3 s of training) and a reference unit (0.01 + 3 s)
-    assert "Each added seed costs about 0.2 min of units" in text and "(discovered 8 s, reference 3 s:" in text
+    assert "Each added seed costs about 0.2 min of unit time" in text and "(discovered 8 s, reference 3 s:" in text
     rows = _rows({"discovered": A, "random": [97.0, 98.0, 99.0]})
     text = "\n".join(study_findings(rows, compare_arms(rows, margin=0.5), tolerance=0.02))
     assert "(discovered 8 s:" in text and "each added random topology 3 s" in text
