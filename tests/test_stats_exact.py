@@ -215,7 +215,8 @@ def test_exact_counts_in_chunks_of_columns_match_numpy(monkeypatch):
 
 @pytest.mark.parametrize("positions", [None, 3], ids=["exact", "sampled"])
 def test_a_layer_of_one_unit_counts_exactly(positions):
-    """One unit makes one row of counts, where torch._int_mm errs (torch 2.14): the counts still match NumPy."""
+    """One unit makes one row of counts from a transposed column, where torch._int_mm errs (torch 2.14): the
+    counts still match NumPy."""
     x = correlated_maps(n=6, c=1, h=7, w=7, seed=33)
     stats = from_activations(list(torch.from_numpy(x).split(2)), positions=positions, threshold=0.1)
     if positions is None:

@@ -70,10 +70,8 @@ def add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scratch: Sc
     0/1 co-firing counts are exact either way: int32 sums below 2**31 rows, float32 below 2**24,
     so they stay exact when added into float32 counts below 2**24 and into float64 counts after.
     """
-    if a.dtype == torch.int8 and a.shape[1] > 1:
+    if a.dtype == torch.int8:
         _add_int8_product(out, a, b, scratch or Scratch())
-    elif a.dtype == torch.int8:  # torch._int_mm returns wrong sums for a single row of output (torch 2.14)
-        out.add_(a.T.float() @ b.float())
     elif out.dtype == a.dtype:
         out.addmm_(a.T, b)
     else:
@@ -90,17 +88,27 @@ def _add_int8_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scrat
     for c0 in range(0, cols, step):
         c1 = min(cols, c0 + step)
         part = buffer[: rows_out * (c1 - c0)].view(rows_out, c1 - c0)
-        out[:, c0:c1].add_(torch._int_mm(a.T, b[:, c0:c1], out=part))
+        out[:, c0:c1].add_(_int8_product(a.T, b[:, c0:c1], out=part))
+
+
+def _int8_product(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` for int8 matrices, int32 sums (`torch._int_mm`). It returned wrong sums (torch 2.14) for one
+    row given as a transposed column (strides (1, 1): the anchors of a layer of one unit) and for a stride-0
+    copy of a row, so one row is multiplied as two copies of it."""
+    if a.shape[0] != 1:
+        return torch._int_mm(a, b, out=out)
+    product = torch._int_mm(a.repeat(2, 1), b)[:1]
+    return product if out is None else out.copy_(product)
 
 
 def column_counts(flags: torch.Tensor) -> torch.Tensor:
-    """Column sums of 0/1 ``flags`` (rows, cols), float64. int8 flags: a product with two rows of ones (int32
-    sums, exact; one row hits the torch._int_mm error above), where a float64 or int32 reduction over the rows
-    cost 30x as much (1,792 x 5,412: 18 ms against 0.6 ms); float flags: summed in float64."""
+    """Column sums of 0/1 ``flags`` (rows, cols), float64. int8 flags: a product with a row of ones (int32 sums,
+    exact), where a float64 or int32 reduction over the rows cost 30x as much (1,792 x 5,412: 18 ms against
+    0.6 ms); float flags: summed in float64."""
     if flags.dtype != torch.int8:
         return flags.sum(0, dtype=torch.float64)
-    ones = torch.ones(2, flags.shape[0], dtype=torch.int8, device=flags.device)
-    return torch._int_mm(ones, flags)[0].to(torch.float64)
+    ones = torch.ones(1, flags.shape[0], dtype=torch.int8, device=flags.device)
+    return _int8_product(ones, flags)[0].to(torch.float64)
 
 
 def _add_counts(state: dict[str, torch.Tensor], fired_a: torch.Tensor, fired_b: torch.Tensor,
